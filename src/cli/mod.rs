@@ -1,0 +1,323 @@
+//! The command line shared by the `kser` binary and users' worker binaries.
+//!
+//! A user's binary builds a [`Registry`] and calls [`run`]; it then has the
+//! `worker`, `send`, `status`, `list`, `migrate` and `entrypoints`
+//! subcommands. Settings come from flags, or from `KSER_BROKERS`,
+//! `DATABASE_URL`, `KSER_TOPIC`, `KSER_GROUP` and `KSER_KAFKA_*`.
+
+/// `println!` that ends the process quietly when stdout is closed, as in
+/// `kser list | head`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(err) = writeln!(out, $($arg)*) {
+            if err.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+mod output;
+mod send;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::TopicLayout;
+use crate::config::KafkaConfig;
+use crate::registry::Registry;
+use crate::store::{Store, TaskFilter, TaskStatus};
+use crate::worker::{Worker, WorkerConfig};
+
+/// A Kafka-native task consumer with its state in Postgres.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KSER_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    brokers: String,
+    /// Postgres URL of the kser database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// A librdkafka property, e.g. -X security.protocol=SASL_SSL (repeatable).
+    /// Environment variables KSER_KAFKA_<NAME> set them too:
+    /// KSER_KAFKA_SASL_PASSWORD sets sasl.password. Secrets are never printed.
+    #[arg(
+        short = 'X',
+        long = "kafka-property",
+        value_name = "KEY=VALUE",
+        global = true
+    )]
+    kafka_properties: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join the consumer group and run tasks until SIGINT/SIGTERM.
+    Worker(WorkerArgs),
+    /// Publish a message (or many with --batch) and print its uuid.
+    Send(send::SendArgs),
+    /// Show one task's state from Postgres.
+    Status {
+        /// The task (message) uuid.
+        uuid: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent tasks, newest first.
+    List {
+        /// Only tasks in this state (PENDING, RUNNING, SUCCESS, FAILED).
+        #[arg(long)]
+        status: Option<TaskStatus>,
+        /// Only tasks of this entrypoint.
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// How many tasks at most.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the database migrations (the worker also does at start).
+    Migrate,
+    /// List the registered entrypoints and the parameters they expect.
+    Entrypoints {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Topics to consume, comma-separated.
+    #[arg(
+        long,
+        env = "KSER_TOPIC",
+        default_value = "kser",
+        value_delimiter = ','
+    )]
+    topics: Vec<String>,
+    /// Consumer group; workers in one group share the partitions.
+    #[arg(long, env = "KSER_GROUP", default_value = "kser-workers")]
+    group: String,
+    /// How many tasks run at once.
+    #[arg(long, env = "KSER_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+    /// Most rows per database write.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Seconds in-flight work may take to finish after SIGINT/SIGTERM.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    /// Partitions of topics the worker creates (existing topics are kept).
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Replication factor of topics the worker creates.
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
+}
+
+/// Parses the command line, runs the command with `registry`'s tasks, prints
+/// any error with its causes, and returns the exit code.
+pub fn run(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: could not start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli, registry)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
+    let global = cli.global;
+    let kafka = || -> anyhow::Result<KafkaConfig> {
+        Ok(KafkaConfig::new(global.brokers.clone())
+            .with_env()
+            .with_properties(&global.kafka_properties)?)
+    };
+    match cli.command {
+        Command::Worker(args) => {
+            let kafka = kafka()?;
+            if registry.is_empty() {
+                bail!(
+                    "no tasks are registered in this binary; build a worker with your tasks (see examples/dice.rs)"
+                );
+            }
+            let store = connect(&global.database_url).await?;
+            store.migrate().await.context("migrating the database")?;
+            let mut config = WorkerConfig::new(kafka, args.topics, args.group);
+            config.concurrency = args.concurrency;
+            config.batch_size = args.batch_size;
+            config.shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout.max(0.0));
+            config.layout = TopicLayout {
+                partitions: args.partitions,
+                replication_factor: args.replication_factor,
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(forward_signals(shutdown.clone()));
+            Worker::new(config, registry, store).run(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(args) => {
+            let store = match &global.database_url {
+                Some(_) => Some(connect(&global.database_url).await?),
+                None => None,
+            };
+            send::send(args, &kafka()?, store.as_ref()).await
+        }
+        Command::Status { uuid, json } => {
+            let store = connect(&global.database_url).await?;
+            let task = store.task(&uuid).await?.with_context(|| {
+                format!("no task with uuid {uuid} (not sent, or not yet received by a worker)")
+            })?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&task)?);
+            } else {
+                outln!("{}", output::task_details(&task).trim_end());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List {
+            status,
+            entrypoint,
+            limit,
+            json,
+        } => {
+            let store = connect(&global.database_url).await?;
+            let filter = TaskFilter {
+                status,
+                entrypoint,
+                limit,
+            };
+            let tasks = store.list_tasks(&filter).await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&tasks)?);
+            } else {
+                outln!("{}", output::task_table(&tasks));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let store = connect(&global.database_url).await?;
+            let applied = store.migrate().await?;
+            if applied.is_empty() {
+                outln!("the database is up to date");
+            }
+            for version in applied {
+                outln!("applied {version}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Entrypoints { json } => {
+            let entries: Vec<_> = registry.entrypoints().collect();
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                outln!("no entrypoints are registered in this binary");
+            } else {
+                outln!("{}", output::entrypoint_table(&entries));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn connect(database_url: &Option<String>) -> anyhow::Result<Store> {
+    let url = database_url
+        .as_deref()
+        .context("no database configured: set DATABASE_URL or pass --database-url")?;
+    Ok(Store::connect(url, 8).await?)
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+async fn forward_signals(shutdown: CancellationToken) {
+    let mut signals = 0;
+    loop {
+        if wait_for_signal().await.is_err() {
+            return;
+        }
+        signals += 1;
+        if signals == 1 {
+            tracing::info!("shutdown requested; send the signal again to exit at once");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal; exiting without waiting for in-flight work");
+            std::process::exit(130);
+        }
+    }
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn worker_topics_split_on_commas() {
+        let cli = Cli::try_parse_from(["kser", "worker", "--topics", "a,b", "--concurrency", "3"])
+            .expect("valid");
+        let Command::Worker(args) = cli.command else {
+            panic!("not a worker command");
+        };
+        assert_eq!(args.topics, ["a", "b"]);
+        assert_eq!(args.concurrency, 3);
+    }
+}

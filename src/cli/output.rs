@@ -1,0 +1,223 @@
+//! Text output for people: task details and tables.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::Value;
+
+use crate::registry::EntrypointInfo;
+use crate::store::TaskRow;
+
+/// `status` output: one field per line.
+pub(super) fn task_details(task: &TaskRow) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+    };
+    field("uuid", task.uuid.clone());
+    field("entrypoint", task.entrypoint.clone());
+    field("status", task.status.clone());
+    field("attempts", task.attempts.to_string());
+    field("params", compact(&task.params));
+    if let Some(result) = &task.result {
+        field(
+            "retcode",
+            result.get("retcode").map(compact).unwrap_or_default(),
+        );
+        for key in ["stdout", "stderr"] {
+            if let Some(text) = result
+                .get(key)
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                field(key, text.trim_end().to_owned());
+            }
+        }
+        if let Some(retval) = result.get("retval") {
+            field("retval", compact(retval));
+        }
+    } else {
+        field("result", "-".to_owned());
+    }
+    if let Some(error) = &task.error {
+        field("error", error.clone());
+    }
+    field("worker", task.worker.clone().unwrap_or_else(|| "-".into()));
+    if let (Some(topic), Some(partition), Some(offset)) =
+        (&task.topic, task.kafka_partition, task.kafka_offset)
+    {
+        field(
+            "source",
+            format!("{topic} partition {partition} offset {offset}"),
+        );
+    }
+    field("created", time(Some(task.created_at)));
+    field("enqueued", time(task.enqueued_at));
+    let queued = between(task.enqueued_at, task.started_at);
+    field(
+        "started",
+        format!("{}{}", time(task.started_at), suffix("queued", queued)),
+    );
+    let ran = between(task.started_at, task.finished_at);
+    field(
+        "finished",
+        format!("{}{}", time(task.finished_at), suffix("ran", ran)),
+    );
+    out
+}
+
+/// `list` output.
+pub(super) fn task_table(tasks: &[TaskRow]) -> String {
+    if tasks.is_empty() {
+        return "no tasks".to_owned();
+    }
+    let mut table = new_table(&[
+        "UUID",
+        "ENTRYPOINT",
+        "STATUS",
+        "ATTEMPTS",
+        "CREATED",
+        "DURATION",
+        "ERROR",
+    ]);
+    for task in tasks {
+        table.add_row(vec![
+            task.uuid.clone(),
+            task.entrypoint.clone(),
+            task.status.clone(),
+            task.attempts.to_string(),
+            time(Some(task.created_at)),
+            between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
+            task.error
+                .as_deref()
+                .map(|e| shorten(e, 60))
+                .unwrap_or_default(),
+        ]);
+    }
+    table.to_string()
+}
+
+/// `entrypoints` output.
+pub(super) fn entrypoint_table(entries: &[&EntrypointInfo]) -> String {
+    let mut table = new_table(&["ENTRYPOINT", "KIND", "PARAMS", "DESCRIPTION"]);
+    for entry in entries {
+        table.add_row(vec![
+            entry.name.to_owned(),
+            entry.kind.to_owned(),
+            describe_params(&entry.params_schema),
+            entry.description.to_owned(),
+        ]);
+    }
+    table.to_string()
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    table
+}
+
+/// `sides: integer (optional, default 6)`, one parameter per line, from the
+/// parameters' JSON schema.
+pub(super) fn describe_params(schema: &Value) -> String {
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return "(none)".to_owned();
+    };
+    if properties.is_empty() {
+        return "(none)".to_owned();
+    }
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|names| names.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    properties
+        .iter()
+        .map(|(name, property)| {
+            let kind = match property.get("type") {
+                Some(Value::String(kind)) => kind.clone(),
+                Some(Value::Array(kinds)) => kinds
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .filter(|k| *k != "null")
+                    .collect::<Vec<_>>()
+                    .join("|"),
+                _ => "any".to_owned(),
+            };
+            let mut notes = vec![if required.contains(&name.as_str()) {
+                "required".to_owned()
+            } else {
+                "optional".to_owned()
+            }];
+            if let Some(default) = property.get("default") {
+                notes.push(format!("default {}", compact(default)));
+            }
+            format!("{name}: {kind} ({})", notes.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn compact(value: &Value) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn time(at: Option<DateTime<Utc>>) -> String {
+    at.map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+fn between(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Option<String> {
+    let millis = (to? - from?).num_milliseconds().max(0);
+    Some(if millis < 1000 {
+        format!("{millis}ms")
+    } else {
+        format!("{:.2}s", millis as f64 / 1000.0)
+    })
+}
+
+fn suffix(label: &str, duration: Option<String>) -> String {
+    duration
+        .map(|d| format!(" ({label} {d})"))
+        .unwrap_or_default()
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() <= max {
+        line.to_owned()
+    } else {
+        format!("{}…", line.chars().take(max - 1).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn params_are_described_from_the_schema() {
+        let schema = json!({
+            "properties": {"sides": {"type": "integer", "default": 6}, "name": {"type": ["string", "null"]}},
+            "required": ["name"]
+        });
+        let text = describe_params(&schema);
+        assert!(
+            text.contains("sides: integer (optional, default 6)"),
+            "{text}"
+        );
+        assert!(text.contains("name: string (required)"), "{text}");
+        assert_eq!(describe_params(&json!({"type": "object"})), "(none)");
+    }
+
+    #[test]
+    fn long_errors_are_shortened() {
+        assert_eq!(shorten("abc\ndef", 10), "abc");
+        assert_eq!(shorten("abcdefghij", 5), "abcd…");
+    }
+}

@@ -1,0 +1,284 @@
+//! `send`: publish one message, or many newline-delimited ones with `--batch`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures::stream::{FuturesUnordered, StreamExt};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::admin::{self, TopicLayout};
+use crate::config::KafkaConfig;
+use crate::message::{JsonObject, Message, TaskResult};
+use crate::producer::Producer;
+use crate::store::{NewTask, Store, TaskStatus};
+
+/// Messages sent at once in batch mode.
+const WINDOW: usize = 2000;
+
+#[derive(Debug, Args)]
+pub(super) struct SendArgs {
+    /// The entrypoint to run, e.g. dice.DiceRoll (not with --batch).
+    #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+    entrypoint: Option<String>,
+    /// Parameters as a JSON object.
+    #[arg(long, conflicts_with = "params_file")]
+    params: Option<String>,
+    /// Read the parameters (a JSON object) from a file.
+    #[arg(long, value_name = "FILE")]
+    params_file: Option<PathBuf>,
+    /// Metadata as a JSON object, passed through to the task.
+    #[arg(long)]
+    metadata: Option<String>,
+    /// The message uuid (default: a new UUID4).
+    #[arg(long, conflicts_with = "batch")]
+    uuid: Option<String>,
+    /// Topic to publish to.
+    #[arg(long, env = "KSER_TOPIC", default_value = "kser")]
+    topic: String,
+    /// Read newline-delimited JSON messages from FILE ("-" for stdin); each
+    /// line is {"entrypoint": ..., "params": {...}} with optional "uuid",
+    /// "metadata" and "result".
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["params", "params_file", "metadata"])]
+    batch: Option<String>,
+    /// Partitions of the topic if it has to be created.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+}
+
+/// One line of `--batch` input.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    #[serde(default)]
+    uuid: Option<String>,
+    entrypoint: String,
+    #[serde(default)]
+    params: JsonObject,
+    #[serde(default)]
+    metadata: JsonObject,
+    #[serde(default)]
+    result: Option<TaskResult>,
+}
+
+pub(super) async fn send(
+    args: SendArgs,
+    kafka: &KafkaConfig,
+    store: Option<&Store>,
+) -> anyhow::Result<ExitCode> {
+    let layout = TopicLayout {
+        partitions: args.partitions,
+        ..TopicLayout::default()
+    };
+    admin::ensure_topics(kafka, std::slice::from_ref(&args.topic), layout).await?;
+    let producer = Producer::new(kafka)?;
+    match &args.batch {
+        Some(source) => send_batch(source, &args.topic, &producer, store).await,
+        None => {
+            let message = single_message(&args)?;
+            producer.send(&args.topic, &message).await?;
+            if let Some(store) = store {
+                record_pending(store, &[&message], &args.topic).await;
+            }
+            outln!("{}", message.uuid);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn single_message(args: &SendArgs) -> anyhow::Result<Message> {
+    let entrypoint = args
+        .entrypoint
+        .clone()
+        .context("an entrypoint is required")?;
+    let params = match (&args.params, &args.params_file) {
+        (Some(text), _) => parse_object(text).context("--params")?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            parse_object(&text).with_context(|| format!("--params-file {}", path.display()))?
+        }
+        (None, None) => JsonObject::new(),
+    };
+    let mut message = Message::new(entrypoint, params);
+    if let Some(metadata) = &args.metadata {
+        message.metadata = parse_object(metadata).context("--metadata")?;
+    }
+    if let Some(uuid) = &args.uuid {
+        if uuid.trim().is_empty() {
+            bail!("--uuid must not be empty");
+        }
+        message.uuid.clone_from(uuid);
+    }
+    Ok(message)
+}
+
+fn parse_object(text: &str) -> anyhow::Result<JsonObject> {
+    match serde_json::from_str(text).context("not valid JSON")? {
+        serde_json::Value::Object(object) => Ok(object),
+        _ => bail!("expected a JSON object, like {{\"sides\": 6}}"),
+    }
+}
+
+fn parse_line(line: &str) -> anyhow::Result<Message> {
+    let line: BatchLine = serde_json::from_str(line)?;
+    if line.entrypoint.trim().is_empty() {
+        bail!("entrypoint is empty");
+    }
+    let mut message = Message::new(line.entrypoint, line.params);
+    if let Some(uuid) = line.uuid.filter(|u| !u.trim().is_empty()) {
+        message.uuid = uuid;
+    }
+    message.metadata = line.metadata;
+    message.result = line.result;
+    Ok(message)
+}
+
+async fn send_batch(
+    source: &str,
+    topic: &str,
+    producer: &Producer,
+    store: Option<&Store>,
+) -> anyhow::Result<ExitCode> {
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if source == "-" {
+        Box::new(tokio::io::stdin())
+    } else {
+        Box::new(
+            tokio::fs::File::open(source)
+                .await
+                .with_context(|| format!("opening {source}"))?,
+        )
+    };
+    let mut lines = BufReader::new(reader).lines();
+    let progress = progress_bar();
+    let mut in_flight = FuturesUnordered::new();
+    let mut delivered: Vec<Message> = Vec::new();
+    let (mut sent, mut rejected, mut failed) = (0u64, 0u64, 0u64);
+    let mut line_number = 0u64;
+    let mut input_done = false;
+
+    loop {
+        while !input_done && in_flight.len() < WINDOW {
+            let Some(line) = lines.next_line().await.context("reading messages")? else {
+                input_done = true;
+                break;
+            };
+            line_number += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_line(&line) {
+                Ok(message) => in_flight.push(async move {
+                    let outcome = producer.send(topic, &message).await;
+                    (message, outcome)
+                }),
+                Err(err) => {
+                    rejected += 1;
+                    progress.suspend(|| eprintln!("line {line_number}: not sent: {err:#}"));
+                }
+            }
+        }
+        let Some((message, outcome)) = in_flight.next().await else {
+            break;
+        };
+        match outcome {
+            Ok(_) => {
+                sent += 1;
+                progress.inc(1);
+                progress.suspend(|| outln!("{}", message.uuid));
+                delivered.push(message);
+            }
+            Err(err) => {
+                failed += 1;
+                progress.suspend(|| eprintln!("not sent: {err:#}"));
+            }
+        }
+        if delivered.len() >= 1000 {
+            if let Some(store) = store {
+                let refs: Vec<&Message> = delivered.iter().collect();
+                record_pending(store, &refs, topic).await;
+            }
+            delivered.clear();
+        }
+    }
+    if let Some(store) = store {
+        let refs: Vec<&Message> = delivered.iter().collect();
+        record_pending(store, &refs, topic).await;
+    }
+    let _ = producer.flush(Duration::from_secs(10));
+    progress.finish_and_clear();
+    eprintln!(
+        "sent {sent} messages to topic '{topic}'; {rejected} invalid lines, {failed} failed sends"
+    );
+    Ok(if rejected + failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A counter on stderr when it is a terminal; nothing otherwise.
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} sent {pos} messages ({per_sec})") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+/// Records sent messages as PENDING so `status` knows them before a worker
+/// picks them up. The messages are already sent, so a failure here is a
+/// warning, not an error.
+async fn record_pending(store: &Store, messages: &[&Message], topic: &str) {
+    let rows: Vec<NewTask> = messages
+        .iter()
+        .map(|message| {
+            let mut row = NewTask::new(
+                message.uuid.clone(),
+                message.entrypoint.clone(),
+                TaskStatus::Pending,
+            );
+            row.params = serde_json::Value::Object(message.params.clone());
+            row.metadata = serde_json::Value::Object(message.metadata.clone());
+            row.topic = Some(topic.to_owned());
+            row.enqueued_at = Some(chrono::Utc::now());
+            row
+        })
+        .collect();
+    if let Err(err) = store.record_pending(&rows).await {
+        tracing::warn!(error = %err, "messages sent, but not recorded as PENDING");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_lines_take_defaults() {
+        let message = parse_line(r#"{"entrypoint":"dice.DiceRoll"}"#).expect("valid");
+        assert!(uuid::Uuid::parse_str(&message.uuid).is_ok());
+        let message =
+            parse_line(r#"{"entrypoint":"e","uuid":"u1","params":{"a":1}}"#).expect("valid");
+        assert_eq!(message.uuid, "u1");
+        assert_eq!(message.params["a"], 1);
+    }
+
+    #[test]
+    fn bad_batch_lines_say_why() {
+        let err = parse_line(r#"{"params":{}}"#).unwrap_err();
+        assert!(err.to_string().contains("entrypoint"), "{err}");
+        let err = parse_line(r#"{"entrypoint":"e","parms":{}}"#).unwrap_err();
+        assert!(err.to_string().contains("parms"), "{err}");
+        assert!(parse_object("[1]").is_err());
+    }
+}

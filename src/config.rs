@@ -1,0 +1,165 @@
+//! Kafka client settings: the bootstrap servers plus any librdkafka property,
+//! from `KSER_KAFKA_*` environment variables and `-X key=value` flags.
+//!
+//! Secrets (SASL passwords, key passwords, OAuth secrets) are passed to
+//! librdkafka but never printed: [`KafkaConfig`]'s `Debug` masks them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rdkafka::ClientConfig;
+
+/// Prefix of environment variables that become librdkafka properties:
+/// `KSER_KAFKA_SASL_MECHANISM=PLAIN` sets `sasl.mechanism=PLAIN`.
+pub const ENV_PREFIX: &str = "KSER_KAFKA_";
+
+/// Errors in the Kafka settings.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("invalid Kafka property '{0}': expected key=value")]
+    InvalidProperty(String),
+}
+
+/// How to reach Kafka.
+#[derive(Clone, Default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: String,
+    properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Settings for `brokers` with no extra property.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the `KSER_KAFKA_*` variables of the process environment.
+    pub fn with_env(mut self) -> Self {
+        for (name, value) in std::env::vars() {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
+                self.properties
+                    .insert(key.to_ascii_lowercase().replace('_', "."), value);
+            }
+        }
+        self
+    }
+
+    /// Adds `key=value` properties; these win over the environment.
+    pub fn with_properties<S: AsRef<str>>(mut self, pairs: &[S]) -> Result<Self, ConfigError> {
+        for pair in pairs {
+            let pair = pair.as_ref();
+            let (key, value) = pair
+                .split_once('=')
+                .filter(|(key, _)| !key.trim().is_empty())
+                .ok_or_else(|| ConfigError::InvalidProperty(mask_pair(pair)))?;
+            self.properties
+                .insert(key.trim().to_owned(), value.to_owned());
+        }
+        Ok(self)
+    }
+
+    /// Sets one property.
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        self.properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// The librdkafka configuration with kser's defaults, the user's
+    /// properties on top of them.
+    pub(crate) fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        map.entry(&"bootstrap.servers", &self.brokers);
+        for (key, value) in &self.properties {
+            if is_secret(key) {
+                map.entry(key, &"***");
+            } else {
+                map.entry(key, value);
+            }
+        }
+        map.finish()
+    }
+}
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "token",
+        "ssl.key.pem",
+        "private",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+}
+
+fn mask_pair(pair: &str) -> String {
+    match pair.split_once('=') {
+        Some((key, _)) if is_secret(key) => format!("{key}=***"),
+        _ => pair.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_masks_secrets() {
+        let config = KafkaConfig::new("b:9092")
+            .with_properties(&[
+                "sasl.username=kser",
+                "sasl.password=hunter2",
+                "ssl.key.password=x",
+            ])
+            .expect("valid");
+        let text = format!("{config:?}");
+        assert!(text.contains("kser"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("***"), "{text}");
+    }
+
+    #[test]
+    fn properties_reach_librdkafka_over_defaults() {
+        let config = KafkaConfig::new("b:9092")
+            .with_properties(&["linger.ms=50"])
+            .expect("valid");
+        let client = config.client_config(&[("linger.ms", "5"), ("acks", "all")]);
+        assert_eq!(client.get("linger.ms"), Some("50"));
+        assert_eq!(client.get("acks"), Some("all"));
+        assert_eq!(client.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn malformed_property_is_an_error_without_the_secret() {
+        let err = KafkaConfig::new("b")
+            .with_properties(&["nonsense"])
+            .expect_err("error");
+        assert!(err.to_string().contains("nonsense"));
+        let err = KafkaConfig::new("b")
+            .with_properties(&["=x"])
+            .expect_err("error");
+        assert!(err.to_string().contains("key=value"));
+    }
+}

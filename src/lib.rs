@@ -1,0 +1,69 @@
+//! kser: a Kafka-native, message-driven task consumer with its state in
+//! Postgres.
+//!
+//! Producers publish kser messages (`{"uuid", "entrypoint", "params", ...}`,
+//! the Python kser 0.8 wire format) to a topic. Workers in a consumer group
+//! read them, route each by entrypoint to a registered [`Task`], and record
+//! every task's state and result in the `kser.tasks` table.
+//!
+//! A worker is the user's own binary: build a [`Registry`] of tasks and hand
+//! it to [`cli::run`], which gives the binary `worker`, `send`, `status`,
+//! `list`, `migrate` and `entrypoints` subcommands.
+//!
+//! ```no_run
+//! use kser::{Registry, Task, TaskContext, TaskError, TaskResult};
+//!
+//! #[derive(serde::Deserialize, schemars::JsonSchema)]
+//! struct Params {
+//!     name: String,
+//! }
+//!
+//! struct Greet;
+//!
+//! impl Task for Greet {
+//!     const ENTRYPOINT: &'static str = "example.Greet";
+//!     type Params = Params;
+//!
+//!     async fn run(&self, _ctx: &TaskContext, p: Params) -> Result<TaskResult, TaskError> {
+//!         Ok(TaskResult::ok().with_stdout(format!("hello {}", p.name)))
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let mut registry = Registry::new();
+//!     if let Err(err) = registry.register(Greet) {
+//!         eprintln!("{err}");
+//!         return std::process::ExitCode::FAILURE;
+//!     }
+//!     kser::cli::run(registry)
+//! }
+//! ```
+//!
+//! # Layout
+//! - [`message`]: the wire envelope ([`Message`]) and result ([`TaskResult`]).
+//! - [`task`]: the [`Task`] trait users implement, its context and errors.
+//! - [`registry`]: entrypoint name -> task.
+//! - [`worker`]: consume, record, run, commit; offsets and shutdown.
+//! - [`producer`]: publishing messages.
+//! - [`store`]: the Postgres schema, migrations and queries.
+//! - [`config`]: Kafka client settings.
+//! - [`admin`]: broker checks and topic creation.
+//! - [`cli`]: the command line shared by `kser` and user binaries.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod message;
+pub mod producer;
+pub mod registry;
+pub mod store;
+pub mod task;
+pub mod worker;
+
+pub use config::KafkaConfig;
+pub use message::{ErrorKind, JsonObject, Message, TaskResult};
+pub use producer::Producer;
+pub use registry::{Registry, RegistryError};
+pub use store::{Store, TaskStatus};
+pub use task::{Task, TaskContext, TaskError};
+pub use worker::{Worker, WorkerConfig, WorkerStats};

@@ -1,0 +1,97 @@
+//! Publishing kser messages.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+
+use crate::config::KafkaConfig;
+use crate::message::Message;
+
+/// How long a message may wait in the local queue and for the broker's
+/// acknowledgement before its send fails.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors from sending.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProducerError {
+    #[error("could not create the Kafka producer: {0}")]
+    Create(#[source] KafkaError),
+    #[error("could not send message {uuid} to topic '{topic}': {reason}")]
+    Send {
+        uuid: String,
+        topic: String,
+        reason: String,
+    },
+}
+
+/// Sends kser messages, keyed by their uuid, and waits for the broker's
+/// acknowledgement (`acks=all`).
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl Producer {
+    /// A producer for the cluster in `kafka`; no connection is made until
+    /// the first send.
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, ProducerError> {
+        let inner = kafka
+            .client_config(&[
+                ("acks", "all"),
+                ("linger.ms", "5"),
+                ("message.timeout.ms", "30000"),
+            ])
+            .create()
+            .map_err(ProducerError::Create)?;
+        Ok(Self { inner })
+    }
+
+    /// Publishes one message and returns its partition and offset once the
+    /// broker has it.
+    pub async fn send(&self, topic: &str, message: &Message) -> Result<(i32, i64), ProducerError> {
+        let payload = message.to_bytes();
+        let record = FutureRecord::to(topic)
+            .key(message.uuid.as_bytes())
+            .payload(&payload);
+        match self.inner.send(record, DELIVERY_TIMEOUT).await {
+            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+            Err((err, _)) => Err(ProducerError::Send {
+                uuid: message.uuid.clone(),
+                topic: topic.to_owned(),
+                reason: err.to_string(),
+            }),
+        }
+    }
+
+    /// Publishes raw bytes (tests and tools that must send what is not a
+    /// valid message).
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> Result<(i32, i64), ProducerError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        match self.inner.send(record, DELIVERY_TIMEOUT).await {
+            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+            Err((err, _)) => Err(ProducerError::Send {
+                uuid: String::new(),
+                topic: topic.to_owned(),
+                reason: err.to_string(),
+            }),
+        }
+    }
+
+    /// Waits until every queued message is delivered or has failed.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+}

@@ -1,0 +1,314 @@
+//! Postgres persistence: the `kser.tasks` table, its migrations, and the
+//! batched writes the worker's hot path uses.
+//!
+//! Every write is one statement over many rows, so a batch of a thousand
+//! messages costs one round trip. Writes never move a task out of a final
+//! state (SUCCESS, FAILED): a redelivered or duplicate message cannot undo
+//! or redo finished work.
+
+mod models;
+mod schema;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::result::DatabaseErrorKind;
+use diesel::upsert::excluded;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+pub use models::{NewTask, TaskRow, TaskStatus};
+use schema::kser::tasks;
+
+/// The migrations in `migrations/`, compiled into the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// How long to wait for a connection before calling the database unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("could not connect to Postgres at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("could not apply migrations: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    /// Whether the error is about the rows themselves (a value Postgres
+    /// refuses), so retrying the same write cannot help. Anything else (a
+    /// lost connection, a restart) is worth waiting out.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Self::Query(diesel::result::Error::DatabaseError(kind, info)) => {
+                matches!(
+                    kind,
+                    DatabaseErrorKind::UniqueViolation
+                        | DatabaseErrorKind::ForeignKeyViolation
+                        | DatabaseErrorKind::NotNullViolation
+                        | DatabaseErrorKind::CheckViolation
+                ) || {
+                    let message = info.message();
+                    message.contains("invalid input")
+                        || message.contains("unsupported Unicode")
+                        || message.contains("invalid byte sequence")
+                }
+            }
+            Self::Query(diesel::result::Error::SerializationError(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Which tasks `list` shows.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub entrypoint: Option<String>,
+    pub limit: i64,
+}
+
+/// A pool of connections to the kser database.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool<AsyncPgConnection>,
+    url: String,
+}
+
+impl Store {
+    /// Connects to `url` and checks that one connection can be made, so a
+    /// wrong URL or a stopped server fails here with a clear message.
+    pub async fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+        let pool = Pool::builder(manager)
+            .max_size(max_connections.max(1))
+            .build()
+            .map_err(|err| StoreError::Connect {
+                url: redact_url(url),
+                reason: err.to_string(),
+            })?;
+        let store = Self {
+            pool,
+            url: url.to_owned(),
+        };
+        drop(store.conn().await?);
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        let unreachable = |reason: String| StoreError::Connect {
+            url: redact_url(&self.url),
+            reason,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(unreachable(error_chain(&err))),
+            Err(_) => Err(unreachable(format!(
+                "no connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Applies the pending embedded migrations and returns their names.
+    /// Concurrent callers (several workers starting at once) take turns on
+    /// an advisory lock.
+    pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        use diesel::Connection as _;
+        use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+
+        let url = self.url.clone();
+        let redacted = redact_url(&self.url);
+        let applied =
+            tokio::task::spawn_blocking(move || {
+                let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
+                    .map_err(|err| StoreError::Connect {
+                        url: redacted,
+                        reason: err.to_string(),
+                    })?;
+                diesel::RunQueryDsl::execute(
+                    diesel::sql_query("SELECT pg_advisory_lock(7365723)"),
+                    &mut conn,
+                )?;
+                let applied = conn
+                    .run_pending_migrations(MIGRATIONS)
+                    .map(|versions| versions.iter().map(ToString::to_string).collect())
+                    .map_err(|err| StoreError::Migration(err.to_string()));
+                diesel::RunQueryDsl::execute(
+                    diesel::sql_query("SELECT pg_advisory_unlock(7365723)"),
+                    &mut conn,
+                )?;
+                applied
+            })
+            .await
+            .map_err(|err| StoreError::Migration(err.to_string()))??;
+        Ok(applied)
+    }
+
+    /// Records messages a producer has just sent, as PENDING. A row that
+    /// already exists (a worker was faster) is left alone.
+    pub async fn record_pending(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::insert_into(tasks::table)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Marks a batch of received messages RUNNING and returns, for each one
+    /// that should run, its attempt number. Messages already in a final
+    /// state (a redelivery after their state was committed, a duplicate
+    /// send) are left out: they must not run again.
+    ///
+    /// Each uuid may appear only once in `rows`.
+    pub async fn start_tasks(&self, rows: &[NewTask]) -> Result<HashMap<String, i32>, StoreError> {
+        if rows.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // The WHERE of ON CONFLICT DO UPDATE comes from this trait.
+        use diesel::query_dsl::methods::FilterDsl as _;
+        let mut conn = self.conn().await?;
+        let started: Vec<(String, i32)> = diesel::insert_into(tasks::table)
+            .values(rows)
+            .on_conflict(tasks::uuid)
+            .do_update()
+            .set((
+                tasks::status.eq(excluded(tasks::status)),
+                tasks::attempts.eq(tasks::attempts + 1),
+                tasks::worker.eq(excluded(tasks::worker)),
+                tasks::topic.eq(excluded(tasks::topic)),
+                tasks::kafka_partition.eq(excluded(tasks::kafka_partition)),
+                tasks::kafka_offset.eq(excluded(tasks::kafka_offset)),
+                tasks::enqueued_at.eq(excluded(tasks::enqueued_at)),
+                tasks::started_at.eq(excluded(tasks::started_at)),
+                tasks::updated_at.eq(excluded(tasks::updated_at)),
+            ))
+            .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
+            .returning((tasks::uuid, tasks::attempts))
+            .get_results(&mut conn)
+            .await?;
+        Ok(started.into_iter().collect())
+    }
+
+    /// Records the final state of a batch of tasks. Rows that never started
+    /// (a message rejected before it ran) are inserted whole; rows already
+    /// final are not touched.
+    ///
+    /// Each uuid may appear only once in `rows`.
+    pub async fn finish_tasks(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        use diesel::query_dsl::methods::FilterDsl as _;
+        let mut conn = self.conn().await?;
+        Ok(diesel::insert_into(tasks::table)
+            .values(rows)
+            .on_conflict(tasks::uuid)
+            .do_update()
+            .set((
+                tasks::status.eq(excluded(tasks::status)),
+                tasks::result.eq(excluded(tasks::result)),
+                tasks::error.eq(excluded(tasks::error)),
+                tasks::finished_at.eq(excluded(tasks::finished_at)),
+                tasks::updated_at.eq(excluded(tasks::updated_at)),
+            ))
+            .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// One task by uuid.
+    pub async fn task(&self, uuid: &str) -> Result<Option<TaskRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(tasks::table
+            .find(uuid)
+            .select(TaskRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// The most recent tasks matching `filter`, newest first.
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut query = tasks::table
+            .select(TaskRow::as_select())
+            .order(tasks::created_at.desc())
+            .limit(filter.limit.max(1))
+            .into_boxed();
+        if let Some(status) = filter.status {
+            query = query.filter(tasks::status.eq(status.as_str()));
+        }
+        if let Some(entrypoint) = &filter.entrypoint {
+            query = query.filter(tasks::entrypoint.eq(entrypoint.clone()));
+        }
+        Ok(query.load(&mut conn).await?)
+    }
+}
+
+/// An error and its causes on one line: deadpool's own message says little.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// The URL with its password replaced by `***`, safe to print.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://kser:s3cret@db:5432/kser"),
+            "postgres://kser:***@db:5432/kser"
+        );
+        assert_eq!(
+            redact_url("postgres://kser@db/kser"),
+            "postgres://kser@db/kser"
+        );
+        assert_eq!(
+            redact_url("postgres://127.0.0.1/kser"),
+            "postgres://127.0.0.1/kser"
+        );
+    }
+}

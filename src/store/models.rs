@@ -1,0 +1,136 @@
+//! Rows of `kser.tasks` as Rust types: [`TaskRow`] to read, [`NewTask`] to write.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::schema::kser::tasks;
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskStatus {
+    /// Sent, not yet picked up by a worker.
+    Pending,
+    /// A worker started it.
+    Running,
+    /// It returned a result with retcode 0.
+    Success,
+    /// It failed; `error` says why.
+    Failed,
+}
+
+impl TaskStatus {
+    /// The states a task can still leave.
+    pub const UNFINISHED: [&'static str; 2] = ["PENDING", "RUNNING"];
+
+    /// The name stored in the `status` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Running => "RUNNING",
+            Self::Success => "SUCCESS",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    /// Whether the task has reached SUCCESS or FAILED.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Success | Self::Failed)
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "PENDING" => Ok(Self::Pending),
+            "RUNNING" => Ok(Self::Running),
+            "SUCCESS" => Ok(Self::Success),
+            "FAILED" => Ok(Self::Failed),
+            _ => Err(format!(
+                "unknown status '{s}' (expected PENDING, RUNNING, SUCCESS or FAILED)"
+            )),
+        }
+    }
+}
+
+/// One row of `kser.tasks`, as `status` and `list` show it.
+#[derive(Debug, Clone, Queryable, Selectable, Serialize)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
+pub struct TaskRow {
+    pub uuid: String,
+    pub entrypoint: String,
+    pub status: String,
+    pub params: Value,
+    pub metadata: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub worker: Option<String>,
+    pub topic: Option<String>,
+    pub kafka_partition: Option<i32>,
+    pub kafka_offset: Option<i64>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A row to insert or upsert: a sent message, a started task or a finished one.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
+pub struct NewTask {
+    pub uuid: String,
+    pub entrypoint: String,
+    pub status: &'static str,
+    pub params: Value,
+    pub metadata: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub worker: Option<String>,
+    pub topic: Option<String>,
+    pub kafka_partition: Option<i32>,
+    pub kafka_offset: Option<i64>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl NewTask {
+    /// A row with the given identity and status and every other field empty.
+    pub fn new(uuid: String, entrypoint: String, status: TaskStatus) -> Self {
+        Self {
+            uuid,
+            entrypoint,
+            status: status.as_str(),
+            params: Value::Object(Default::default()),
+            metadata: Value::Object(Default::default()),
+            result: None,
+            error: None,
+            attempts: 0,
+            worker: None,
+            topic: None,
+            kafka_partition: None,
+            kafka_offset: None,
+            enqueued_at: None,
+            started_at: None,
+            finished_at: None,
+            updated_at: Utc::now(),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! What users implement: the [`Task`] trait, the [`TaskContext`] a task runs
+//! with, and the [`TaskError`] it fails with.
+
+use std::future::Future;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::message::{ErrorKind, JsonObject, TaskResult};
+
+/// A unit of work registered under an entrypoint name.
+///
+/// Parameters are typed: the worker deserializes the message's `params` into
+/// [`Task::Params`] before anything runs, so a payload with a missing or
+/// mistyped field becomes a FAILED task whose error names the field, and user
+/// code never sees it. The JSON schema of `Params` is what `entrypoints`
+/// shows.
+///
+/// Hooks run in this order: [`before_run`](Task::before_run), then
+/// [`run`](Task::run), then [`on_success`](Task::on_success) or
+/// [`on_error`](Task::on_error), then [`after_run`](Task::after_run). A task
+/// succeeded when it returned `Ok` with `retcode == 0`.
+///
+/// ```
+/// use kser::{Task, TaskContext, TaskError, TaskResult};
+///
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
+/// struct Params {
+///     name: String,
+/// }
+///
+/// struct Greet;
+///
+/// impl Task for Greet {
+///     const ENTRYPOINT: &'static str = "example.Greet";
+///     type Params = Params;
+///
+///     async fn run(&self, _ctx: &TaskContext, params: Params) -> Result<TaskResult, TaskError> {
+///         Ok(TaskResult::ok().with_stdout(format!("hello {}", params.name)))
+///     }
+/// }
+/// ```
+pub trait Task: Send + Sync + 'static {
+    /// The name messages use to reach this task, e.g. `dice.DiceRoll`.
+    const ENTRYPOINT: &'static str;
+    /// One line for `entrypoints`.
+    const DESCRIPTION: &'static str = "";
+    /// The task's parameters; use `#[serde(default)]` for optional ones.
+    type Params: DeserializeOwned + JsonSchema + Send + 'static;
+
+    /// Does the work.
+    fn run(
+        &self,
+        ctx: &TaskContext,
+        params: Self::Params,
+    ) -> impl Future<Output = Result<TaskResult, TaskError>> + Send;
+
+    /// Runs before [`run`](Task::run); an error here fails the task without running it.
+    fn before_run(
+        &self,
+        _ctx: &TaskContext,
+        _params: &Self::Params,
+    ) -> impl Future<Output = Result<(), TaskError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Runs after a successful run, before the state is recorded.
+    fn on_success(
+        &self,
+        _ctx: &TaskContext,
+        _result: &TaskResult,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Runs after a failed run (an error or a non-zero retcode) with the
+    /// failure as a result, before the state is recorded.
+    fn on_error(
+        &self,
+        _ctx: &TaskContext,
+        _result: &TaskResult,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Runs last, whatever the outcome.
+    fn after_run(
+        &self,
+        _ctx: &TaskContext,
+        _result: &TaskResult,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What a task knows about the message it runs for.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The message (and task) uuid.
+    pub uuid: String,
+    /// The entrypoint the message was routed by.
+    pub entrypoint: String,
+    /// 1 for the first run of this message, more after redeliveries.
+    pub attempt: u32,
+    /// The message's free-form metadata.
+    pub metadata: JsonObject,
+    /// The result forwarded from a previous task, if any.
+    pub forwarded: Option<TaskResult>,
+    /// Where the message came from.
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Which worker runs it (`host:pid`).
+    pub worker: String,
+}
+
+/// A task failure, and whether retrying may help.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TaskError {
+    kind: ErrorKind,
+    retcode: i32,
+    message: String,
+    details: Value,
+}
+
+impl TaskError {
+    /// A failure that may succeed if tried again (a network error, a busy
+    /// service).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Retryable, 503, message)
+    }
+
+    /// A failure that will not go away by itself (invalid input, a missing
+    /// record).
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Fatal, 500, message)
+    }
+
+    fn new(kind: ErrorKind, retcode: i32, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            retcode,
+            message: message.into(),
+            details: Value::Null,
+        }
+    }
+
+    /// Sets the retcode carried in the result (HTTP-like: 400, 404, 500...).
+    /// A zero retcode would read as success, so it is replaced by 500.
+    pub fn with_retcode(mut self, retcode: i32) -> Self {
+        self.retcode = if retcode == 0 { 500 } else { retcode };
+        self
+    }
+
+    /// Attaches structured details, stored in `retval.error.extra`.
+    pub fn with_details(mut self, details: impl Into<Value>) -> Self {
+        self.details = details.into();
+        self
+    }
+
+    /// Whether the task said a retry may help.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ErrorKind::Retryable
+    }
+
+    /// The failure as a wire-format result.
+    pub fn into_result(self) -> TaskResult {
+        TaskResult::error(self.retcode, self.kind, self.message, self.details)
+    }
+}

@@ -1,0 +1,738 @@
+//! The worker: consume, record, run, record, commit.
+//!
+//! Records flow through three stages joined by bounded channels, so memory
+//! stays bounded and a slow stage slows the consumer instead of piling up:
+//!
+//! 1. **intake** reads records from Kafka and tracks their offsets;
+//! 2. **starter** decodes a batch, marks all its tasks RUNNING in one
+//!    statement (skipping those already final: redeliveries and duplicates),
+//!    and spawns each task, at most `concurrency` at a time;
+//! 3. **finisher** writes a batch of final states in one statement, then
+//!    releases their offsets.
+//!
+//! An offset is stored for commit only once its task's final state is
+//! committed in Postgres and every earlier offset of the partition is too
+//! ([`offsets::OffsetTracker`]), so a crash at any point loses nothing: the
+//! uncommitted records are delivered again and whatever had not finished
+//! runs again. A database outage pauses the pipeline; nothing is marked
+//! FAILED because Postgres blinked.
+
+mod context;
+mod decode;
+mod offsets;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use serde_json::Value;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::admin::{self, AdminError, TopicLayout};
+use crate::config::KafkaConfig;
+use crate::message::{ErrorKind, Message, TaskResult};
+use crate::registry::Registry;
+use crate::store::{NewTask, Store, StoreError, TaskStatus};
+use crate::task::TaskContext;
+use context::KserContext;
+use decode::{Decoded, decode};
+use offsets::{OffsetTracker, Position};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub kafka: KafkaConfig,
+    /// Topics to consume; missing ones are created with `layout`.
+    pub topics: Vec<String>,
+    /// The consumer group; workers of one group share the partitions.
+    pub group: String,
+    /// How many tasks run at once.
+    pub concurrency: usize,
+    /// The most rows written to Postgres in one statement.
+    pub batch_size: usize,
+    /// How long in-flight work may take to finish after a shutdown signal.
+    pub shutdown_timeout: Duration,
+    /// How topics the worker creates are laid out.
+    pub layout: TopicLayout,
+    /// This worker's name in the `worker` column (default `host:pid`).
+    pub worker_id: String,
+}
+
+impl WorkerConfig {
+    /// Defaults: concurrency 64, batches of 1000 rows, 30 s to shut down.
+    pub fn new(kafka: KafkaConfig, topics: Vec<String>, group: impl Into<String>) -> Self {
+        Self {
+            kafka,
+            topics,
+            group: group.into(),
+            concurrency: 64,
+            batch_size: 1000,
+            shutdown_timeout: Duration::from_secs(30),
+            layout: TopicLayout::default(),
+            worker_id: default_worker_id(),
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Errors that stop a worker from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("Kafka consumer error: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a worker did, counted since it started.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct WorkerStats {
+    /// Records read from Kafka.
+    pub received: u64,
+    /// Tasks recorded as SUCCESS.
+    pub succeeded: u64,
+    /// Tasks recorded as FAILED (including invalid messages with a uuid).
+    pub failed: u64,
+    /// Messages not run because their task was already final or in flight.
+    pub skipped: u64,
+    /// Records that were not kser messages and had no uuid: logged, not stored.
+    pub rejected: u64,
+    /// Records left unfinished at shutdown (they will be delivered again).
+    pub abandoned: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    skipped: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> WorkerStats {
+        WorkerStats {
+            received: self.received.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            abandoned: 0,
+        }
+    }
+}
+
+/// A record as read from Kafka, before decoding.
+struct Received {
+    position: Position,
+    payload: Option<Vec<u8>>,
+    timestamp: Option<DateTime<Utc>>,
+}
+
+/// A task's final state, ready to write.
+struct Finished {
+    position: Position,
+    row: NewTask,
+}
+
+/// Consumes the configured topics and runs each message's task.
+pub struct Worker {
+    config: WorkerConfig,
+    registry: Arc<Registry>,
+    store: Store,
+}
+
+struct Shared {
+    consumer: StreamConsumer<KserContext>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    store: Store,
+    registry: Arc<Registry>,
+    counters: Counters,
+    in_flight: Mutex<HashSet<String>>,
+    worker_id: String,
+    batch_size: usize,
+    /// Cancelled when the shutdown deadline passes: stop waiting for the
+    /// database.
+    abandon: CancellationToken,
+}
+
+impl Worker {
+    /// A worker for `registry`'s tasks, recording state in `store`.
+    pub fn new(config: WorkerConfig, registry: Registry, store: Store) -> Self {
+        Self {
+            config,
+            registry: Arc::new(registry),
+            store,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops fetching, lets in-flight
+    /// work finish within the shutdown timeout, commits what is done and
+    /// returns what it counted.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
+        let config = self.config;
+        admin::ensure_topics(&config.kafka, &config.topics, config.layout).await?;
+
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let mut client = config.kafka.client_config(&[
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+        ]);
+        client.set("group.id", &config.group);
+        let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
+            tracker: Arc::clone(&tracker),
+        })?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        tracing::info!(
+            worker = %config.worker_id,
+            group = %config.group,
+            topics = %config.topics.join(","),
+            concurrency = config.concurrency,
+            "worker started"
+        );
+
+        let shared = Arc::new(Shared {
+            consumer,
+            tracker,
+            store: self.store,
+            registry: self.registry,
+            counters: Counters::default(),
+            in_flight: Mutex::new(HashSet::new()),
+            worker_id: config.worker_id.clone(),
+            batch_size: config.batch_size.max(1),
+            abandon: CancellationToken::new(),
+        });
+
+        let capacity = shared.batch_size * 2;
+        let (intake_tx, intake_rx) = mpsc::channel::<Received>(capacity);
+        let (finish_tx, finish_rx) = mpsc::channel::<Finished>(capacity);
+        let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
+
+        let finisher = tokio::spawn(Arc::clone(&shared).finisher(finish_rx));
+        let starter = tokio::spawn(Arc::clone(&shared).starter(intake_rx, finish_tx, semaphore));
+        let reporter = tokio::spawn(Arc::clone(&shared).reporter());
+
+        shared.intake(intake_tx, &shutdown).await;
+        tracing::info!(
+            timeout_s = config.shutdown_timeout.as_secs_f64(),
+            "stopped fetching; finishing in-flight work"
+        );
+
+        let drained = tokio::time::timeout(config.shutdown_timeout, async {
+            let _ = starter.await;
+            let _ = finisher.await;
+        })
+        .await;
+        reporter.abort();
+        let mut stats = shared.counters.snapshot();
+        if drained.is_err() {
+            shared.abandon.cancel();
+            stats.abandoned = shared
+                .tracker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unfinished() as u64;
+            tracing::warn!(
+                abandoned = stats.abandoned,
+                "shutdown timeout passed; abandoning unfinished work, which will be delivered again"
+            );
+        }
+        if let Err(err) = shared.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %err, "final commit");
+        }
+        shared.consumer.unsubscribe();
+        tracing::info!(?stats, "worker stopped");
+        Ok(stats)
+    }
+}
+
+impl Shared {
+    /// Stage 1: reads records until shutdown.
+    async fn intake(&self, intake_tx: mpsc::Sender<Received>, shutdown: &CancellationToken) {
+        let mut topic_names: Vec<Arc<str>> = Vec::new();
+        loop {
+            let record = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                record = self.consumer.recv() => record,
+            };
+            let received = match record {
+                Ok(record) => {
+                    let topic = match topic_names.iter().find(|t| t.as_ref() == record.topic()) {
+                        Some(topic) => Arc::clone(topic),
+                        None => {
+                            let topic: Arc<str> = Arc::from(record.topic());
+                            topic_names.push(Arc::clone(&topic));
+                            topic
+                        }
+                    };
+                    let position = self
+                        .tracker
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .track(&topic, record.partition(), record.offset());
+                    Received {
+                        position,
+                        payload: record.payload().map(<[u8]>::to_vec),
+                        timestamp: record
+                            .timestamp()
+                            .to_millis()
+                            .and_then(DateTime::from_timestamp_millis),
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "Kafka consumer error; the client retries by itself");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            };
+            Counters::add(&self.counters.received, 1);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                sent = intake_tx.send(received) => if sent.is_err() { return },
+            }
+        }
+    }
+
+    /// Stage 2: records batches as RUNNING and spawns their tasks.
+    async fn starter(
+        self: Arc<Self>,
+        mut intake_rx: mpsc::Receiver<Received>,
+        finish_tx: mpsc::Sender<Finished>,
+        semaphore: Arc<Semaphore>,
+    ) {
+        let mut running = JoinSet::new();
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while intake_rx.recv_many(&mut batch, self.batch_size).await > 0 {
+            while running.try_join_next().is_some() {}
+            let ready = self.start_batch(batch.drain(..), &finish_tx).await;
+            for (position, message, attempt, enqueued_at) in ready {
+                let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
+                    return;
+                };
+                let shared = Arc::clone(&self);
+                let finish_tx = finish_tx.clone();
+                running.spawn(async move {
+                    let row = shared
+                        .execute(&position, message, attempt, enqueued_at)
+                        .await;
+                    drop(permit);
+                    let _ = finish_tx.send(Finished { position, row }).await;
+                });
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Decodes a batch, writes RUNNING rows, and returns the tasks to run.
+    async fn start_batch(
+        &self,
+        batch: impl Iterator<Item = Received>,
+        finish_tx: &mpsc::Sender<Finished>,
+    ) -> Vec<(Position, Message, i32, Option<DateTime<Utc>>)> {
+        let now = Utc::now();
+        let mut candidates = Vec::new();
+        let mut rows = Vec::new();
+        let mut release = Vec::new();
+        let mut seen = HashSet::new();
+        for received in batch {
+            match decode(received.payload.as_deref()) {
+                Decoded::Message(message) => {
+                    let duplicate = !seen.insert(message.uuid.clone())
+                        || self.lock_in_flight().contains(&message.uuid);
+                    if duplicate {
+                        tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
+                        Counters::add(&self.counters.skipped, 1);
+                        release.push(received.position);
+                        continue;
+                    }
+                    rows.push(self.running_row(&message, &received, now));
+                    candidates.push((received.position, message, received.timestamp));
+                }
+                Decoded::Invalid {
+                    uuid: Some(uuid),
+                    entrypoint,
+                    error,
+                } => {
+                    let position = &received.position;
+                    tracing::warn!(
+                        task.uuid = %uuid, topic = %position.topic, partition = position.partition,
+                        offset = position.offset, error = %error, "invalid message"
+                    );
+                    let row = self.invalid_row(uuid, entrypoint, error, &received, now);
+                    let position = received.position;
+                    if finish_tx.send(Finished { position, row }).await.is_err() {
+                        return Vec::new();
+                    }
+                }
+                Decoded::Invalid {
+                    uuid: None, error, ..
+                } => {
+                    let position = received.position;
+                    tracing::warn!(
+                        topic = %position.topic, partition = position.partition,
+                        offset = position.offset, error = %error,
+                        "rejected a record that is not a kser message and has no uuid"
+                    );
+                    Counters::add(&self.counters.rejected, 1);
+                    release.push(position);
+                }
+            }
+        }
+        self.release(&release);
+
+        let Some(mut started) = self.write_started(rows).await else {
+            return Vec::new();
+        };
+        let mut ready = Vec::with_capacity(started.len());
+        let mut already_final = Vec::new();
+        for (position, message, enqueued_at) in candidates {
+            match started.remove(&message.uuid) {
+                Some(Start::Run(attempt)) => {
+                    self.lock_in_flight().insert(message.uuid.clone());
+                    ready.push((position, message, attempt, enqueued_at));
+                }
+                Some(Start::Refused(row)) => {
+                    let row = *row;
+                    if finish_tx.send(Finished { position, row }).await.is_err() {
+                        return Vec::new();
+                    }
+                }
+                None => {
+                    tracing::info!(task.uuid = %message.uuid, "task already finished; not run again");
+                    already_final.push(position);
+                }
+            }
+        }
+        Counters::add(&self.counters.skipped, already_final.len());
+        self.release(&already_final);
+        ready
+    }
+
+    /// Writes RUNNING rows, waiting out database outages. A row Postgres
+    /// refuses (a value it cannot store) comes back as a FAILED row to record
+    /// instead of running. `None` when the shutdown deadline passed.
+    async fn write_started(&self, rows: Vec<NewTask>) -> Option<HashMap<String, Start>> {
+        let batch = self
+            .retry_db("record started tasks", || self.store.start_tasks(&rows))
+            .await?;
+        let mut started = HashMap::new();
+        match batch {
+            Ok(attempts) => {
+                started.extend(attempts.into_iter().map(|(uuid, n)| (uuid, Start::Run(n))));
+            }
+            Err(_) => {
+                for row in rows {
+                    let single = std::slice::from_ref(&row);
+                    match self
+                        .retry_db("record a started task", || self.store.start_tasks(single))
+                        .await?
+                    {
+                        Ok(attempts) => started
+                            .extend(attempts.into_iter().map(|(uuid, n)| (uuid, Start::Run(n)))),
+                        Err(err) => {
+                            tracing::warn!(task.uuid = %row.uuid, error = %err, "Postgres refused the task; recording it as FAILED");
+                            let mut failed = row;
+                            unstorable(&mut failed, &err);
+                            started.insert(failed.uuid.clone(), Start::Refused(Box::new(failed)));
+                        }
+                    }
+                }
+            }
+        }
+        Some(started)
+    }
+
+    /// Runs one task and returns its final row.
+    async fn execute(
+        &self,
+        position: &Position,
+        message: Message,
+        attempt: i32,
+        enqueued_at: Option<DateTime<Utc>>,
+    ) -> NewTask {
+        let span = tracing::info_span!("task", task.uuid = %message.uuid, entrypoint = %message.entrypoint, attempt);
+        let started_at = Utc::now();
+        let ctx = TaskContext {
+            uuid: message.uuid.clone(),
+            entrypoint: message.entrypoint.clone(),
+            attempt: u32::try_from(attempt).unwrap_or(1),
+            metadata: message.metadata.clone(),
+            forwarded: message.result.clone(),
+            topic: position.topic.to_string(),
+            partition: position.partition,
+            offset: position.offset,
+            worker: self.worker_id.clone(),
+        };
+        let params = Value::Object(message.params.clone());
+        let result = self
+            .registry
+            .run(ctx, message.params)
+            .instrument(span.clone())
+            .await;
+        let status = if result.is_success() {
+            TaskStatus::Success
+        } else {
+            TaskStatus::Failed
+        };
+        let mut row = NewTask::new(message.uuid, message.entrypoint, status);
+        row.error = result.failure_message();
+        match &row.error {
+            None => tracing::debug!(parent: &span, "task succeeded"),
+            Some(error) => tracing::warn!(parent: &span, error = %error, "task failed"),
+        }
+        row.params = params;
+        row.metadata = Value::Object(message.metadata);
+        row.result = serde_json::to_value(&result).ok();
+        row.attempts = attempt;
+        self.locate(&mut row, position, enqueued_at);
+        row.started_at = Some(started_at);
+        row.finished_at = Some(Utc::now());
+        row
+    }
+
+    fn locate(&self, row: &mut NewTask, position: &Position, enqueued_at: Option<DateTime<Utc>>) {
+        row.worker = Some(self.worker_id.clone());
+        row.topic = Some(position.topic.to_string());
+        row.kafka_partition = Some(position.partition);
+        row.kafka_offset = Some(position.offset);
+        row.enqueued_at = enqueued_at;
+    }
+
+    fn running_row(&self, message: &Message, received: &Received, now: DateTime<Utc>) -> NewTask {
+        let mut row = NewTask::new(
+            message.uuid.clone(),
+            message.entrypoint.clone(),
+            TaskStatus::Running,
+        );
+        row.params = Value::Object(message.params.clone());
+        row.metadata = Value::Object(message.metadata.clone());
+        row.attempts = 1;
+        self.locate(&mut row, &received.position, received.timestamp);
+        row.started_at = Some(now);
+        row.updated_at = now;
+        row
+    }
+
+    fn invalid_row(
+        &self,
+        uuid: String,
+        entrypoint: Option<String>,
+        error: String,
+        received: &Received,
+        now: DateTime<Utc>,
+    ) -> NewTask {
+        let result = TaskResult::error(400, ErrorKind::InvalidMessage, error.clone(), Value::Null);
+        let mut row = NewTask::new(uuid, entrypoint.unwrap_or_default(), TaskStatus::Failed);
+        row.result = serde_json::to_value(&result).ok();
+        row.error = Some(error);
+        row.attempts = 1;
+        self.locate(&mut row, &received.position, received.timestamp);
+        row.started_at = Some(now);
+        row.finished_at = Some(now);
+        row
+    }
+
+    /// Stage 3: writes final states in batches, then releases their offsets.
+    async fn finisher(self: Arc<Self>, mut finish_rx: mpsc::Receiver<Finished>) {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while finish_rx.recv_many(&mut batch, self.batch_size).await > 0 {
+            let mut seen = HashSet::new();
+            let mut rows = Vec::with_capacity(batch.len());
+            let mut positions = Vec::with_capacity(batch.len());
+            for Finished { position, row } in batch.drain(..) {
+                positions.push(position);
+                // Two invalid records with one uuid: the first one wins.
+                if seen.insert(row.uuid.clone()) {
+                    rows.push(row);
+                } else {
+                    Counters::add(&self.counters.skipped, 1);
+                }
+            }
+            if !self.write_finished(&rows).await {
+                return;
+            }
+            let succeeded = rows
+                .iter()
+                .filter(|row| row.status == TaskStatus::Success.as_str())
+                .count();
+            Counters::add(&self.counters.succeeded, succeeded);
+            Counters::add(&self.counters.failed, rows.len() - succeeded);
+            {
+                let mut in_flight = self.lock_in_flight();
+                for row in &rows {
+                    in_flight.remove(&row.uuid);
+                }
+            }
+            self.release(&positions);
+        }
+    }
+
+    /// Writes final rows, waiting out database outages; a row Postgres
+    /// refuses is stored without the offending values. `false` when the
+    /// shutdown deadline passed before the write.
+    async fn write_finished(&self, rows: &[NewTask]) -> bool {
+        let Some(batch) = self
+            .retry_db("record finished tasks", || self.store.finish_tasks(rows))
+            .await
+        else {
+            return false;
+        };
+        if batch.is_ok() {
+            return true;
+        }
+        for row in rows {
+            let single = std::slice::from_ref(row);
+            let Some(written) = self
+                .retry_db("record a finished task", || self.store.finish_tasks(single))
+                .await
+            else {
+                return false;
+            };
+            if let Err(err) = written {
+                let mut stripped = row.clone();
+                unstorable(&mut stripped, &err);
+                let single = std::slice::from_ref(&stripped);
+                match self
+                    .retry_db("record an unstorable task", || {
+                        self.store.finish_tasks(single)
+                    })
+                    .await
+                {
+                    None => return false,
+                    Some(Ok(_)) => {
+                        tracing::warn!(task.uuid = %row.uuid, error = %err, "stored the task without values Postgres refused")
+                    }
+                    Some(Err(err)) => {
+                        tracing::error!(task.uuid = %row.uuid, error = %err, "Postgres refused the task's state; it is only in this log");
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs a database write until it succeeds or fails on its data. Outages
+    /// are retried with backoff; `None` when the shutdown deadline passed.
+    async fn retry_db<T, F, Fut>(&self, what: &str, mut write: F) -> Option<Result<T, StoreError>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match write().await {
+                Ok(value) => return Some(Ok(value)),
+                Err(err) if err.is_data_error() => return Some(Err(err)),
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "could not {what}; retrying");
+                    tokio::select! {
+                        () = self.abandon.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Marks records finished and stores the offsets that became safe.
+    fn release(&self, positions: &[Position]) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut safe = Vec::new();
+        {
+            let mut tracker = self.tracker.lock().unwrap_or_else(PoisonError::into_inner);
+            for position in positions {
+                if let Some(offset) = tracker.complete(position) {
+                    safe.push((Arc::clone(&position.topic), position.partition, offset));
+                }
+            }
+        }
+        for (topic, partition, offset) in safe {
+            // `store_offset(o)` commits o + 1: the next record to read.
+            if let Err(err) = self.consumer.store_offset(&topic, partition, offset) {
+                tracing::debug!(topic = %topic, partition, offset, error = %err, "offset not stored (partition revoked?)");
+            }
+        }
+    }
+
+    /// Logs the counters every 30 seconds while they move.
+    async fn reporter(self: Arc<Self>) {
+        let mut last = WorkerStats::default();
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let now = self.counters.snapshot();
+            if now.received != last.received {
+                tracing::info!(
+                    received = now.received,
+                    succeeded = now.succeeded,
+                    failed = now.failed,
+                    skipped = now.skipped,
+                    rejected = now.rejected,
+                    "worker progress"
+                );
+            }
+            last = now;
+        }
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What became of a message the starter recorded.
+enum Start {
+    /// Run it; this is its attempt number.
+    Run(i32),
+    /// Postgres refused the row; record this FAILED row instead.
+    Refused(Box<NewTask>),
+}
+
+/// Strips a row of the values Postgres refused and records why.
+fn unstorable(row: &mut NewTask, err: &StoreError) {
+    let error = format!("could not store the task in Postgres: {err}").replace('\0', "");
+    let result = TaskResult::error(500, ErrorKind::InvalidMessage, error.clone(), Value::Null);
+    row.status = TaskStatus::Failed.as_str();
+    row.params = Value::Object(Default::default());
+    row.metadata = Value::Object(Default::default());
+    row.result = serde_json::to_value(&result).ok();
+    row.error = Some(error);
+    row.entrypoint = row.entrypoint.replace('\0', "");
+    row.finished_at = Some(Utc::now());
+}
