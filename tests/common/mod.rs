@@ -1,0 +1,284 @@
+//! Shared fixture of the integration tests: a private database and topic per
+//! test, and helpers to drive the CLI and worker processes as a user would.
+//!
+//! The services come from `scripts/test`: `KSER_TEST_BROKERS` (a Kafka-protocol
+//! broker) and `KSER_TEST_DATABASE_URL` (a Postgres admin URL; each test gets
+//! its own database, dropped afterwards).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct TestEnv {
+    pub database_url: String,
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    admin_url: String,
+    database: String,
+    pub dir: tempfile::TempDir,
+}
+
+fn required(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests with scripts/test, which starts Kafka and Postgres"
+        )
+    })
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let admin_url = required("KSER_TEST_DATABASE_URL");
+        let brokers = required("KSER_TEST_BROKERS");
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let database = format!("kser_test_{id}");
+        psql(&admin_url, &format!("CREATE DATABASE {database}"));
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| base)
+            .expect("database URL with a path");
+        Self {
+            database_url: format!("{base}/{database}"),
+            brokers,
+            topic: format!("kser-test-{id}"),
+            group: format!("kser-test-{id}"),
+            admin_url,
+            database,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// A command with this test's settings in its environment.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("KSER_BROKERS", &self.brokers)
+            .env("DATABASE_URL", &self.database_url)
+            .env("KSER_TOPIC", &self.topic)
+            .env("KSER_GROUP", &self.group)
+            // A restarted or second worker gets partitions back quickly.
+            .env("KSER_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("KSER_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
+            .env("KSER_KAFKA_MAX_POLL_INTERVAL_MS", "10000")
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `kser ARGS` to completion.
+    pub fn kser(&self, args: &[&str]) -> Output {
+        self.run(Path::new(env!("CARGO_BIN_EXE_kser")), args, None)
+    }
+
+    /// Runs an example binary (`dice`, `showcase`) to completion.
+    pub fn example_cmd(&self, example: &str, args: &[&str]) -> Output {
+        self.run(&example_path(example), args, None)
+    }
+
+    pub fn run(&self, program: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = self.command(program);
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if stdin.is_some() {
+            command.stdin(Stdio::piped());
+        }
+        let mut child = command.spawn().expect("spawn");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("wait")
+    }
+
+    /// Starts a worker from an example binary, logging to a file.
+    pub fn start_worker(&self, example: &str, args: &[&str]) -> WorkerProcess {
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let log = self.dir.path().join(format!("worker-{n}.log"));
+        let child = self
+            .command(&example_path(example))
+            .arg("worker")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn worker");
+        WorkerProcess { child, log }
+    }
+
+    /// Sends one message with the example's `send` and returns its uuid.
+    pub fn send(&self, example: &str, entrypoint: &str, params: &str) -> String {
+        let out = self.example_cmd(example, &["send", entrypoint, "--params", params]);
+        assert!(out.status.success(), "send failed: {}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    }
+
+    /// `status UUID --json`, parsed.
+    pub fn status(&self, uuid: &str) -> Value {
+        let out = self.kser(&["status", uuid, "--json"]);
+        assert!(out.status.success(), "status failed: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// Waits until the task reaches SUCCESS or FAILED, and returns its status.
+    pub fn wait_final(&self, uuid: &str) -> Value {
+        let mut last = Value::Null;
+        wait_until(
+            &format!("task {uuid} to finish"),
+            Duration::from_secs(60),
+            || {
+                let out = self.kser(&["status", uuid, "--json"]);
+                if !out.status.success() {
+                    return false;
+                }
+                last = serde_json::from_slice(&out.stdout).expect("JSON");
+                matches!(last["status"].as_str(), Some("SUCCESS" | "FAILED"))
+            },
+        );
+        last
+    }
+
+    /// Runs SQL in this test's database and returns psql's unaligned output.
+    pub fn sql(&self, query: &str) -> String {
+        psql(&self.database_url, query)
+    }
+
+    /// Waits until `query` (a count) returns `expected`.
+    pub fn wait_count(&self, query: &str, expected: i64, timeout: Duration) {
+        let mut seen = String::new();
+        wait_until(
+            &format!("`{query}` to reach {expected} (last: {seen})"),
+            timeout,
+            || {
+                seen = self.sql(query);
+                seen.trim().parse::<i64>().ok() == Some(expected)
+            },
+        );
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &self.admin_url,
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+            ])
+            .output();
+    }
+}
+
+fn psql(url: &str, query: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", query])
+        .output()
+        .expect("psql is installed");
+    assert!(out.status.success(), "psql {query}: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The path of an example binary, built by `cargo test` next to the tests.
+pub fn example_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = target.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with cargo test",
+        path.display()
+    );
+    path
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub struct WorkerProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let log = self.log.clone();
+        wait_until(&format!("'{needle}' in {}", log.display()), timeout, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("worker exited with {status}: {}", self.log());
+            }
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches(needle)
+                .count()
+                >= count
+        });
+    }
+
+    /// Waits until the worker owns partitions.
+    pub fn wait_assigned(&mut self) {
+        self.wait_for_log("partitions assigned", 1, Duration::from_secs(60));
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "worker did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,148 @@
+//! Crashes, restarts, shutdowns and a second worker: nothing is lost, and
+//! finished work is not run again.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestEnv;
+
+fn sleep_batch(count: usize, ms: u64) -> String {
+    (0..count)
+        .map(|_| format!("{{\"entrypoint\": \"showcase.Sleep\", \"params\": {{\"ms\": {ms}}}}}\n"))
+        .collect()
+}
+
+fn send_batch(env: &TestEnv, input: &str) {
+    let out = env.run(
+        std::path::Path::new(env!("CARGO_BIN_EXE_kser")),
+        &["send", "--batch", "-"],
+        Some(input),
+    );
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+}
+
+fn count(env: &TestEnv, filter: &str) -> i64 {
+    env.sql(&format!("SELECT count(*) FROM kser.tasks WHERE {filter}"))
+        .parse()
+        .expect("a count")
+}
+
+#[test]
+fn a_worker_killed_with_sigkill_finishes_the_rest_after_restart() {
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut worker = env.start_worker("showcase", &["--concurrency", "8"]);
+    worker.wait_assigned();
+    send_batch(&env, &sleep_batch(300, 40));
+
+    common::wait_until("some tasks to finish", Duration::from_secs(60), || {
+        count(&env, "status = 'SUCCESS'") >= 40
+    });
+    worker.kill();
+    let done_before = count(&env, "status = 'SUCCESS'");
+    assert!(
+        done_before < 300,
+        "killed before the end ({done_before} done)"
+    );
+
+    let mut restarted = env.start_worker("showcase", &["--concurrency", "8"]);
+    restarted.wait_assigned();
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        300,
+        Duration::from_secs(120),
+    );
+    assert_eq!(count(&env, "status <> 'SUCCESS'"), 0);
+    // Only tasks that were unfinished at the kill ran again; those whose
+    // state was committed were skipped when redelivered.
+    let reruns = count(&env, "attempts > 1");
+    assert!(
+        reruns <= 300 - done_before,
+        "{reruns} reruns, {done_before} were done before the kill"
+    );
+}
+
+#[test]
+fn two_workers_split_the_partitions_and_run_each_message_once() {
+    let env = TestEnv::new();
+    let mut first = env.start_worker("showcase", &["--partitions", "4"]);
+    first.wait_assigned();
+    let mut second = env.start_worker("showcase", &["--partitions", "4"]);
+    second.wait_assigned();
+    // The first worker gave up half of its partitions.
+    first.wait_for_log("partitions assigned", 2, Duration::from_secs(60));
+
+    let input: String = (0..200)
+        .map(|i| {
+            format!("{{\"entrypoint\": \"showcase.Echo\", \"params\": {{\"text\": \"{i}\"}}}}\n")
+        })
+        .collect();
+    send_batch(&env, &input);
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        200,
+        Duration::from_secs(60),
+    );
+    assert_eq!(count(&env, "attempts <> 1"), 0, "every message ran once");
+    assert_eq!(
+        env.sql("SELECT count(DISTINCT worker) FROM kser.tasks"),
+        "2",
+        "both workers ran tasks"
+    );
+    assert_eq!(
+        env.sql("SELECT count(DISTINCT kafka_partition) FROM kser.tasks"),
+        "4"
+    );
+}
+
+#[test]
+fn sigterm_finishes_in_flight_work_and_exits_zero() {
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut worker = env.start_worker("showcase", &["--concurrency", "4"]);
+    worker.wait_assigned();
+    send_batch(&env, &sleep_batch(8, 1500));
+    common::wait_until("tasks to start", Duration::from_secs(30), || {
+        count(&env, "status = 'RUNNING'") >= 4
+    });
+    let status = worker.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(
+        count(&env, "status = 'SUCCESS'"),
+        8,
+        "in-flight work finished"
+    );
+
+    // The offsets were committed: a new worker receives nothing.
+    let mut next = env.start_worker("showcase", &[]);
+    next.wait_assigned();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(next.terminate(Duration::from_secs(30)).success());
+    let log = next.log();
+    assert!(log.contains("received: 0"), "{log}");
+}
+
+#[test]
+fn the_shutdown_deadline_abandons_work_that_is_then_redelivered() {
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut worker = env.start_worker("showcase", &["--shutdown-timeout", "1"]);
+    worker.wait_assigned();
+    send_batch(&env, &sleep_batch(3, 8000));
+    common::wait_until("tasks to start", Duration::from_secs(30), || {
+        count(&env, "status = 'RUNNING'") == 3
+    });
+    let status = worker.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(worker.log().contains("abandoning unfinished work"));
+    assert_eq!(count(&env, "status = 'RUNNING'"), 3);
+
+    let mut next = env.start_worker("showcase", &[]);
+    next.wait_assigned();
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS' AND attempts = 2",
+        3,
+        Duration::from_secs(60),
+    );
+}

@@ -1,0 +1,316 @@
+//! The worker and the CLI end to end: messages sent as a user sends them,
+//! run by a worker process, their state read back with `status` and `list`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, text};
+use kser::{KafkaConfig, Producer};
+use serde_json::{Value, json};
+
+#[test]
+fn send_runs_the_task_and_status_shows_success() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("dice", &[]);
+    worker.wait_assigned();
+
+    let uuid = env.send("dice", "dice.DiceRoll", r#"{"sides": 6}"#);
+    assert!(
+        uuid::Uuid::parse_str(&uuid).is_ok(),
+        "send prints the uuid: {uuid}"
+    );
+    let status = env.wait_final(&uuid);
+    assert_eq!(status["status"], "SUCCESS", "{status:#}");
+    assert_eq!(status["entrypoint"], "dice.DiceRoll");
+    assert_eq!(status["params"], json!({"sides": 6}));
+    assert_eq!(status["attempts"], 1);
+    let roll = status["result"]["retval"]["roll"].as_u64().expect("a roll");
+    assert!((1..=6).contains(&roll), "{roll}");
+    assert_eq!(status["result"]["stdout"], format!("You made a {roll}"));
+    assert_eq!(status["result"]["retcode"], 0);
+
+    // Parameters are optional for the dice: `{}` is valid.
+    let plain = env.kser(&["send", "dice.DiceRoll"]);
+    assert!(plain.status.success(), "{}", text(&plain.stderr));
+    let uuid = text(&plain.stdout).trim().to_owned();
+    assert_eq!(env.wait_final(&uuid)["status"], "SUCCESS");
+
+    let human = env.kser(&["status", &uuid]);
+    let human = text(&human.stdout);
+    assert!(human.contains("SUCCESS"), "{human}");
+    assert!(human.contains("You made a"), "{human}");
+    assert!(human.contains("queued"), "{human}");
+}
+
+#[test]
+fn failing_tasks_are_recorded_with_their_error() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+
+    let fail = env.send(
+        "showcase",
+        "showcase.Fail",
+        r#"{"reason": "out of cheese", "retcode": 422}"#,
+    );
+    let hooked = env.send("showcase", "showcase.Hooked", "{}");
+    let panicked = env.send("showcase", "showcase.Panic", "{}");
+    let echo = env.send("showcase", "showcase.Echo", r#"{"text": "still alive"}"#);
+
+    let status = env.wait_final(&fail);
+    assert_eq!(status["status"], "FAILED");
+    assert_eq!(status["error"], "out of cheese");
+    assert_eq!(status["result"]["retcode"], 422);
+    assert_eq!(status["result"]["retval"]["error"]["kind"], "fatal");
+    assert_eq!(
+        status["result"]["retval"]["error"]["extra"]["hint"],
+        "this task always fails"
+    );
+
+    let status = env.wait_final(&hooked);
+    assert_eq!(status["status"], "FAILED");
+    assert_eq!(status["result"]["retcode"], 403);
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("before_run refused")
+    );
+
+    let status = env.wait_final(&panicked);
+    assert_eq!(status["status"], "FAILED");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("panicked on purpose"),
+        "{status:#}"
+    );
+
+    let status = env.wait_final(&echo);
+    assert_eq!(status["status"], "SUCCESS", "the worker survives a panic");
+    assert_eq!(status["result"]["stdout"], "still alive");
+
+    let listed = env.kser(&["list", "--status", "failed", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_never_stops_the_worker() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+
+    let producer = Producer::new(&KafkaConfig::new(env.brokers.clone())).expect("producer");
+    // One key: every record lands on the same partition, in this order, so
+    // the last message runs only if the worker got past all the others.
+    let key = Some(b"one-partition".as_slice());
+    let no_uuid: [&[u8]; 5] = [
+        b"\xff\xfe not utf-8",
+        b"{\"uuid\": \"truncated",
+        b"[1, 2, 3]",
+        br#"{"entrypoint": "showcase.Echo", "params": {"text": "no uuid"}}"#,
+        b"",
+    ];
+    for payload in no_uuid {
+        producer
+            .send_raw(&env.topic, key, Some(payload))
+            .await
+            .expect("send");
+    }
+    let with_uuid = [
+        ("bad-shape", r#"{"uuid": "bad-shape", "entrypoint": 42}"#),
+        ("no-entrypoint", r#"{"uuid": "no-entrypoint"}"#),
+        (
+            "unknown",
+            r#"{"uuid": "unknown", "entrypoint": "nope.Nope"}"#,
+        ),
+        (
+            "wrong-type",
+            r#"{"uuid": "wrong-type", "entrypoint": "showcase.Sleep", "params": {"ms": "soon"}}"#,
+        ),
+        (
+            "missing",
+            r#"{"uuid": "missing", "entrypoint": "showcase.Echo", "params": {}}"#,
+        ),
+        (
+            "params-not-object",
+            r#"{"uuid": "params-not-object", "entrypoint": "showcase.Echo", "params": [1]}"#,
+        ),
+        (
+            "last",
+            r#"{"uuid": "last", "entrypoint": "showcase.Echo", "params": {"text": "made it"}}"#,
+        ),
+    ];
+    for (_, payload) in &with_uuid {
+        producer
+            .send_raw(&env.topic, key, Some(payload.as_bytes()))
+            .await
+            .expect("send");
+    }
+
+    let last = env.wait_final("last");
+    assert_eq!(last["status"], "SUCCESS");
+    assert_eq!(last["result"]["stdout"], "made it");
+
+    let error = |uuid: &str| {
+        let status = env.status(uuid);
+        assert_eq!(status["status"], "FAILED", "{uuid}: {status:#}");
+        status["error"].as_str().unwrap_or_default().to_owned()
+    };
+    assert!(error("bad-shape").contains("entrypoint"));
+    assert!(error("no-entrypoint").contains("entrypoint"));
+    let unknown = error("unknown");
+    assert!(
+        unknown.contains("unknown entrypoint 'nope.Nope'"),
+        "{unknown}"
+    );
+    assert!(
+        unknown.contains("showcase.Echo"),
+        "lists the registered names: {unknown}"
+    );
+    let wrong = error("wrong-type");
+    assert!(
+        wrong.contains("ms: invalid type"),
+        "names the field: {wrong}"
+    );
+    let missing = error("missing");
+    assert!(missing.contains("missing field `text`"), "{missing}");
+    assert!(error("params-not-object").contains("params"));
+
+    // Records without a uuid are logged with where they came from.
+    worker.wait_for_log("rejected a record", no_uuid.len(), Duration::from_secs(10));
+    let log = worker.log();
+    assert!(log.contains("not valid UTF-8"), "{log}");
+    assert!(log.contains("not valid JSON"), "{log}");
+    assert!(log.contains("offset="), "{log}");
+    assert_eq!(
+        env.sql("SELECT count(*) FROM kser.tasks"),
+        with_uuid.len().to_string(),
+        "one row per message with a uuid"
+    );
+}
+
+#[test]
+fn send_batch_publishes_every_line_and_counts_them() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+
+    let mut input: String = (0..50)
+        .map(|i| {
+            format!("{{\"entrypoint\": \"showcase.Echo\", \"params\": {{\"text\": \"n{i}\"}}}}\n")
+        })
+        .collect();
+    input.push_str("{\"uuid\": \"my-own\", \"entrypoint\": \"showcase.Echo\", \"params\": {\"text\": \"mine\"}}\n");
+    input.push_str("this is not json\n");
+    let out = env.run(
+        std::path::Path::new(env!("CARGO_BIN_EXE_kser")),
+        &["send", "--batch", "-"],
+        Some(&input),
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "an invalid line fails the command");
+    assert!(stderr.contains("line 52"), "{stderr}");
+    assert!(stderr.contains("sent 51 messages"), "{stderr}");
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        51,
+        "one uuid per message"
+    );
+
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        51,
+        Duration::from_secs(60),
+    );
+    assert_eq!(env.status("my-own")["result"]["stdout"], "mine");
+
+    let listed = env.kser(&[
+        "list",
+        "--entrypoint",
+        "showcase.Echo",
+        "--limit",
+        "100",
+        "--json",
+    ]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(51));
+    let table = text(&env.kser(&["list", "--limit", "5"]).stdout);
+    assert_eq!(table.matches("showcase.Echo").count(), 5, "{table}");
+}
+
+#[test]
+fn entrypoints_show_names_and_parameters() {
+    let env = TestEnv::new();
+    let out = env.example_cmd("showcase", &["entrypoints"]);
+    let table = text(&out.stdout);
+    assert!(table.contains("showcase.Echo"), "{table}");
+    assert!(table.contains("text: string (required)"), "{table}");
+    assert!(table.contains("ms: integer (required)"), "{table}");
+
+    let out = env.example_cmd("dice", &["entrypoints", "--json"]);
+    let entries: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(entries[0]["name"], "dice.DiceRoll");
+    assert_eq!(
+        entries[0]["params_schema"]["properties"]["sides"]["default"],
+        6
+    );
+
+    let out = env.kser(&["entrypoints"]);
+    assert!(text(&out.stdout).contains("no entrypoints"));
+}
+
+#[test]
+fn startup_problems_get_clear_errors() {
+    let env = TestEnv::new();
+
+    let mut command = env.command(&common::example_path("dice"));
+    let out = command
+        .args(["worker"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("could not connect to Postgres at postgres://postgres@127.0.0.1:1/nowhere"),
+        "{stderr}"
+    );
+
+    let mut command = env.command(&common::example_path("dice"));
+    let out = command
+        .args(["worker"])
+        .env("KSER_BROKERS", "127.0.0.1:1")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("could not reach Kafka at 127.0.0.1:1"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = env.kser(&["worker"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no tasks are registered"));
+
+    env.kser(&["migrate"]);
+    let out = env.kser(&["status", "does-not-exist"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no task with uuid does-not-exist"));
+
+    let out = env.kser(&["send", "dice.DiceRoll", "--params", "[1]"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("expected a JSON object"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = env.kser(&["send", "dice.DiceRoll", "-X", "sasl.password"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("expected key=value"));
+}
