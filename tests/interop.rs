@@ -1,0 +1,131 @@
+//! Wire compatibility with Python kser 0.8.27, in both directions, using the
+//! real Python library (`KSER_TEST_PYTHON`, set up by `scripts/test`).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{TestEnv, text};
+use kser::{KafkaConfig, Producer};
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use serde_json::{Value, json};
+
+fn python(script: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
+    let interpreter = std::env::var("KSER_TEST_PYTHON").expect(
+        "KSER_TEST_PYTHON is not set: run the tests with scripts/test, which installs Python kser",
+    );
+    let mut command = Command::new(interpreter);
+    command
+        .args(["-W", "ignore", "-c", script])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("python");
+    if let Some(input) = stdin {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("python");
+    assert!(out.status.success(), "python failed: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+const PYTHON_PRODUCE: &str = r#"
+import sys
+from kser.schemas import Message
+message = Message(
+    uuid=sys.argv[1],
+    entrypoint="showcase.Echo",
+    params={"text": "from python"},
+    result={"uuid": "py-result", "retcode": 0, "stdout": "earlier", "retval": {"k": 1}},
+    metadata={"origin": "python"},
+)
+sys.stdout.write(message.dumps())
+"#;
+
+const PYTHON_READ: &str = r#"
+import json, sys
+from kser.schemas import Message
+message = Message.loads(sys.stdin.read())
+print(json.dumps({
+    "uuid": message.uuid,
+    "entrypoint": message.entrypoint,
+    "params": message.params,
+    "metadata": message.metadata,
+    "retcode": message.result.retcode,
+}))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_from_python_kser_runs_on_our_worker() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let payload = python(PYTHON_PRODUCE, &[&uuid], None);
+    // Python kser sends no key and no headers.
+    let producer = Producer::new(&KafkaConfig::new(env.brokers.clone())).expect("producer");
+    producer
+        .send_raw(&env.topic, None, Some(payload.as_bytes()))
+        .await
+        .expect("send");
+
+    let status = env.wait_final(&uuid);
+    assert_eq!(status["status"], "SUCCESS", "{status:#}");
+    assert_eq!(status["result"]["stdout"], "from python");
+    assert_eq!(status["metadata"], json!({"origin": "python"}));
+    let forwarded = &status["result"]["retval"]["forwarded"];
+    assert_eq!(
+        forwarded["uuid"], "py-result",
+        "the carried result reached the task"
+    );
+    assert_eq!(forwarded["retval"], json!({"k": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_from_our_cli_is_read_by_python_kser() {
+    let env = TestEnv::new();
+    let out = env.kser(&[
+        "send",
+        "showcase.Echo",
+        "--params",
+        r#"{"text": "to python", "n": [1, 2]}"#,
+        "--metadata",
+        r#"{"trace": "abc"}"#,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let uuid = text(&out.stdout).trim().to_owned();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}-reader", env.group))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[env.topic.as_str()])
+        .expect("subscribe");
+    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("a record within a minute")
+        .expect("a record");
+    assert_eq!(record.key(), Some(uuid.as_bytes()), "keyed by uuid");
+    let payload = record.payload().expect("a value").to_vec();
+
+    let read: Value =
+        serde_json::from_str(&python(PYTHON_READ, &[], Some(&payload))).expect("JSON");
+    assert_eq!(read["uuid"], uuid.as_str());
+    assert_eq!(read["entrypoint"], "showcase.Echo");
+    assert_eq!(read["params"], json!({"text": "to python", "n": [1, 2]}));
+    assert_eq!(read["metadata"], json!({"trace": "abc"}));
+    assert_eq!(read["retcode"], 0);
+}
