@@ -135,6 +135,9 @@ kser_broker_up() {
   done
   KSER_BROKERS=127.0.0.1:$port
   export KSER_BROKERS
+  # tansu answers a consumer's JoinGroup after about half its session
+  # timeout; librdkafka's 45 s default would make every start take ~23 s.
+  export KSER_KAFKA_SESSION_TIMEOUT_MS=${KSER_KAFKA_SESSION_TIMEOUT_MS:-6000}
   log "Kafka: tansu at $KSER_BROKERS (log: $KSER_RUN/tansu.log)"
 }
 

@@ -71,7 +71,7 @@ impl KafkaConfig {
 
     /// The librdkafka configuration with kser's defaults, the user's
     /// properties on top of them.
-    pub(crate) fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         for (key, value) in defaults {

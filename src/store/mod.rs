@@ -171,39 +171,85 @@ impl Store {
     /// state (a redelivery after their state was committed, a duplicate
     /// send) are left out: they must not run again.
     ///
-    /// Each uuid may appear only once in `rows`.
+    /// One statement for the whole batch, each column bound as one array, so
+    /// Postgres parses a constant-size query whatever the batch size. Each
+    /// uuid may appear only once in `rows`.
     pub async fn start_tasks(&self, rows: &[NewTask]) -> Result<HashMap<String, i32>, StoreError> {
+        use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
+
+        #[derive(QueryableByName)]
+        struct Started {
+            #[diesel(sql_type = Text)]
+            uuid: String,
+            #[diesel(sql_type = Int4)]
+            attempts: i32,
+        }
+
         if rows.is_empty() {
             return Ok(HashMap::new());
         }
-        // The WHERE of ON CONFLICT DO UPDATE comes from this trait.
-        use diesel::query_dsl::methods::FilterDsl as _;
+        let query = diesel::sql_query(
+            "INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, attempts, \
+                 worker, topic, kafka_partition, kafka_offset, enqueued_at, started_at, updated_at) \
+             SELECT v.uuid, v.entrypoint, 'RUNNING', v.params, v.metadata, 1, \
+                 v.worker, v.topic, v.kafka_partition, v.kafka_offset, v.enqueued_at, v.started_at, v.started_at \
+             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::text[], \
+                 $7::int4[], $8::int8[], $9::timestamptz[], $10::timestamptz[]) \
+                 AS v(uuid, entrypoint, params, metadata, worker, topic, kafka_partition, \
+                      kafka_offset, enqueued_at, started_at) \
+             ON CONFLICT (uuid) DO UPDATE SET status = 'RUNNING', attempts = t.attempts + 1, \
+                 worker = excluded.worker, topic = excluded.topic, \
+                 kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset, \
+                 enqueued_at = excluded.enqueued_at, started_at = excluded.started_at, \
+                 updated_at = excluded.updated_at \
+             WHERE t.status IN ('PENDING', 'RUNNING') \
+             RETURNING t.uuid, t.attempts",
+        )
+        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.clone()))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| r.params.clone()))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| r.metadata.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.clone()))
+        .bind::<Array<Nullable<Int4>>, _>(column(rows, |r| r.kafka_partition))
+        .bind::<Array<Nullable<Int8>>, _>(column(rows, |r| r.kafka_offset))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.enqueued_at))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.started_at));
         let mut conn = self.conn().await?;
-        let started: Vec<(String, i32)> = diesel::insert_into(tasks::table)
-            .values(rows)
-            .on_conflict(tasks::uuid)
-            .do_update()
-            .set((
-                tasks::status.eq(excluded(tasks::status)),
-                tasks::attempts.eq(tasks::attempts + 1),
-                tasks::worker.eq(excluded(tasks::worker)),
-                tasks::topic.eq(excluded(tasks::topic)),
-                tasks::kafka_partition.eq(excluded(tasks::kafka_partition)),
-                tasks::kafka_offset.eq(excluded(tasks::kafka_offset)),
-                tasks::enqueued_at.eq(excluded(tasks::enqueued_at)),
-                tasks::started_at.eq(excluded(tasks::started_at)),
-                tasks::updated_at.eq(excluded(tasks::updated_at)),
-            ))
-            .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
-            .returning((tasks::uuid, tasks::attempts))
-            .get_results(&mut conn)
-            .await?;
-        Ok(started.into_iter().collect())
+        let started: Vec<Started> = query.load(&mut conn).await?;
+        Ok(started.into_iter().map(|s| (s.uuid, s.attempts)).collect())
     }
 
-    /// Records the final state of a batch of tasks. Rows that never started
-    /// (a message rejected before it ran) are inserted whole; rows already
-    /// final are not touched.
+    /// Records the final state of tasks that [`start_tasks`](Self::start_tasks)
+    /// started: only the columns that change are sent, one array each.
+    /// Rows already final are not touched; returns how many were updated.
+    ///
+    /// Each uuid may appear only once in `rows`.
+    pub async fn complete_tasks(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
+        use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
+
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let query = diesel::sql_query(
+            "UPDATE kser.tasks AS t SET status = v.status, result = v.result, error = v.error, \
+                 finished_at = v.finished_at, updated_at = v.finished_at \
+             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[]) \
+                 AS v(uuid, status, result, error, finished_at) \
+             WHERE t.uuid = v.uuid AND t.status IN ('PENDING', 'RUNNING')",
+        )
+        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.status.to_owned()))
+        .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.clone()))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.finished_at));
+        let mut conn = self.conn().await?;
+        Ok(query.execute(&mut conn).await?)
+    }
+
+    /// Records the final state of tasks whose row may not exist yet (a
+    /// message rejected before it started): rows are inserted whole, or
+    /// updated if they exist and are not final yet.
     ///
     /// Each uuid may appear only once in `rows`.
     pub async fn finish_tasks(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
@@ -255,6 +301,11 @@ impl Store {
         }
         Ok(query.load(&mut conn).await?)
     }
+}
+
+/// One field of every row, to bind as a Postgres array.
+fn column<T>(rows: &[NewTask], field: impl Fn(&NewTask) -> T) -> Vec<T> {
+    rows.iter().map(field).collect()
 }
 
 /// An error and its causes on one line: deadpool's own message says little.

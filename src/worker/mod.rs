@@ -158,6 +158,9 @@ struct Received {
 struct Finished {
     position: Position,
     row: NewTask,
+    /// Whether the starter wrote its RUNNING row (it ran), so only the
+    /// outcome columns need writing.
+    started: bool,
 }
 
 /// Consumes the configured topics and runs each message's task.
@@ -348,7 +351,12 @@ impl Shared {
                         .execute(&position, message, attempt, enqueued_at)
                         .await;
                     drop(permit);
-                    let _ = finish_tx.send(Finished { position, row }).await;
+                    let finished = Finished {
+                        position,
+                        row,
+                        started: true,
+                    };
+                    let _ = finish_tx.send(finished).await;
                 });
             }
         }
@@ -392,7 +400,12 @@ impl Shared {
                     );
                     let row = self.invalid_row(uuid, entrypoint, error, &received, now);
                     let position = received.position;
-                    if finish_tx.send(Finished { position, row }).await.is_err() {
+                    let finished = Finished {
+                        position,
+                        row,
+                        started: false,
+                    };
+                    if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
                     }
                 }
@@ -424,8 +437,12 @@ impl Shared {
                     ready.push((position, message, attempt, enqueued_at));
                 }
                 Some(Start::Refused(row)) => {
-                    let row = *row;
-                    if finish_tx.send(Finished { position, row }).await.is_err() {
+                    let finished = Finished {
+                        position,
+                        row: *row,
+                        started: false,
+                    };
+                    if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
                     }
                 }
@@ -569,20 +586,31 @@ impl Shared {
         let mut batch = Vec::with_capacity(self.batch_size);
         while finish_rx.recv_many(&mut batch, self.batch_size).await > 0 {
             let mut seen = HashSet::new();
-            let mut rows = Vec::with_capacity(batch.len());
+            let (mut ran, mut rejected) = (Vec::new(), Vec::new());
             let mut positions = Vec::with_capacity(batch.len());
-            for Finished { position, row } in batch.drain(..) {
+            for Finished {
+                position,
+                row,
+                started,
+            } in batch.drain(..)
+            {
                 positions.push(position);
                 // Two invalid records with one uuid: the first one wins.
-                if seen.insert(row.uuid.clone()) {
-                    rows.push(row);
-                } else {
+                if !seen.insert(row.uuid.clone()) {
                     Counters::add(&self.counters.skipped, 1);
+                } else if started {
+                    ran.push(row);
+                } else {
+                    rejected.push(row);
                 }
             }
-            if !self.write_finished(&rows).await {
+            if !self.write_finished(&ran, true).await
+                || !self.write_finished(&rejected, false).await
+            {
                 return;
             }
+            let mut rows = ran;
+            rows.append(&mut rejected);
             let succeeded = rows
                 .iter()
                 .filter(|row| row.status == TaskStatus::Success.as_str())
@@ -602,9 +630,14 @@ impl Shared {
     /// Writes final rows, waiting out database outages; a row Postgres
     /// refuses is stored without the offending values. `false` when the
     /// shutdown deadline passed before the write.
-    async fn write_finished(&self, rows: &[NewTask]) -> bool {
+    async fn write_finished(&self, rows: &[NewTask], started: bool) -> bool {
+        if rows.is_empty() {
+            return true;
+        }
         let Some(batch) = self
-            .retry_db("record finished tasks", || self.store.finish_tasks(rows))
+            .retry_db("record finished tasks", || {
+                self.write_outcomes(rows, started)
+            })
             .await
         else {
             return false;
@@ -615,7 +648,9 @@ impl Shared {
         for row in rows {
             let single = std::slice::from_ref(row);
             let Some(written) = self
-                .retry_db("record a finished task", || self.store.finish_tasks(single))
+                .retry_db("record a finished task", || {
+                    self.write_outcomes(single, started)
+                })
                 .await
             else {
                 return false;
@@ -641,6 +676,14 @@ impl Shared {
             }
         }
         true
+    }
+
+    async fn write_outcomes(&self, rows: &[NewTask], started: bool) -> Result<usize, StoreError> {
+        if started {
+            self.store.complete_tasks(rows).await
+        } else {
+            self.store.finish_tasks(rows).await
+        }
     }
 
     /// Runs a database write until it succeeds or fails on its data. Outages
