@@ -35,7 +35,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 kser_build_deps() {
   local missing=()
-  for pkg in libssl-dev zlib1g-dev pkg-config make gcc g++ libpq-dev postgresql-client; do
+  for pkg in libssl-dev zlib1g-dev pkg-config make gcc postgresql-client; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -82,6 +82,11 @@ kser_postgres_up() {
 kser_private_postgres() {
   local initdb pg_ctl port=55432 data="$KSER_RUN/pgdata" owner
   initdb=$(pg_bin initdb) pg_ctl=$(pg_bin pg_ctl)
+  if { [ -z "$initdb" ] || [ -z "$pg_ctl" ]; } && [ "$(id -u)" -eq 0 ]; then
+    log "installing the Postgres server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    initdb=$(pg_bin initdb) pg_ctl=$(pg_bin pg_ctl)
+  fi
   [ -n "$initdb" ] && [ -n "$pg_ctl" ] || { echo "no Postgres answers and initdb is not installed" >&2; return 1; }
   owner=$(id -un)
   if [ "$(id -u)" -eq 0 ]; then owner=postgres; id postgres >/dev/null 2>&1 || useradd -r postgres; fi

@@ -146,3 +146,40 @@ fn the_shutdown_deadline_abandons_work_that_is_then_redelivered() {
         Duration::from_secs(60),
     );
 }
+
+#[test]
+fn a_database_outage_delays_work_but_fails_nothing() {
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut worker = env.start_worker("showcase", &["--concurrency", "16"]);
+    worker.wait_assigned();
+    send_batch(&env, &sleep_batch(600, 30));
+    common::wait_until("some tasks to finish", Duration::from_secs(60), || {
+        count(&env, "status = 'SUCCESS'") >= 50
+    });
+
+    // Postgres goes away for the worker: no new connection, the open ones cut.
+    let db = env.database().to_owned();
+    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+    env.admin_sql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status IN ('SUCCESS', 'FAILED')",
+        600,
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        count(&env, "status = 'FAILED'"),
+        0,
+        "no task failed because Postgres was away"
+    );
+    let log = worker.log();
+    assert!(
+        log.contains("retrying"),
+        "the worker waited out the outage: {log}"
+    );
+}

@@ -154,6 +154,16 @@ impl TestEnv {
         psql(&self.database_url, query)
     }
 
+    /// Runs SQL in the maintenance database, outside this test's database.
+    pub fn admin_sql(&self, query: &str) -> String {
+        psql(&self.admin_url, query)
+    }
+
+    /// The name of this test's database.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     /// Waits until `query` (a count) returns `expected`.
     pub fn wait_count(&self, query: &str, expected: i64, timeout: Duration) {
         let mut seen = String::new();
