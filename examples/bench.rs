@@ -21,6 +21,7 @@ use diesel::sql_types::{BigInt, Double};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures::stream::{FuturesUnordered, StreamExt};
 use kser::admin::{TopicLayout, ensure_topics};
+use kser::config::ClientRole;
 use kser::{
     JsonObject, KafkaConfig, Message, Producer, Registry, Store, Task, TaskContext, TaskError,
     TaskResult, Worker, WorkerConfig,
@@ -98,10 +99,13 @@ async fn main() -> anyhow::Result<()> {
     // Raw consume: the same records, read and dropped.
     let raw_group = format!("bench-raw-{run_id}");
     let consumer: StreamConsumer = kafka
-        .client_config(&[
-            ("group.id", raw_group.as_str()),
-            ("auto.offset.reset", "earliest"),
-        ])
+        .client_config(
+            ClientRole::Consumer,
+            &[
+                ("group.id", raw_group.as_str()),
+                ("auto.offset.reset", "earliest"),
+            ],
+        )
         .create()?;
     consumer.subscribe(&[topic.as_str()])?;
     consumer.recv().await?;

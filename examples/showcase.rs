@@ -15,11 +15,22 @@
 //! - `showcase.Panic {}`: panics; the worker records it and carries on.
 //! - `showcase.Sleep {"ms"}`: sleeps, for concurrency and shutdown tests.
 //! - `showcase.Hooked {}`: fails in `before_run`, so `run` never runs.
+//! - `showcase.Flaky {"flag"}`: fails until the file `flag` exists.
+//! - `showcase.Append {"item", "ms"?}`: appends `item` to the `items` list it
+//!   was forwarded, after sleeping `ms`.
+//!
+//! Operations:
+//! - `showcase.Pipeline {"flag"}`: Echo, Flaky, Echo: fails in the middle
+//!   until the flag file exists, then `resume` finishes it.
+//! - `showcase.Chain {"count", "ms"?}`: `count` Append steps.
+//! - `showcase.Custom {"steps": [{"entrypoint", "params"}]}`: whatever steps
+//!   it is given, to show how bad steps are refused up front.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kser::{JsonObject, Registry, Task, TaskContext, TaskError, TaskResult};
+use kser::{JsonObject, Operation, Registry, Step, Task, TaskContext, TaskError, TaskResult};
+use serde_json::{Value, json};
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct EchoParams {
@@ -121,6 +132,134 @@ impl Task for Hooked {
     }
 }
 
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct FlagParams {
+    flag: String,
+}
+
+struct Flaky;
+
+impl Task for Flaky {
+    const ENTRYPOINT: &'static str = "showcase.Flaky";
+    const DESCRIPTION: &'static str = "Fails until the file `flag` exists";
+    type Params = FlagParams;
+
+    async fn run(&self, _ctx: &TaskContext, params: FlagParams) -> Result<TaskResult, TaskError> {
+        if std::path::Path::new(&params.flag).exists() {
+            Ok(TaskResult::ok().with_stdout("the flag is up"))
+        } else {
+            Err(TaskError::retryable(format!("waiting for {}", params.flag)))
+        }
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct AppendParams {
+    item: Value,
+    #[serde(default)]
+    ms: u64,
+}
+
+struct Append;
+
+impl Task for Append {
+    const ENTRYPOINT: &'static str = "showcase.Append";
+    const DESCRIPTION: &'static str = "Appends `item` to the forwarded `items`";
+    type Params = AppendParams;
+
+    async fn run(&self, ctx: &TaskContext, params: AppendParams) -> Result<TaskResult, TaskError> {
+        tokio::time::sleep(Duration::from_millis(params.ms)).await;
+        let mut items: Vec<Value> = ctx
+            .forwarded
+            .as_ref()
+            .and_then(|result| result.retval.get("items"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        items.push(params.item);
+        Ok(TaskResult::ok().with_value("items", items))
+    }
+}
+
+struct Pipeline;
+
+impl Operation for Pipeline {
+    const ENTRYPOINT: &'static str = "showcase.Pipeline";
+    const DESCRIPTION: &'static str = "Echo, Flaky, Echo";
+    type Params = FlagParams;
+
+    fn build(&self, params: &FlagParams) -> Result<Vec<Step>, TaskError> {
+        Ok(vec![
+            Step::new(
+                Echo::ENTRYPOINT,
+                json!({"text": "one", "retval": {"first": 1}}),
+            ),
+            Step::new(Flaky::ENTRYPOINT, json!({"flag": params.flag})),
+            Step::new(
+                Echo::ENTRYPOINT,
+                json!({"text": "three", "retval": {"third": 3}}),
+            ),
+        ])
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct ChainParams {
+    count: u32,
+    #[serde(default)]
+    ms: u64,
+}
+
+struct Chain;
+
+impl Operation for Chain {
+    const ENTRYPOINT: &'static str = "showcase.Chain";
+    const DESCRIPTION: &'static str = "`count` Append steps";
+    type Params = ChainParams;
+
+    fn check(&self, params: &ChainParams) -> Result<(), TaskError> {
+        if (1..=1000).contains(&params.count) {
+            Ok(())
+        } else {
+            Err(TaskError::fatal("count must be between 1 and 1000").with_retcode(400))
+        }
+    }
+
+    fn build(&self, params: &ChainParams) -> Result<Vec<Step>, TaskError> {
+        Ok((0..params.count)
+            .map(|i| Step::new(Append::ENTRYPOINT, json!({"item": i, "ms": params.ms})))
+            .collect())
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct CustomStep {
+    entrypoint: String,
+    #[serde(default)]
+    params: Value,
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct CustomParams {
+    steps: Vec<CustomStep>,
+}
+
+struct Custom;
+
+impl Operation for Custom {
+    const ENTRYPOINT: &'static str = "showcase.Custom";
+    const DESCRIPTION: &'static str = "Runs the steps it is given";
+    type Params = CustomParams;
+
+    fn build(&self, params: &CustomParams) -> Result<Vec<Step>, TaskError> {
+        Ok(params
+            .steps
+            .iter()
+            .map(|step| Step::new(step.entrypoint.clone(), step.params.clone()))
+            .collect())
+    }
+}
+
 fn main() -> ExitCode {
     let mut registry = Registry::new();
     let registered = registry
@@ -129,6 +268,11 @@ fn main() -> ExitCode {
         .and_then(|r| r.register(Panic))
         .and_then(|r| r.register(Sleep))
         .and_then(|r| r.register(Hooked))
+        .and_then(|r| r.register(Flaky))
+        .and_then(|r| r.register(Append))
+        .and_then(|r| r.register_operation(Pipeline))
+        .and_then(|r| r.register_operation(Chain))
+        .and_then(|r| r.register_operation(Custom))
         .map(|_| ());
     if let Err(err) = registered {
         eprintln!("error: {err}");

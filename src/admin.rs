@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::config::KafkaConfig;
+use crate::config::{ClientRole, KafkaConfig};
 
 /// How long to wait for the brokers before calling them unreachable.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,7 +46,8 @@ pub async fn ensure_topics(
     topics: &[String],
     layout: TopicLayout,
 ) -> Result<(), AdminError> {
-    let admin: AdminClient<DefaultClientContext> = kafka.client_config(&[]).create()?;
+    let admin: AdminClient<DefaultClientContext> =
+        kafka.client_config(ClientRole::Admin, &[]).create()?;
     let admin = std::sync::Arc::new(admin);
     let probe = std::sync::Arc::clone(&admin);
     let metadata =

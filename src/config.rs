@@ -21,6 +21,61 @@ pub enum ConfigError {
     InvalidProperty(String),
 }
 
+/// Which kind of client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    Consumer,
+    Producer,
+    Admin,
+}
+
+/// librdkafka properties only a consumer understands.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "group.protocol",
+    "group.remote.assignor",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "fetch.wait.max.ms",
+    "max.partition.fetch.bytes",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "isolation.level",
+    "check.crcs",
+];
+
+/// librdkafka properties only a producer understands.
+const PRODUCER_ONLY: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "batch.size",
+    "batch.num.messages",
+    "compression.type",
+    "compression.codec",
+    "enable.idempotence",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "message.send.max.retries",
+    "retries",
+    "retry.backoff.ms",
+    "partitioner",
+    "transactional.id",
+];
+
 /// How to reach Kafka.
 #[derive(Clone, Default)]
 pub struct KafkaConfig {
@@ -70,15 +125,27 @@ impl KafkaConfig {
     }
 
     /// The librdkafka configuration with kser's defaults, the user's
-    /// properties on top of them.
-    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+    /// properties on top of them. Properties that belong to the other kind of
+    /// client (`session.timeout.ms` for a producer, `linger.ms` for a
+    /// consumer) are left out, so one set of settings serves both without
+    /// librdkafka warnings.
+    pub fn client_config(&self, role: ClientRole, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         for (key, value) in defaults {
             config.set(*key, *value);
         }
         for (key, value) in &self.properties {
-            config.set(key, value);
+            let foreign = match role {
+                ClientRole::Consumer => PRODUCER_ONLY.contains(&key.as_str()),
+                ClientRole::Producer => CONSUMER_ONLY.contains(&key.as_str()),
+                ClientRole::Admin => {
+                    PRODUCER_ONLY.contains(&key.as_str()) || CONSUMER_ONLY.contains(&key.as_str())
+                }
+            };
+            if !foreign {
+                config.set(key, value);
+            }
         }
         config
     }
@@ -145,10 +212,28 @@ mod tests {
         let config = KafkaConfig::new("b:9092")
             .with_properties(&["linger.ms=50"])
             .expect("valid");
-        let client = config.client_config(&[("linger.ms", "5"), ("acks", "all")]);
+        let client =
+            config.client_config(ClientRole::Producer, &[("linger.ms", "5"), ("acks", "all")]);
         assert_eq!(client.get("linger.ms"), Some("50"));
         assert_eq!(client.get("acks"), Some("all"));
         assert_eq!(client.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn each_client_takes_only_its_own_properties() {
+        let config = KafkaConfig::new("b")
+            .with_properties(&["session.timeout.ms=6000", "linger.ms=50", "sasl.username=u"])
+            .expect("valid");
+        let consumer = config.client_config(ClientRole::Consumer, &[]);
+        assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        let producer = config.client_config(ClientRole::Producer, &[]);
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(producer.get("linger.ms"), Some("50"));
+        assert_eq!(producer.get("sasl.username"), Some("u"));
+        let admin = config.client_config(ClientRole::Admin, &[]);
+        assert_eq!(admin.get("sasl.username"), Some("u"));
+        assert_eq!(admin.get("linger.ms"), None);
     }
 
     #[test]

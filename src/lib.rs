@@ -42,7 +42,8 @@
 //! # Layout
 //! - [`message`]: the wire envelope ([`Message`]) and result ([`TaskResult`]).
 //! - [`task`]: the [`Task`] trait users implement, its context and errors.
-//! - [`registry`]: entrypoint name -> task.
+//! - [`operation`]: the [`Operation`] trait: a sequence of tasks.
+//! - [`registry`]: entrypoint name -> task or operation.
 //! - [`worker`]: consume, record, run, commit; offsets and shutdown.
 //! - [`producer`]: publishing messages.
 //! - [`store`]: the Postgres schema, migrations and queries.
@@ -54,6 +55,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod message;
+pub mod operation;
 pub mod producer;
 pub mod registry;
 pub mod store;
@@ -62,6 +64,7 @@ pub mod worker;
 
 pub use config::KafkaConfig;
 pub use message::{ErrorKind, JsonObject, Message, TaskResult};
+pub use operation::{Operation, OperationContext, Step};
 pub use producer::Producer;
 pub use registry::{Registry, RegistryError};
 pub use store::{Store, TaskStatus};

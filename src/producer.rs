@@ -5,7 +5,7 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
-use crate::config::KafkaConfig;
+use crate::config::{ClientRole, KafkaConfig};
 use crate::message::Message;
 
 /// How long a message may wait in the local queue and for the broker's
@@ -38,11 +38,14 @@ impl Producer {
     /// the first send.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, ProducerError> {
         let inner = kafka
-            .client_config(&[
-                ("acks", "all"),
-                ("linger.ms", "5"),
-                ("message.timeout.ms", "30000"),
-            ])
+            .client_config(
+                ClientRole::Producer,
+                &[
+                    ("acks", "all"),
+                    ("linger.ms", "5"),
+                    ("message.timeout.ms", "30000"),
+                ],
+            )
             .create()
             .map_err(ProducerError::Create)?;
         Ok(Self { inner })

@@ -1,5 +1,5 @@
-//! Entrypoint name -> task: the [`Registry`] erases each task's types behind
-//! one boxed handler, so the worker can route any message by name.
+//! Entrypoint name -> task or operation: the [`Registry`] erases each one's
+//! types behind boxed handlers, so the worker can route any message by name.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -11,12 +11,16 @@ use futures::FutureExt;
 use serde_json::{Value, json};
 
 use crate::message::{ErrorKind, JsonObject, TaskResult};
+use crate::operation::{Operation, OperationContext, Step};
 use crate::task::{Task, TaskContext};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Handler = Arc<dyn Fn(TaskContext, JsonObject) -> BoxFuture<TaskResult> + Send + Sync>;
+type Validator = Arc<dyn Fn(&JsonObject) -> Result<(), TaskResult> + Send + Sync>;
+type Builder = Arc<dyn Fn(JsonObject) -> Result<Vec<Step>, TaskResult> + Send + Sync>;
+type FinishHook = Arc<dyn Fn(OperationContext, TaskResult) -> BoxFuture<()> + Send + Sync>;
 
-/// The tasks a worker can run, by entrypoint name.
+/// The tasks and operations a worker can run, by entrypoint name.
 #[derive(Clone, Default)]
 pub struct Registry {
     entries: BTreeMap<&'static str, Entry>,
@@ -25,7 +29,19 @@ pub struct Registry {
 #[derive(Clone)]
 struct Entry {
     info: EntrypointInfo,
-    handler: Handler,
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Task {
+        handler: Handler,
+        validate: Validator,
+    },
+    Operation {
+        build: Builder,
+        finished: FinishHook,
+    },
 }
 
 /// What `entrypoints` shows about one registered name.
@@ -73,14 +89,155 @@ impl Registry {
             let task = Arc::clone(&task);
             Box::pin(async move { execute(&*task, ctx, params).await })
         });
+        let validate: Validator = Arc::new(|params| {
+            deserialize_params::<T::Params>(T::ENTRYPOINT, params.clone()).map(drop)
+        });
         let info = EntrypointInfo {
             name: T::ENTRYPOINT,
             kind: "task",
             description: T::DESCRIPTION,
             params_schema: schemars::schema_for!(T::Params).to_value(),
         };
-        self.entries.insert(T::ENTRYPOINT, Entry { info, handler });
+        let kind = Kind::Task { handler, validate };
+        self.entries.insert(T::ENTRYPOINT, Entry { info, kind });
         Ok(self)
+    }
+
+    /// Registers `operation` under [`Operation::ENTRYPOINT`]. Its steps are
+    /// checked against the tasks registered when a message starts it.
+    pub fn register_operation<O: Operation>(
+        &mut self,
+        operation: O,
+    ) -> Result<&mut Self, RegistryError> {
+        if self.entries.contains_key(O::ENTRYPOINT) {
+            return Err(RegistryError::Duplicate(O::ENTRYPOINT));
+        }
+        let operation = Arc::new(operation);
+        let builder = Arc::clone(&operation);
+        let build: Builder = Arc::new(move |params| {
+            let params = deserialize_params::<O::Params>(O::ENTRYPOINT, params)?;
+            let failed = |err: crate::task::TaskError| err.into_result();
+            builder.check(&params).map_err(failed)?;
+            builder.build(&params).map_err(failed)
+        });
+        let finished: FinishHook = Arc::new(move |ctx, result| {
+            let operation = Arc::clone(&operation);
+            Box::pin(async move {
+                if result.is_success() {
+                    operation.on_success(&ctx, &result).await;
+                } else {
+                    operation.on_error(&ctx, &result).await;
+                }
+            })
+        });
+        let info = EntrypointInfo {
+            name: O::ENTRYPOINT,
+            kind: "operation",
+            description: O::DESCRIPTION,
+            params_schema: schemars::schema_for!(O::Params).to_value(),
+        };
+        let kind = Kind::Operation { build, finished };
+        self.entries.insert(O::ENTRYPOINT, Entry { info, kind });
+        Ok(self)
+    }
+
+    /// Whether `name` is a registered operation.
+    pub fn is_operation(&self, name: &str) -> bool {
+        matches!(
+            self.entries.get(name),
+            Some(Entry {
+                kind: Kind::Operation { .. },
+                ..
+            })
+        )
+    }
+
+    /// Builds the steps of operation `name` and checks each one: its
+    /// entrypoint must be a registered task and its parameters must fit.
+    /// Every error comes back as a failed result saying which step is wrong.
+    pub fn build_operation(&self, name: &str, params: JsonObject) -> Result<Vec<Step>, TaskResult> {
+        let Some(Entry {
+            kind: Kind::Operation { build, .. },
+            ..
+        }) = self.entries.get(name)
+        else {
+            return Err(self.unknown(name));
+        };
+        let steps = catch_panic(|| build(params))?;
+        if steps.is_empty() {
+            return Err(TaskResult::error(
+                400,
+                ErrorKind::InvalidParams,
+                format!("operation {name} built no steps"),
+                Value::Null,
+            ));
+        }
+        for (index, step) in steps.iter().enumerate() {
+            let position = index + 1;
+            let prefix = |mut result: TaskResult| {
+                result.stderr = format!("step {position} ({}): {}", step.entrypoint, result.stderr);
+                result
+            };
+            let validate = match self.entries.get(step.entrypoint.as_str()) {
+                Some(Entry {
+                    kind: Kind::Task { validate, .. },
+                    ..
+                }) => validate,
+                Some(_) => {
+                    return Err(prefix(TaskResult::error(
+                        400,
+                        ErrorKind::InvalidParams,
+                        "an operation cannot be a step of another operation",
+                        Value::Null,
+                    )));
+                }
+                None => return Err(prefix(self.unknown(&step.entrypoint))),
+            };
+            let Value::Object(params) = &step.params else {
+                return Err(prefix(TaskResult::error(
+                    400,
+                    ErrorKind::InvalidParams,
+                    "step params must be a JSON object",
+                    Value::Null,
+                )));
+            };
+            validate(params).map_err(prefix)?;
+        }
+        Ok(steps)
+    }
+
+    /// Runs the finish hook of operation `ctx.entrypoint`; a panic in it is
+    /// logged, not propagated.
+    pub async fn operation_finished(&self, ctx: OperationContext, result: TaskResult) {
+        if let Some(Entry {
+            kind: Kind::Operation { finished, .. },
+            ..
+        }) = self.entries.get(ctx.entrypoint.as_str())
+        {
+            let uuid = ctx.uuid.clone();
+            if AssertUnwindSafe(finished(ctx, result))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(operation.uuid = %uuid, "an operation hook panicked");
+            }
+        }
+    }
+
+    fn unknown(&self, name: &str) -> TaskResult {
+        let message = self
+            .check(name)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let known: Vec<_> = self.entries.keys().collect();
+        TaskResult::error(
+            400,
+            ErrorKind::UnknownEntrypoint,
+            message,
+            json!({ "entrypoint": name, "registered": known }),
+        )
     }
 
     /// The registered entrypoints, sorted by name.
@@ -109,58 +266,75 @@ impl Registry {
     /// Every failure, including an unknown name, invalid parameters and a
     /// panic, comes back as a failed result rather than an `Err`.
     pub async fn run(&self, ctx: TaskContext, params: JsonObject) -> TaskResult {
-        let Some(entry) = self.entries.get(ctx.entrypoint.as_str()) else {
-            let err = self.check(&ctx.entrypoint).err();
-            let message = err.map(|e| e.to_string()).unwrap_or_default();
-            let known: Vec<_> = self.entries.keys().collect();
-            return TaskResult::error(
-                400,
-                ErrorKind::UnknownEntrypoint,
-                message,
-                json!({ "entrypoint": ctx.entrypoint, "registered": known }),
-            );
+        let handler = match self.entries.get(ctx.entrypoint.as_str()) {
+            Some(Entry {
+                kind: Kind::Task { handler, .. },
+                ..
+            }) => handler,
+            Some(_) => {
+                return TaskResult::error(
+                    400,
+                    ErrorKind::InvalidMessage,
+                    format!("{} is an operation, not a task", ctx.entrypoint),
+                    Value::Null,
+                );
+            }
+            None => return self.unknown(&ctx.entrypoint),
         };
-        let future = (entry.handler)(ctx, params);
+        let future = handler(ctx, params);
         match AssertUnwindSafe(future).catch_unwind().await {
             Ok(result) => result,
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".to_owned());
-                TaskResult::error(
-                    500,
-                    ErrorKind::Panic,
-                    format!("task panicked: {text}"),
-                    Value::Null,
-                )
-            }
+            Err(panic) => panic_result(panic.as_ref()),
         }
     }
 }
 
+fn panic_result(panic: &(dyn std::any::Any + Send)) -> TaskResult {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    TaskResult::error(
+        500,
+        ErrorKind::Panic,
+        format!("panicked: {text}"),
+        Value::Null,
+    )
+}
+
+/// Runs user code that may panic (an operation's build step) and turns a
+/// panic into a failed result.
+fn catch_panic<T>(f: impl FnOnce() -> Result<T, TaskResult>) -> Result<T, TaskResult> {
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| Err(panic_result(panic.as_ref())))
+}
+
+/// Parameters as the typed `P`, or a failed result naming the bad field.
+fn deserialize_params<P: serde::de::DeserializeOwned>(
+    entrypoint: &str,
+    params: JsonObject,
+) -> Result<P, TaskResult> {
+    serde_path_to_error::deserialize(Value::Object(params)).map_err(|err| {
+        let path = err.path().to_string();
+        let message = if path == "." {
+            format!("invalid params for {entrypoint}: {}", err.inner())
+        } else {
+            format!("invalid params for {entrypoint}: {path}: {}", err.inner())
+        };
+        TaskResult::error(
+            400,
+            ErrorKind::InvalidParams,
+            message,
+            json!({ "field": path }),
+        )
+    })
+}
+
 async fn execute<T: Task>(task: &T, ctx: TaskContext, params: JsonObject) -> TaskResult {
-    let params: T::Params = match serde_path_to_error::deserialize(Value::Object(params)) {
+    let params: T::Params = match deserialize_params(T::ENTRYPOINT, params) {
         Ok(params) => params,
-        Err(err) => {
-            let path = err.path().to_string();
-            let message = if path == "." {
-                format!("invalid params for {}: {}", T::ENTRYPOINT, err.inner())
-            } else {
-                format!(
-                    "invalid params for {}: {path}: {}",
-                    T::ENTRYPOINT,
-                    err.inner()
-                )
-            };
-            return TaskResult::error(
-                400,
-                ErrorKind::InvalidParams,
-                message,
-                json!({ "field": path }),
-            );
-        }
+        Err(result) => return result,
     };
     let outcome = match task.before_run(&ctx, &params).await {
         Ok(()) => task.run(&ctx, params).await,
@@ -237,6 +411,7 @@ mod tests {
             partition: 0,
             offset: 0,
             worker: "w".into(),
+            operation: None,
         }
     }
 

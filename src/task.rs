@@ -113,6 +113,8 @@ pub struct TaskContext {
     pub offset: i64,
     /// Which worker runs it (`host:pid`).
     pub worker: String,
+    /// The operation this task is a step of, and its place in it (from 0).
+    pub operation: Option<(String, i32)>,
 }
 
 /// A task failure, and whether retrying may help.

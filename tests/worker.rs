@@ -257,9 +257,17 @@ fn entrypoints_show_names_and_parameters() {
 
     let out = env.example_cmd("dice", &["entrypoints", "--json"]);
     let entries: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(entries[0]["name"], "dice.DiceRoll");
+    let entry = |name: &str| {
+        entries
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {entries:#}"))
+    };
+    assert_eq!(entry("dice.DiceRoll")["kind"], "task");
+    assert_eq!(entry("dice.DiceLaunch")["kind"], "operation");
     assert_eq!(
-        entries[0]["params_schema"]["properties"]["sides"]["default"],
+        entry("dice.DiceRoll")["params_schema"]["properties"]["sides"]["default"],
         6
     );
 
@@ -304,7 +312,11 @@ fn startup_problems_get_clear_errors() {
     env.kser(&["migrate"]);
     let out = env.kser(&["status", "does-not-exist"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no task with uuid does-not-exist"));
+    assert!(
+        text(&out.stderr).contains("no task or operation with uuid does-not-exist"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = env.kser(&["send", "dice.DiceRoll", "--params", "[1]"]);
     assert!(!out.status.success());

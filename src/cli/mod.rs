@@ -21,6 +21,7 @@ macro_rules! outln {
 
 mod output;
 mod send;
+mod watch;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -76,20 +77,42 @@ enum Command {
     Worker(WorkerArgs),
     /// Publish a message (or many with --batch) and print its uuid.
     Send(send::SendArgs),
-    /// Show one task's state from Postgres.
+    /// Show one task's or operation's state from Postgres.
     Status {
-        /// The task (message) uuid.
+        /// The task or operation (message) uuid.
         uuid: String,
-        /// Print one JSON object instead of text.
+        /// Print one JSON object instead of text (operations: with a `tasks` array).
         #[arg(long)]
         json: bool,
     },
-    /// List recent tasks, newest first.
+    /// Follow a task or operation until it ends; exit 1 unless it succeeded.
+    Watch {
+        /// The task or operation uuid.
+        uuid: String,
+        /// Seconds between two looks at the database.
+        #[arg(long, default_value_t = 0.5)]
+        interval: f64,
+        /// Give up (exit 2) after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Run a FAILED or CANCELLED operation again from its first unfinished
+    /// step; steps that succeeded keep their results and do not run again.
+    Resume {
+        /// The operation uuid.
+        uuid: String,
+    },
+    /// Stop an operation between steps: pending steps never run.
+    Cancel {
+        /// The operation uuid.
+        uuid: String,
+    },
+    /// List recent operations and standalone tasks, newest first.
     List {
-        /// Only tasks in this state (PENDING, RUNNING, SUCCESS, FAILED).
+        /// Only those in this state (PENDING, RUNNING, SUCCESS, FAILED, CANCELLED).
         #[arg(long)]
         status: Option<TaskStatus>,
-        /// Only tasks of this entrypoint.
+        /// Only those of this entrypoint.
         #[arg(long)]
         entrypoint: Option<String>,
         /// How many tasks at most.
@@ -210,14 +233,40 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         }
         Command::Status { uuid, json } => {
             let store = connect(&global.database_url).await?;
-            let task = store.task(&uuid).await?.with_context(|| {
-                format!("no task with uuid {uuid} (not sent, or not yet received by a worker)")
-            })?;
+            let found = watch::lookup(&store, &uuid)
+                .await?
+                .with_context(|| format!("no task or operation with uuid {uuid} (not sent, or not yet received by a worker)"))?;
             if json {
-                outln!("{}", serde_json::to_string_pretty(&task)?);
+                outln!("{}", serde_json::to_string_pretty(&found.to_json())?);
             } else {
-                outln!("{}", output::task_details(&task).trim_end());
+                outln!("{}", found.details().trim_end());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch {
+            uuid,
+            interval,
+            timeout,
+        } => {
+            let store = connect(&global.database_url).await?;
+            let interval = Duration::from_secs_f64(interval.max(0.05));
+            let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+            watch::watch(&store, &uuid, interval, timeout).await
+        }
+        Command::Resume { uuid } => {
+            let store = connect(&global.database_url).await?;
+            let resumed = store.resume_operation(&uuid).await?;
+            outln!(
+                "resumed operation {uuid} from step {} ({})",
+                resumed.step,
+                resumed.entrypoint
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { uuid } => {
+            let store = connect(&global.database_url).await?;
+            store.cancel_operation(&uuid).await?;
+            outln!("cancelled operation {uuid}");
             Ok(ExitCode::SUCCESS)
         }
         Command::List {
@@ -231,12 +280,28 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 status,
                 entrypoint,
                 limit,
+                standalone: true,
             };
-            let tasks = store.list_tasks(&filter).await?;
+            let mut listed: Vec<watch::Found> = store
+                .list_operations(&filter)
+                .await?
+                .into_iter()
+                .map(|op| watch::Found::Operation(op, Vec::new()))
+                .chain(
+                    store
+                        .list_tasks(&filter)
+                        .await?
+                        .into_iter()
+                        .map(watch::Found::Task),
+                )
+                .collect();
+            listed.sort_by_key(|found| std::cmp::Reverse(found.created_at()));
+            listed.truncate(usize::try_from(limit.max(1)).unwrap_or(usize::MAX));
             if json {
-                outln!("{}", serde_json::to_string_pretty(&tasks)?);
+                let rows: Vec<_> = listed.iter().map(watch::Found::to_json).collect();
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                outln!("{}", output::task_table(&tasks));
+                outln!("{}", output::list_table(&listed));
             }
             Ok(ExitCode::SUCCESS)
         }

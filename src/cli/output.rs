@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::Value;
 
+use super::watch::Found;
 use crate::registry::EntrypointInfo;
-use crate::store::TaskRow;
+use crate::store::{OperationRow, TaskRow};
 
 /// `status` output: one field per line.
 pub(super) fn task_details(task: &TaskRow) -> String {
@@ -19,6 +20,9 @@ pub(super) fn task_details(task: &TaskRow) -> String {
     field("entrypoint", task.entrypoint.clone());
     field("status", task.status.clone());
     field("attempts", task.attempts.to_string());
+    if let (Some(operation), Some(position)) = (&task.operation_uuid, task.position) {
+        field("operation", format!("{operation} (step {})", position + 1));
+    }
     field("params", compact(&task.params));
     if let Some(result) = &task.result {
         field(
@@ -67,32 +71,123 @@ pub(super) fn task_details(task: &TaskRow) -> String {
     out
 }
 
-/// `list` output.
-pub(super) fn task_table(tasks: &[TaskRow]) -> String {
-    if tasks.is_empty() {
-        return "no tasks".to_owned();
+/// `status` output for an operation: its fields, then its steps.
+pub(super) fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+    };
+    field("operation", op.uuid.clone());
+    field("entrypoint", op.entrypoint.clone());
+    field("status", op.status.clone());
+    field("params", compact(&op.params));
+    if let Some(result) = &op.result {
+        for key in ["stdout", "stderr"] {
+            if let Some(text) = result
+                .get(key)
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                field(key, text.trim_end().to_owned());
+            }
+        }
+        if let Some(retval) = result.get("retval") {
+            field("retval", compact(retval));
+        }
+    }
+    if let Some(error) = &op.error {
+        field("error", error.clone());
+    }
+    field("created", time(Some(op.created_at)));
+    field(
+        "finished",
+        format!(
+            "{}{}",
+            time(op.finished_at),
+            suffix("took", between(op.started_at, op.finished_at))
+        ),
+    );
+    let mut table = new_table(&[
+        "#",
+        "TASK",
+        "ENTRYPOINT",
+        "STATUS",
+        "WORKER",
+        "ATTEMPTS",
+        "DURATION",
+        "RESULT",
+    ]);
+    for task in tasks {
+        let result = match (&task.error, &task.result) {
+            (Some(error), _) => shorten(error, 50),
+            (None, Some(result)) => result
+                .get("stdout")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(|s| shorten(s, 50))
+                .unwrap_or_else(|| shorten(&compact(&result["retval"]), 50)),
+            (None, None) => String::new(),
+        };
+        table.add_row(vec![
+            task.position
+                .map(|p| (p + 1).to_string())
+                .unwrap_or_default(),
+            task.uuid.clone(),
+            task.entrypoint.clone(),
+            task.status.clone(),
+            task.worker.clone().unwrap_or_else(|| "-".into()),
+            task.attempts.to_string(),
+            between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
+            result,
+        ]);
+    }
+    let _ = writeln!(out, "{table}");
+    out
+}
+
+/// `list` output: operations and standalone tasks.
+pub(super) fn list_table(rows: &[Found]) -> String {
+    if rows.is_empty() {
+        return "no tasks or operations".to_owned();
     }
     let mut table = new_table(&[
         "UUID",
+        "KIND",
         "ENTRYPOINT",
         "STATUS",
-        "ATTEMPTS",
         "CREATED",
         "DURATION",
         "ERROR",
     ]);
-    for task in tasks {
+    for row in rows {
+        let (uuid, kind, entrypoint, status, created, duration, error) = match row {
+            Found::Operation(op, _) => (
+                &op.uuid,
+                "operation",
+                &op.entrypoint,
+                &op.status,
+                op.created_at,
+                between(op.started_at, op.finished_at),
+                &op.error,
+            ),
+            Found::Task(task) => (
+                &task.uuid,
+                "task",
+                &task.entrypoint,
+                &task.status,
+                task.created_at,
+                between(task.started_at, task.finished_at),
+                &task.error,
+            ),
+        };
         table.add_row(vec![
-            task.uuid.clone(),
-            task.entrypoint.clone(),
-            task.status.clone(),
-            task.attempts.to_string(),
-            time(Some(task.created_at)),
-            between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
-            task.error
-                .as_deref()
-                .map(|e| shorten(e, 60))
-                .unwrap_or_default(),
+            uuid.clone(),
+            kind.to_owned(),
+            entrypoint.clone(),
+            status.clone(),
+            time(Some(created)),
+            duration.unwrap_or_else(|| "-".into()),
+            error.as_deref().map(|e| shorten(e, 60)).unwrap_or_default(),
         ]);
     }
     table.to_string()

@@ -7,6 +7,7 @@
 //! or redo finished work.
 
 mod models;
+mod operations;
 mod schema;
 
 use std::collections::HashMap;
@@ -20,7 +21,8 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-pub use models::{NewTask, TaskRow, TaskStatus};
+pub use models::{NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus};
+pub use operations::{FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed};
 use schema::kser::tasks;
 
 /// The migrations in `migrations/`, compiled into the binary.
@@ -39,6 +41,10 @@ pub enum StoreError {
     Query(#[from] diesel::result::Error),
     #[error("could not apply migrations: {0}")]
     Migration(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl StoreError {
@@ -73,6 +79,23 @@ pub struct TaskFilter {
     pub status: Option<TaskStatus>,
     pub entrypoint: Option<String>,
     pub limit: i64,
+    /// Leave out the tasks that are steps of an operation.
+    pub standalone: bool,
+}
+
+/// A task the worker may run, as [`Store::start_tasks`] recorded it.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct StartedTask {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub uuid: String,
+    /// 1 for the first start, more after redeliveries and resumes.
+    #[diesel(sql_type = diesel::sql_types::Int4)]
+    pub attempts: i32,
+    /// The operation the task is a step of, if any.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub operation_uuid: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Int4>)]
+    pub position: Option<i32>,
 }
 
 /// A pool of connections to the kser database.
@@ -174,16 +197,11 @@ impl Store {
     /// One statement for the whole batch, each column bound as one array, so
     /// Postgres parses a constant-size query whatever the batch size. Each
     /// uuid may appear only once in `rows`.
-    pub async fn start_tasks(&self, rows: &[NewTask]) -> Result<HashMap<String, i32>, StoreError> {
+    pub async fn start_tasks(
+        &self,
+        rows: &[NewTask],
+    ) -> Result<HashMap<String, StartedTask>, StoreError> {
         use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
-
-        #[derive(QueryableByName)]
-        struct Started {
-            #[diesel(sql_type = Text)]
-            uuid: String,
-            #[diesel(sql_type = Int4)]
-            attempts: i32,
-        }
 
         if rows.is_empty() {
             return Ok(HashMap::new());
@@ -203,7 +221,7 @@ impl Store {
                  enqueued_at = excluded.enqueued_at, started_at = excluded.started_at, \
                  updated_at = excluded.updated_at \
              WHERE t.status IN ('PENDING', 'RUNNING') \
-             RETURNING t.uuid, t.attempts",
+             RETURNING t.uuid, t.attempts, t.operation_uuid, t.position",
         )
         .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
         .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.clone()))
@@ -216,8 +234,8 @@ impl Store {
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.enqueued_at))
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.started_at));
         let mut conn = self.conn().await?;
-        let started: Vec<Started> = query.load(&mut conn).await?;
-        Ok(started.into_iter().map(|s| (s.uuid, s.attempts)).collect())
+        let started: Vec<StartedTask> = query.load(&mut conn).await?;
+        Ok(started.into_iter().map(|s| (s.uuid.clone(), s)).collect())
     }
 
     /// Records the final state of tasks that [`start_tasks`](Self::start_tasks)
@@ -226,25 +244,11 @@ impl Store {
     ///
     /// Each uuid may appear only once in `rows`.
     pub async fn complete_tasks(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
-        use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
-
         if rows.is_empty() {
             return Ok(0);
         }
-        let query = diesel::sql_query(
-            "UPDATE kser.tasks AS t SET status = v.status, result = v.result, error = v.error, \
-                 finished_at = v.finished_at, updated_at = v.finished_at \
-             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[]) \
-                 AS v(uuid, status, result, error, finished_at) \
-             WHERE t.uuid = v.uuid AND t.status IN ('PENDING', 'RUNNING')",
-        )
-        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
-        .bind::<Array<Text>, _>(column(rows, |r| r.status.to_owned()))
-        .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.clone()))
-        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.clone()))
-        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.finished_at));
         let mut conn = self.conn().await?;
-        Ok(query.execute(&mut conn).await?)
+        Ok(complete_query(rows, false).execute(&mut conn).await?)
     }
 
     /// Records the final state of tasks whose row may not exist yet (a
@@ -299,8 +303,37 @@ impl Store {
         if let Some(entrypoint) = &filter.entrypoint {
             query = query.filter(tasks::entrypoint.eq(entrypoint.clone()));
         }
+        if filter.standalone {
+            query = query.filter(tasks::operation_uuid.is_null());
+        }
         Ok(query.load(&mut conn).await?)
     }
+}
+
+/// The UPDATE that records outcomes of started tasks, one array per column;
+/// with `returning`, it returns the uuids it moved out of PENDING/RUNNING.
+fn complete_query(
+    rows: &[NewTask],
+    returning: bool,
+) -> diesel::query_builder::BoxedSqlQuery<'static, diesel::pg::Pg, diesel::query_builder::SqlQuery>
+{
+    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
+
+    let sql = format!(
+        "UPDATE kser.tasks AS t SET status = v.status, result = v.result, error = v.error, \
+             finished_at = v.finished_at, updated_at = v.finished_at \
+         FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[]) \
+             AS v(uuid, status, result, error, finished_at) \
+         WHERE t.uuid = v.uuid AND t.status IN ('PENDING', 'RUNNING'){}",
+        if returning { " RETURNING t.uuid" } else { "" }
+    );
+    diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.status.to_owned()))
+        .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.clone()))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.finished_at))
 }
 
 /// One field of every row, to bind as a Postgres array.

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::schema::kser::tasks;
+use super::schema::kser::{operations, outbox, tasks};
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -22,6 +22,9 @@ pub enum TaskStatus {
     Success,
     /// It failed; `error` says why.
     Failed,
+    /// Its operation was cancelled before it ran (or, for an operation,
+    /// between two steps).
+    Cancelled,
 }
 
 impl TaskStatus {
@@ -35,12 +38,13 @@ impl TaskStatus {
             Self::Running => "RUNNING",
             Self::Success => "SUCCESS",
             Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
         }
     }
 
-    /// Whether the task has reached SUCCESS or FAILED.
+    /// Whether the task or operation is over (SUCCESS, FAILED or CANCELLED).
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Success | Self::Failed)
+        !matches!(self, Self::Pending | Self::Running)
     }
 }
 
@@ -59,8 +63,9 @@ impl FromStr for TaskStatus {
             "RUNNING" => Ok(Self::Running),
             "SUCCESS" => Ok(Self::Success),
             "FAILED" => Ok(Self::Failed),
+            "CANCELLED" => Ok(Self::Cancelled),
             _ => Err(format!(
-                "unknown status '{s}' (expected PENDING, RUNNING, SUCCESS or FAILED)"
+                "unknown status '{s}' (expected PENDING, RUNNING, SUCCESS, FAILED or CANCELLED)"
             )),
         }
     }
@@ -87,6 +92,8 @@ pub struct TaskRow {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    pub operation_uuid: Option<String>,
+    pub position: Option<i32>,
 }
 
 /// A row to insert or upsert: a sent message, a started task or a finished one.
@@ -109,6 +116,8 @@ pub struct NewTask {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    pub operation_uuid: Option<String>,
+    pub position: Option<i32>,
 }
 
 impl NewTask {
@@ -131,6 +140,69 @@ impl NewTask {
             started_at: None,
             finished_at: None,
             updated_at: Utc::now(),
+            operation_uuid: None,
+            position: None,
         }
     }
+}
+
+/// One row of `kser.operations`.
+#[derive(Debug, Clone, Queryable, Selectable, Serialize)]
+#[diesel(table_name = operations, check_for_backend(diesel::pg::Pg))]
+pub struct OperationRow {
+    pub uuid: String,
+    pub entrypoint: String,
+    pub status: String,
+    pub params: Value,
+    pub metadata: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub steps: i32,
+    pub worker: Option<String>,
+    pub topic: Option<String>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An operation to record when its message arrives.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = operations, check_for_backend(diesel::pg::Pg))]
+pub struct NewOperation {
+    pub uuid: String,
+    pub entrypoint: String,
+    pub status: &'static str,
+    pub params: Value,
+    pub metadata: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub steps: i32,
+    pub worker: Option<String>,
+    pub topic: Option<String>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A message waiting in `kser.outbox`.
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
+pub struct OutboxRow {
+    pub id: i64,
+    pub topic: String,
+    pub message_key: Option<String>,
+    pub payload: String,
+}
+
+/// A message to publish once the transaction that writes it commits.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
+pub struct NewOutbox {
+    pub topic: String,
+    pub message_key: Option<String>,
+    pub payload: String,
+    pub operation_uuid: Option<String>,
 }

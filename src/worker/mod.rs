@@ -20,6 +20,7 @@
 mod context;
 mod decode;
 mod offsets;
+mod operations;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,10 +38,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admin::{self, AdminError, TopicLayout};
-use crate::config::KafkaConfig;
+use crate::config::{ClientRole, KafkaConfig};
 use crate::message::{ErrorKind, Message, TaskResult};
+use crate::producer::Producer;
 use crate::registry::Registry;
-use crate::store::{NewTask, Store, StoreError, TaskStatus};
+use crate::store::{FinishedOperation, NewTask, StartedTask, Store, StoreError, TaskStatus};
 use crate::task::TaskContext;
 use context::KserContext;
 use decode::{Decoded, decode};
@@ -102,6 +104,8 @@ pub enum WorkerError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("could not create the Kafka producer: {0}")]
+    Producer(String),
 }
 
 /// What a worker did, counted since it started.
@@ -158,9 +162,29 @@ struct Received {
 struct Finished {
     position: Position,
     row: NewTask,
-    /// Whether the starter wrote its RUNNING row (it ran), so only the
-    /// outcome columns need writing.
-    started: bool,
+    kind: Outcome,
+}
+
+/// How a final state is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// A standalone task that ran: its RUNNING row exists, only the outcome
+    /// columns are written.
+    Ran,
+    /// A step of an operation that ran: written with the follow-up (next
+    /// step or end of the operation) in one transaction.
+    Step,
+    /// A message that did not run (invalid, refused): the row is upserted
+    /// whole.
+    Rejected,
+}
+
+/// A task cleared to run.
+struct Ready {
+    position: Position,
+    message: Message,
+    started: StartedTask,
+    enqueued_at: Option<DateTime<Utc>>,
 }
 
 /// Consumes the configured topics and runs each message's task.
@@ -182,6 +206,10 @@ struct Shared {
     /// Cancelled when the shutdown deadline passes: stop waiting for the
     /// database.
     abandon: CancellationToken,
+    /// Publishes the outbox: next steps of operations.
+    producer: Producer,
+    /// Wakes the outbox relay when this worker has just queued messages.
+    relay_wakeup: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -202,13 +230,16 @@ impl Worker {
         admin::ensure_topics(&config.kafka, &config.topics, config.layout).await?;
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-        let mut client = config.kafka.client_config(&[
-            ("enable.auto.commit", "true"),
-            ("auto.commit.interval.ms", "1000"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("enable.partition.eof", "false"),
-        ]);
+        let mut client = config.kafka.client_config(
+            ClientRole::Consumer,
+            &[
+                ("enable.auto.commit", "true"),
+                ("auto.commit.interval.ms", "1000"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+            ],
+        );
         client.set("group.id", &config.group);
         let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
             tracker: Arc::clone(&tracker),
@@ -233,6 +264,9 @@ impl Worker {
             worker_id: config.worker_id.clone(),
             batch_size: config.batch_size.max(1),
             abandon: CancellationToken::new(),
+            producer: Producer::new(&config.kafka)
+                .map_err(|err| WorkerError::Producer(err.to_string()))?,
+            relay_wakeup: tokio::sync::Notify::new(),
         });
 
         let capacity = shared.batch_size * 2;
@@ -243,6 +277,8 @@ impl Worker {
         let finisher = tokio::spawn(Arc::clone(&shared).finisher(finish_rx));
         let starter = tokio::spawn(Arc::clone(&shared).starter(intake_rx, finish_tx, semaphore));
         let reporter = tokio::spawn(Arc::clone(&shared).reporter());
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(Arc::clone(&shared).relay(relay_stop.clone()));
 
         shared.intake(intake_tx, &shutdown).await;
         tracing::info!(
@@ -250,15 +286,26 @@ impl Worker {
             "stopped fetching; finishing in-flight work"
         );
 
+        let stages = [
+            starter.abort_handle(),
+            finisher.abort_handle(),
+            relay.abort_handle(),
+        ];
+        // Finish in-flight tasks, then publish the next steps they queued.
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
             let _ = starter.await;
             let _ = finisher.await;
+            relay_stop.cancel();
+            let _ = relay.await;
         })
         .await;
         reporter.abort();
         let mut stats = shared.counters.snapshot();
         if drained.is_err() {
             shared.abandon.cancel();
+            for stage in stages {
+                stage.abort();
+            }
             stats.abandoned = shared
                 .tracker
                 .lock()
@@ -340,21 +387,25 @@ impl Shared {
         while intake_rx.recv_many(&mut batch, self.batch_size).await > 0 {
             while running.try_join_next().is_some() {}
             let ready = self.start_batch(batch.drain(..), &finish_tx).await;
-            for (position, message, attempt, enqueued_at) in ready {
+            for task in ready {
                 let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
                     return;
                 };
                 let shared = Arc::clone(&self);
                 let finish_tx = finish_tx.clone();
                 running.spawn(async move {
-                    let row = shared
-                        .execute(&position, message, attempt, enqueued_at)
-                        .await;
+                    let kind = if task.started.operation_uuid.is_some() {
+                        Outcome::Step
+                    } else {
+                        Outcome::Ran
+                    };
+                    let position = task.position.clone();
+                    let row = shared.execute(task).await;
                     drop(permit);
                     let finished = Finished {
                         position,
                         row,
-                        started: true,
+                        kind,
                     };
                     let _ = finish_tx.send(finished).await;
                 });
@@ -368,11 +419,12 @@ impl Shared {
         &self,
         batch: impl Iterator<Item = Received>,
         finish_tx: &mpsc::Sender<Finished>,
-    ) -> Vec<(Position, Message, i32, Option<DateTime<Utc>>)> {
+    ) -> Vec<Ready> {
         let now = Utc::now();
         let mut candidates = Vec::new();
         let mut rows = Vec::new();
         let mut release = Vec::new();
+        let mut operations = Vec::new();
         let mut seen = HashSet::new();
         for received in batch {
             match decode(received.payload.as_deref()) {
@@ -383,6 +435,10 @@ impl Shared {
                         tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
                         Counters::add(&self.counters.skipped, 1);
                         release.push(received.position);
+                        continue;
+                    }
+                    if self.registry.is_operation(&message.entrypoint) {
+                        operations.push((received, message));
                         continue;
                     }
                     rows.push(self.running_row(&message, &received, now));
@@ -403,7 +459,7 @@ impl Shared {
                     let finished = Finished {
                         position,
                         row,
-                        started: false,
+                        kind: Outcome::Rejected,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -424,6 +480,9 @@ impl Shared {
             }
         }
         self.release(&release);
+        if !operations.is_empty() && !self.start_operations(operations, now).await {
+            return Vec::new();
+        }
 
         let Some(mut started) = self.write_started(rows).await else {
             return Vec::new();
@@ -432,15 +491,20 @@ impl Shared {
         let mut already_final = Vec::new();
         for (position, message, enqueued_at) in candidates {
             match started.remove(&message.uuid) {
-                Some(Start::Run(attempt)) => {
+                Some(Start::Run(started)) => {
                     self.lock_in_flight().insert(message.uuid.clone());
-                    ready.push((position, message, attempt, enqueued_at));
+                    ready.push(Ready {
+                        position,
+                        message,
+                        started: *started,
+                        enqueued_at,
+                    });
                 }
                 Some(Start::Refused(row)) => {
                     let finished = Finished {
                         position,
                         row: *row,
-                        started: false,
+                        kind: Outcome::Rejected,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -467,7 +531,11 @@ impl Shared {
         let mut started = HashMap::new();
         match batch {
             Ok(attempts) => {
-                started.extend(attempts.into_iter().map(|(uuid, n)| (uuid, Start::Run(n))));
+                started.extend(
+                    attempts
+                        .into_iter()
+                        .map(|(uuid, n)| (uuid, Start::Run(Box::new(n)))),
+                );
             }
             Err(_) => {
                 for row in rows {
@@ -476,8 +544,11 @@ impl Shared {
                         .retry_db("record a started task", || self.store.start_tasks(single))
                         .await?
                     {
-                        Ok(attempts) => started
-                            .extend(attempts.into_iter().map(|(uuid, n)| (uuid, Start::Run(n)))),
+                        Ok(attempts) => started.extend(
+                            attempts
+                                .into_iter()
+                                .map(|(uuid, n)| (uuid, Start::Run(Box::new(n)))),
+                        ),
                         Err(err) => {
                             tracing::warn!(task.uuid = %row.uuid, error = %err, "Postgres refused the task; recording it as FAILED");
                             let mut failed = row;
@@ -492,13 +563,15 @@ impl Shared {
     }
 
     /// Runs one task and returns its final row.
-    async fn execute(
-        &self,
-        position: &Position,
-        message: Message,
-        attempt: i32,
-        enqueued_at: Option<DateTime<Utc>>,
-    ) -> NewTask {
+    async fn execute(&self, task: Ready) -> NewTask {
+        let Ready {
+            position,
+            message,
+            started,
+            enqueued_at,
+        } = task;
+        let position = &position;
+        let attempt = started.attempts;
         let span = tracing::info_span!("task", task.uuid = %message.uuid, entrypoint = %message.entrypoint, attempt);
         let started_at = Utc::now();
         let ctx = TaskContext {
@@ -511,6 +584,7 @@ impl Shared {
             partition: position.partition,
             offset: position.offset,
             worker: self.worker_id.clone(),
+            operation: started.operation_uuid.clone().zip(started.position),
         };
         let params = Value::Object(message.params.clone());
         let result = self
@@ -536,6 +610,8 @@ impl Shared {
         self.locate(&mut row, position, enqueued_at);
         row.started_at = Some(started_at);
         row.finished_at = Some(Utc::now());
+        row.operation_uuid = started.operation_uuid;
+        row.position = started.position;
         row
     }
 
@@ -586,40 +662,49 @@ impl Shared {
         let mut batch = Vec::with_capacity(self.batch_size);
         while finish_rx.recv_many(&mut batch, self.batch_size).await > 0 {
             let mut seen = HashSet::new();
-            let (mut ran, mut rejected) = (Vec::new(), Vec::new());
+            let mut by_kind: [(Outcome, Vec<NewTask>); 3] = [
+                (Outcome::Ran, Vec::new()),
+                (Outcome::Step, Vec::new()),
+                (Outcome::Rejected, Vec::new()),
+            ];
             let mut positions = Vec::with_capacity(batch.len());
             for Finished {
                 position,
                 row,
-                started,
+                kind,
             } in batch.drain(..)
             {
                 positions.push(position);
                 // Two invalid records with one uuid: the first one wins.
                 if !seen.insert(row.uuid.clone()) {
                     Counters::add(&self.counters.skipped, 1);
-                } else if started {
-                    ran.push(row);
-                } else {
-                    rejected.push(row);
+                } else if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
+                    rows.push(row);
                 }
             }
-            if !self.write_finished(&ran, true).await
-                || !self.write_finished(&rejected, false).await
-            {
-                return;
+            let mut finished_operations = Vec::new();
+            for (kind, rows) in &by_kind {
+                let Some(finished) = self.write_finished(rows, *kind).await else {
+                    return;
+                };
+                finished_operations.extend(finished);
             }
-            let mut rows = ran;
-            rows.append(&mut rejected);
+            if !by_kind[1].1.is_empty() {
+                self.relay_wakeup.notify_one();
+            }
+            for operation in finished_operations {
+                self.operation_finished(operation);
+            }
+            let rows = by_kind.iter().flat_map(|(_, rows)| rows);
             let succeeded = rows
-                .iter()
+                .clone()
                 .filter(|row| row.status == TaskStatus::Success.as_str())
                 .count();
             Counters::add(&self.counters.succeeded, succeeded);
-            Counters::add(&self.counters.failed, rows.len() - succeeded);
+            Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
             {
                 let mut in_flight = self.lock_in_flight();
-                for row in &rows {
+                for row in rows {
                     in_flight.remove(&row.uuid);
                 }
             }
@@ -628,61 +713,74 @@ impl Shared {
     }
 
     /// Writes final rows, waiting out database outages; a row Postgres
-    /// refuses is stored without the offending values. `false` when the
-    /// shutdown deadline passed before the write.
-    async fn write_finished(&self, rows: &[NewTask], started: bool) -> bool {
+    /// refuses is stored without the offending values. Returns the
+    /// operations that finished, or `None` when the shutdown deadline passed
+    /// before the write.
+    async fn write_finished(
+        &self,
+        rows: &[NewTask],
+        kind: Outcome,
+    ) -> Option<Vec<FinishedOperation>> {
         if rows.is_empty() {
-            return true;
+            return Some(Vec::new());
         }
-        let Some(batch) = self
-            .retry_db("record finished tasks", || {
-                self.write_outcomes(rows, started)
-            })
-            .await
-        else {
-            return false;
-        };
-        if batch.is_ok() {
-            return true;
+        if let Ok(finished) = self
+            .retry_db("record finished tasks", || self.write_outcomes(rows, kind))
+            .await?
+        {
+            return Some(finished);
         }
+        let mut finished = Vec::new();
         for row in rows {
             let single = std::slice::from_ref(row);
-            let Some(written) = self
+            let err = match self
                 .retry_db("record a finished task", || {
-                    self.write_outcomes(single, started)
+                    self.write_outcomes(single, kind)
                 })
-                .await
-            else {
-                return false;
+                .await?
+            {
+                Ok(done) => {
+                    finished.extend(done);
+                    continue;
+                }
+                Err(err) => err,
             };
-            if let Err(err) = written {
-                let mut stripped = row.clone();
-                unstorable(&mut stripped, &err);
-                let single = std::slice::from_ref(&stripped);
-                match self
-                    .retry_db("record an unstorable task", || {
-                        self.store.finish_tasks(single)
-                    })
-                    .await
-                {
-                    None => return false,
-                    Some(Ok(_)) => {
-                        tracing::warn!(task.uuid = %row.uuid, error = %err, "stored the task without values Postgres refused")
-                    }
-                    Some(Err(err)) => {
-                        tracing::error!(task.uuid = %row.uuid, error = %err, "Postgres refused the task's state; it is only in this log");
-                    }
+            let mut stripped = row.clone();
+            unstorable(&mut stripped, &err);
+            let single = std::slice::from_ref(&stripped);
+            // A step still moves its operation along (to FAILED).
+            let kind = if kind == Outcome::Step {
+                Outcome::Step
+            } else {
+                Outcome::Rejected
+            };
+            match self
+                .retry_db("record an unstorable task", || {
+                    self.write_outcomes(single, kind)
+                })
+                .await?
+            {
+                Ok(done) => {
+                    finished.extend(done);
+                    tracing::warn!(task.uuid = %row.uuid, error = %err, "stored the task without values Postgres refused");
+                }
+                Err(err) => {
+                    tracing::error!(task.uuid = %row.uuid, error = %err, "Postgres refused the task's state; it is only in this log");
                 }
             }
         }
-        true
+        Some(finished)
     }
 
-    async fn write_outcomes(&self, rows: &[NewTask], started: bool) -> Result<usize, StoreError> {
-        if started {
-            self.store.complete_tasks(rows).await
-        } else {
-            self.store.finish_tasks(rows).await
+    async fn write_outcomes(
+        &self,
+        rows: &[NewTask],
+        kind: Outcome,
+    ) -> Result<Vec<FinishedOperation>, StoreError> {
+        match kind {
+            Outcome::Ran => self.store.complete_tasks(rows).await.map(|_| Vec::new()),
+            Outcome::Step => self.store.complete_steps(rows).await,
+            Outcome::Rejected => self.store.finish_tasks(rows).await.map(|_| Vec::new()),
         }
     }
 
@@ -761,8 +859,8 @@ impl Shared {
 
 /// What became of a message the starter recorded.
 enum Start {
-    /// Run it; this is its attempt number.
-    Run(i32),
+    /// Run it: its attempt number and operation.
+    Run(Box<StartedTask>),
     /// Postgres refused the row; record this FAILED row instead.
     Refused(Box<NewTask>),
 }

@@ -1,0 +1,150 @@
+//! Looking up a uuid as an operation or a task, and `watch`: following one
+//! until it ends.
+
+use std::io::{IsTerminal, Write as _};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::output;
+use crate::store::{OperationRow, Store, StoreError, TaskRow, TaskStatus};
+
+/// What a uuid names.
+pub(super) enum Found {
+    /// An operation and its tasks, in order.
+    Operation(OperationRow, Vec<TaskRow>),
+    Task(TaskRow),
+}
+
+/// The operation or task with this uuid, operations first.
+pub(super) async fn lookup(store: &Store, uuid: &str) -> Result<Option<Found>, StoreError> {
+    if let Some(operation) = store.operation(uuid).await? {
+        let tasks = store.operation_tasks(uuid).await?;
+        return Ok(Some(Found::Operation(operation, tasks)));
+    }
+    Ok(store.task(uuid).await?.map(Found::Task))
+}
+
+impl Found {
+    pub(super) fn status(&self) -> &str {
+        match self {
+            Self::Operation(op, _) => &op.status,
+            Self::Task(task) => &task.status,
+        }
+    }
+
+    pub(super) fn created_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::Operation(op, _) => op.created_at,
+            Self::Task(task) => task.created_at,
+        }
+    }
+
+    /// The row as JSON with a `kind` field; an operation has a `tasks` array.
+    pub(super) fn to_json(&self) -> Value {
+        let (kind, mut value) = match self {
+            Self::Operation(op, tasks) => {
+                let mut value = serde_json::to_value(op).unwrap_or_default();
+                value["tasks"] = serde_json::to_value(tasks).unwrap_or_default();
+                ("operation", value)
+            }
+            Self::Task(task) => ("task", serde_json::to_value(task).unwrap_or_default()),
+        };
+        value["kind"] = Value::from(kind);
+        value
+    }
+
+    /// `status` output.
+    pub(super) fn details(&self) -> String {
+        match self {
+            Self::Operation(op, tasks) => output::operation_details(op, tasks),
+            Self::Task(task) => output::task_details(task),
+        }
+    }
+
+    /// One line saying where it stands, for `watch` when not on a terminal.
+    fn summary(&self) -> String {
+        match self {
+            Self::Task(task) => match &task.error {
+                Some(error) => format!("{} {}: {error}", task.status, task.entrypoint),
+                None => format!("{} {}", task.status, task.entrypoint),
+            },
+            Self::Operation(op, tasks) => {
+                let done = tasks
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Success.as_str())
+                    .count();
+                let mut line = format!(
+                    "{} {} {done}/{} steps done",
+                    op.status, op.entrypoint, op.steps
+                );
+                if let Some(current) = tasks
+                    .iter()
+                    .find(|t| t.status == TaskStatus::Running.as_str())
+                {
+                    line.push_str(&format!(
+                        ", step {} ({}) RUNNING",
+                        current.position.unwrap_or(0) + 1,
+                        current.entrypoint
+                    ));
+                }
+                if let Some(error) = &op.error {
+                    line.push_str(&format!(": {error}"));
+                }
+                line
+            }
+        }
+    }
+}
+
+/// Follows `uuid` until it ends: redrawn in place on a terminal, one line per
+/// change otherwise. Exit code 0 for SUCCESS, 1 for FAILED or CANCELLED, 2
+/// when `timeout` passes first.
+pub(super) async fn watch(
+    store: &Store,
+    uuid: &str,
+    interval: Duration,
+    timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let terminal = std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let mut last = String::new();
+    let mut drawn_lines = 0;
+    loop {
+        let found = lookup(store, uuid).await?;
+        let text = match &found {
+            Some(found) if terminal => found.details(),
+            Some(found) => found.summary(),
+            None => format!("waiting for {uuid} (not received by a worker yet)"),
+        };
+        if text != last {
+            let mut out = std::io::stdout().lock();
+            if terminal {
+                // Move up over the previous drawing and clear it.
+                if drawn_lines > 0 {
+                    let _ = write!(out, "\x1b[{drawn_lines}A\x1b[J");
+                }
+                drawn_lines = text.trim_end().lines().count();
+                let _ = writeln!(out, "{}", text.trim_end());
+            } else {
+                let _ = writeln!(out, "{} {uuid} {text}", Utc::now().format("%H:%M:%S%.3f"));
+            }
+            let _ = out.flush();
+            last = text;
+        }
+        if let Some(found) = &found {
+            match found.status().parse::<TaskStatus>() {
+                Ok(TaskStatus::Success) => return Ok(ExitCode::SUCCESS),
+                Ok(status) if status.is_final() => return Ok(ExitCode::FAILURE),
+                _ => {}
+            }
+        }
+        if timeout.is_some_and(|timeout| started.elapsed() >= timeout) {
+            eprintln!("error: {uuid} did not finish in time");
+            return Ok(ExitCode::from(2));
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,493 @@
+//! Operations in Postgres: creating one with all its tasks, moving it along
+//! as steps finish, resuming and cancelling it, and the outbox that carries
+//! each next step to Kafka.
+//!
+//! Every state change that calls for a message writes that message to
+//! `kser.outbox` in the same transaction; a worker's relay publishes it and
+//! deletes it once the broker has it. A crash anywhere leaves either both
+//! the change and the message, or neither.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use serde_json::Value;
+
+use super::models::{
+    NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
+};
+use super::schema::kser::{operations, outbox, tasks};
+use super::{Store, StoreError, TaskFilter};
+use crate::message::{JsonObject, Message, TaskResult};
+
+/// Metadata key naming the operation a step message belongs to.
+pub const OPERATION_METADATA_KEY: &str = "kser_operation";
+
+/// An operation to record: the row, its tasks and its first step message.
+/// A build that failed has a FAILED row and no tasks.
+#[derive(Debug, Clone)]
+pub struct OperationStart {
+    pub operation: NewOperation,
+    pub tasks: Vec<NewTask>,
+}
+
+/// An operation that reached SUCCESS or FAILED, for its finish hook.
+#[derive(Debug, Clone)]
+pub struct FinishedOperation {
+    pub uuid: String,
+    pub entrypoint: String,
+    pub metadata: JsonObject,
+    pub result: TaskResult,
+}
+
+/// Where `resume` restarted an operation.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// 1-based step number.
+    pub step: i32,
+    pub entrypoint: String,
+}
+
+impl Store {
+    /// Records operations whose message just arrived, each in full or not at
+    /// all: the operation row, its tasks (PENDING) and the message of its
+    /// first step, in one transaction. An operation that already exists (a
+    /// redelivered or duplicate message) is left alone. Returns the uuids
+    /// created.
+    pub async fn create_operations(
+        &self,
+        starts: &[OperationStart],
+    ) -> Result<Vec<String>, StoreError> {
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let rows: Vec<&NewOperation> = starts.iter().map(|s| &s.operation).collect();
+            let created: Vec<String> = diesel::insert_into(operations::table)
+                .values(rows)
+                .on_conflict_do_nothing()
+                .returning(operations::uuid)
+                .get_results(conn)
+                .await?;
+            // `send` cannot tell a task from an operation, so it may have
+            // recorded the message as a PENDING task: the operation replaces it.
+            let uuids: Vec<&String> = starts.iter().map(|s| &s.operation.uuid).collect();
+            diesel::delete(
+                tasks::table
+                    .filter(tasks::uuid.eq_any(uuids))
+                    .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
+                    .filter(tasks::operation_uuid.is_null()),
+            )
+            .execute(conn)
+            .await?;
+            let new: Vec<&OperationStart> = starts
+                .iter()
+                .filter(|s| created.contains(&s.operation.uuid))
+                .collect();
+            let task_rows: Vec<&NewTask> = new.iter().flat_map(|s| &s.tasks).collect();
+            if !task_rows.is_empty() {
+                diesel::insert_into(tasks::table)
+                    .values(task_rows)
+                    .execute(conn)
+                    .await?;
+            }
+            let messages: Vec<NewOutbox> = new
+                .iter()
+                .filter_map(|s| {
+                    let first = <[NewTask]>::first(&s.tasks)?;
+                    Some(step_message(
+                        &s.operation.uuid,
+                        s.operation.topic.as_deref(),
+                        first,
+                        &s.operation.metadata,
+                        None,
+                    ))
+                })
+                .collect();
+            if !messages.is_empty() {
+                diesel::insert_into(outbox::table)
+                    .values(messages)
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(created)
+        })
+        .await
+    }
+
+    /// Records the final state of steps and moves their operations along, in
+    /// one transaction: after a SUCCESS the next step's message is queued
+    /// with the merged result (or the operation succeeds), after a failure
+    /// the operation fails with that step's error. Only steps that were still
+    /// unfinished move anything, so a duplicate completion does nothing.
+    /// Returns the operations that finished.
+    pub async fn complete_steps(
+        &self,
+        rows: &[NewTask],
+    ) -> Result<Vec<FinishedOperation>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let updated = super::complete_query(rows, true)
+                .load::<Completed>(conn)
+                .await?;
+            let mut finished = Vec::new();
+            for row in rows {
+                if updated.iter().any(|u| u.uuid == row.uuid)
+                    && let Some(done) = advance(conn, row).await?
+                {
+                    finished.push(done);
+                }
+            }
+            Ok(finished)
+        })
+        .await
+    }
+
+    /// One operation by uuid.
+    pub async fn operation(&self, uuid: &str) -> Result<Option<OperationRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(operations::table
+            .find(uuid)
+            .select(OperationRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// The tasks of an operation, in order.
+    pub async fn operation_tasks(&self, uuid: &str) -> Result<Vec<TaskRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(tasks::table
+            .filter(tasks::operation_uuid.eq(uuid))
+            .order(tasks::position.asc())
+            .select(TaskRow::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+
+    /// The most recent operations matching `filter`, newest first.
+    pub async fn list_operations(
+        &self,
+        filter: &TaskFilter,
+    ) -> Result<Vec<OperationRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut query = operations::table
+            .select(OperationRow::as_select())
+            .order(operations::created_at.desc())
+            .limit(filter.limit.max(1))
+            .into_boxed();
+        if let Some(status) = filter.status {
+            query = query.filter(operations::status.eq(status.as_str()));
+        }
+        if let Some(entrypoint) = &filter.entrypoint {
+            query = query.filter(operations::entrypoint.eq(entrypoint.clone()));
+        }
+        Ok(query.load(&mut conn).await?)
+    }
+
+    /// Runs a FAILED or CANCELLED operation again from its first unfinished
+    /// step. Steps in SUCCESS keep their results and do not run again; the
+    /// restarted step receives their merged result.
+    pub async fn resume_operation(&self, uuid: &str) -> Result<Resumed, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let op = lock_operation(conn, uuid).await?;
+            let status = op.status.as_str();
+            if status != TaskStatus::Failed.as_str() && status != TaskStatus::Cancelled.as_str() {
+                return Err(StoreError::Conflict(format!(
+                    "operation {uuid} is {status}; only FAILED or CANCELLED operations can be resumed"
+                )));
+            }
+            let steps: Vec<TaskRow> = tasks::table
+                .filter(tasks::operation_uuid.eq(uuid))
+                .order(tasks::position.asc())
+                .select(TaskRow::as_select())
+                .load(conn)
+                .await?;
+            let Some(restart) = steps.iter().find(|t| t.status != TaskStatus::Success.as_str()) else {
+                return Err(StoreError::Conflict(format!(
+                    "operation {uuid} has no unfinished step to resume"
+                )));
+            };
+            let position = restart.position.unwrap_or(0);
+            let mut merged = empty_result(uuid);
+            for step in steps.iter().take_while(|t| t.status == TaskStatus::Success.as_str()) {
+                merged.merge(&parse_result(step.result.as_ref()));
+            }
+            let now = Utc::now();
+            diesel::update(
+                tasks::table
+                    .filter(tasks::operation_uuid.eq(uuid))
+                    .filter(tasks::position.ge(position))
+                    .filter(tasks::status.ne(TaskStatus::Success.as_str())),
+            )
+            .set((
+                tasks::status.eq(TaskStatus::Pending.as_str()),
+                tasks::error.eq(None::<String>),
+                tasks::result.eq(None::<Value>),
+                tasks::finished_at.eq(None::<chrono::DateTime<Utc>>),
+                tasks::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+            let forwarded = (position > 0).then_some(&merged);
+            let restart_row = pending_row(restart);
+            let message = step_message(uuid, op.topic.as_deref(), &restart_row, &op.metadata, forwarded);
+            diesel::insert_into(outbox::table).values(message).execute(conn).await?;
+            diesel::update(operations::table.find(uuid))
+                .set((
+                    operations::status.eq(TaskStatus::Running.as_str()),
+                    operations::error.eq(None::<String>),
+                    operations::result.eq(serde_json::to_value(&merged).ok()),
+                    operations::finished_at.eq(None::<chrono::DateTime<Utc>>),
+                    operations::updated_at.eq(now),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(Resumed {
+                step: position + 1,
+                entrypoint: restart.entrypoint.clone(),
+            })
+        })
+        .await
+    }
+
+    /// Stops an operation between steps: it becomes CANCELLED, its pending
+    /// steps too, and a step already running finishes but starts no next one.
+    pub async fn cancel_operation(&self, uuid: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let op = lock_operation(conn, uuid).await?;
+            let status: TaskStatus = op.status.parse().map_err(StoreError::Conflict)?;
+            if status.is_final() {
+                return Err(StoreError::Conflict(format!(
+                    "operation {uuid} is already {status}"
+                )));
+            }
+            let now = Utc::now();
+            diesel::update(operations::table.find(uuid))
+                .set((
+                    operations::status.eq(TaskStatus::Cancelled.as_str()),
+                    operations::error.eq(Some("cancelled")),
+                    operations::finished_at.eq(Some(now)),
+                    operations::updated_at.eq(now),
+                ))
+                .execute(conn)
+                .await?;
+            diesel::update(
+                tasks::table
+                    .filter(tasks::operation_uuid.eq(uuid))
+                    .filter(tasks::status.eq(TaskStatus::Pending.as_str())),
+            )
+            .set((
+                tasks::status.eq(TaskStatus::Cancelled.as_str()),
+                tasks::finished_at.eq(Some(now)),
+                tasks::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+            diesel::delete(outbox::table.filter(outbox::operation_uuid.eq(uuid)))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Claims up to `limit` outbox messages for `lease`: no other relay
+    /// takes them meanwhile, and if this one dies they are claimed again
+    /// once the lease runs out.
+    pub async fn claim_outbox(
+        &self,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::sql_query(
+            "UPDATE kser.outbox SET claimed_until = now() + make_interval(secs => $2) \
+             WHERE id IN (SELECT id FROM kser.outbox \
+                 WHERE claimed_until IS NULL OR claimed_until < now() \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, topic, message_key, payload",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(limit)
+        .bind::<diesel::sql_types::Double, _>(lease.as_secs_f64())
+        .load(&mut conn)
+        .await?)
+    }
+
+    /// Deletes published outbox messages.
+    pub async fn delete_outbox(&self, ids: &[i64]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::delete(outbox::table.filter(outbox::id.eq_any(ids)))
+            .execute(&mut conn)
+            .await?)
+    }
+
+    /// Gives claimed messages back, after a failed publish.
+    pub async fn unclaim_outbox(&self, ids: &[i64]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
+            .set(outbox::claimed_until.eq(None::<chrono::DateTime<Utc>>))
+            .execute(&mut conn)
+            .await?)
+    }
+}
+
+#[derive(QueryableByName)]
+pub(super) struct Completed {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    uuid: String,
+}
+
+async fn lock_operation(
+    conn: &mut AsyncPgConnection,
+    uuid: &str,
+) -> Result<OperationRow, StoreError> {
+    operations::table
+        .find(uuid)
+        .for_update()
+        .select(OperationRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no operation with uuid {uuid}")))
+}
+
+/// Moves an operation along after one of its steps finished.
+async fn advance(
+    conn: &mut AsyncPgConnection,
+    step: &NewTask,
+) -> Result<Option<FinishedOperation>, StoreError> {
+    let (Some(op_uuid), Some(position)) = (&step.operation_uuid, step.position) else {
+        return Ok(None);
+    };
+    let op = lock_operation(conn, op_uuid).await?;
+    if op.status != TaskStatus::Running.as_str() {
+        // Cancelled (or finished by a duplicate): nothing more to start.
+        return Ok(None);
+    }
+    let mut merged = match &op.result {
+        Some(result) => parse_result(Some(result)),
+        None => empty_result(op_uuid),
+    };
+    merged.merge(&parse_result(step.result.as_ref()));
+    let now = Utc::now();
+    let merged_value = serde_json::to_value(&merged).ok();
+    let succeeded = step.status == TaskStatus::Success.as_str();
+    if succeeded && position + 1 < op.steps {
+        let next: TaskRow = tasks::table
+            .filter(tasks::operation_uuid.eq(op_uuid))
+            .filter(tasks::position.eq(position + 1))
+            .select(TaskRow::as_select())
+            .first(conn)
+            .await?;
+        let message = step_message(
+            op_uuid,
+            op.topic.as_deref(),
+            &pending_row(&next),
+            &op.metadata,
+            Some(&merged),
+        );
+        diesel::insert_into(outbox::table)
+            .values(message)
+            .execute(conn)
+            .await?;
+        diesel::update(operations::table.find(op_uuid))
+            .set((
+                operations::result.eq(merged_value),
+                operations::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+        return Ok(None);
+    }
+    let (status, error) = if succeeded {
+        (TaskStatus::Success, None)
+    } else {
+        let reason = step.error.as_deref().unwrap_or("failed");
+        let error = format!(
+            "step {} ({}) failed: {reason}",
+            position + 1,
+            step.entrypoint
+        );
+        (TaskStatus::Failed, Some(error))
+    };
+    diesel::update(operations::table.find(op_uuid))
+        .set((
+            operations::status.eq(status.as_str()),
+            operations::result.eq(merged_value),
+            operations::error.eq(error),
+            operations::finished_at.eq(Some(now)),
+            operations::updated_at.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(Some(FinishedOperation {
+        uuid: op.uuid,
+        entrypoint: op.entrypoint,
+        metadata: op.metadata.as_object().cloned().unwrap_or_default(),
+        result: merged,
+    }))
+}
+
+/// The message that runs `step`, keyed by the operation uuid so the steps
+/// of one operation stay in one partition, in order.
+fn step_message(
+    op_uuid: &str,
+    topic: Option<&str>,
+    step: &NewTask,
+    op_metadata: &Value,
+    forwarded: Option<&TaskResult>,
+) -> NewOutbox {
+    let mut metadata = op_metadata.as_object().cloned().unwrap_or_default();
+    metadata.insert(OPERATION_METADATA_KEY.into(), Value::from(op_uuid));
+    let message = Message {
+        uuid: step.uuid.clone(),
+        entrypoint: step.entrypoint.clone(),
+        params: step.params.as_object().cloned().unwrap_or_default(),
+        result: forwarded.cloned(),
+        metadata,
+    };
+    NewOutbox {
+        topic: topic.unwrap_or("kser").to_owned(),
+        message_key: Some(op_uuid.to_owned()),
+        payload: String::from_utf8_lossy(&message.to_bytes()).into_owned(),
+        operation_uuid: Some(op_uuid.to_owned()),
+    }
+}
+
+fn pending_row(task: &TaskRow) -> NewTask {
+    let mut row = NewTask::new(
+        task.uuid.clone(),
+        task.entrypoint.clone(),
+        TaskStatus::Pending,
+    );
+    row.params = task.params.clone();
+    row
+}
+
+/// The starting point of an operation's merged result.
+fn empty_result(op_uuid: &str) -> TaskResult {
+    TaskResult {
+        uuid: op_uuid.to_owned(),
+        ..TaskResult::ok()
+    }
+}
+
+fn parse_result(value: Option<&Value>) -> TaskResult {
+    value
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
