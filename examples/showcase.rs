@@ -29,7 +29,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kser::{JsonObject, Operation, Registry, Step, Task, TaskContext, TaskError, TaskResult};
+use kser::{
+    JsonObject, Operation, OperationContext, Registry, Step, Task, TaskContext, TaskError,
+    TaskResult,
+};
 use serde_json::{Value, json};
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -200,6 +203,14 @@ impl Operation for Pipeline {
                 json!({"text": "three", "retval": {"third": 3}}),
             ),
         ])
+    }
+
+    async fn on_success(&self, ctx: &OperationContext, result: &TaskResult) {
+        tracing::info!(operation.uuid = %ctx.uuid, stdout = %result.stdout, "pipeline hook: succeeded");
+    }
+
+    async fn on_error(&self, ctx: &OperationContext, result: &TaskResult) {
+        tracing::info!(operation.uuid = %ctx.uuid, retcode = result.retcode, "pipeline hook: failed");
     }
 }
 

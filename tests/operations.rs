@@ -143,6 +143,7 @@ fn a_failed_operation_resumes_from_the_failed_step() {
         ["SUCCESS", "FAILED", "PENDING"],
         "later steps stay PENDING"
     );
+    worker.wait_for_log("pipeline hook: failed", 1, Duration::from_secs(10));
 
     std::fs::write(&flag, b"up").expect("flag");
     let out = env.kser(&["resume", &uuid]);
@@ -167,6 +168,7 @@ fn a_failed_operation_resumes_from_the_failed_step() {
     assert_eq!(status["result"]["retval"]["third"], 3);
     assert_eq!(status["result"]["stdout"], "three");
     assert!(status["error"].is_null());
+    worker.wait_for_log("pipeline hook: succeeded", 1, Duration::from_secs(10));
 
     let again = env.kser(&["resume", &uuid]);
     assert!(!again.status.success());

@@ -243,7 +243,12 @@ impl WorkerProcess {
     /// Waits until the log contains `needle` `count` times.
     pub fn wait_for_log(&mut self, needle: &str, count: usize, timeout: Duration) {
         let log = self.log.clone();
-        wait_until(&format!("'{needle}' in {}", log.display()), timeout, || {
+        let start = Instant::now();
+        let what = format!("'{needle}' in {}", log.display());
+        wait_until(&what, timeout + Duration::from_secs(1), || {
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for {what}:\n{}", self.log());
+            }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("worker exited with {status}: {}", self.log());
             }
