@@ -146,6 +146,9 @@ kser_broker_up() {
   # tansu answers a consumer's JoinGroup after about half its session
   # timeout; librdkafka's 45 s default would make every start take ~23 s.
   export KSER_KAFKA_SESSION_TIMEOUT_MS=${KSER_KAFKA_SESSION_TIMEOUT_MS:-6000}
+  # tansu holds a fetch for its full wait even when data arrives (Kafka
+  # answers at once), which would add up to 500 ms to every operation step.
+  export KSER_KAFKA_FETCH_WAIT_MAX_MS=${KSER_KAFKA_FETCH_WAIT_MAX_MS:-50}
   log "Kafka: tansu at $KSER_BROKERS (log: $KSER_RUN/tansu.log)"
 }
 
