@@ -109,6 +109,7 @@ async fn a_message_from_our_cli_is_read_by_python_kser() {
         .set("bootstrap.servers", &env.brokers)
         .set("group.id", format!("{}-reader", env.group))
         .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
         .create()
         .expect("consumer");
     consumer

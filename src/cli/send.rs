@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -15,11 +14,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::admin::{self, TopicLayout};
 use crate::config::KafkaConfig;
 use crate::message::{JsonObject, Message, TaskResult};
-use crate::producer::Producer;
+use crate::producer::{Producer, ProducerError};
 use crate::store::{NewTask, Store, TaskStatus};
 
-/// Messages sent at once in batch mode.
-const WINDOW: usize = 2000;
+/// Messages recorded and sent together in batch mode.
+const CHUNK: usize = 1000;
+/// How long a chunk waits for more lines once it has one.
+const CHUNK_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Args)]
 pub(super) struct SendArgs {
@@ -81,11 +82,12 @@ pub(super) async fn send(
         Some(source) => send_batch(source, &args.topic, &producer, store).await,
         None => {
             let message = single_message(&args)?;
-            producer.send(&args.topic, &message).await?;
-            if let Some(store) = store {
-                record_pending(store, &[&message], &args.topic).await;
+            let uuid = message.uuid.clone();
+            let outcome = publish(vec![message], &args.topic, &producer, store).await;
+            if let Some((_, err)) = outcome.failed.into_iter().next() {
+                return Err(err.into());
             }
-            outln!("{}", message.uuid);
+            outln!("{uuid}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -156,15 +158,25 @@ async fn send_batch(
     };
     let mut lines = BufReader::new(reader).lines();
     let progress = progress_bar();
-    let mut in_flight = FuturesUnordered::new();
-    let mut delivered: Vec<Message> = Vec::new();
     let (mut sent, mut rejected, mut failed) = (0u64, 0u64, 0u64);
     let mut line_number = 0u64;
     let mut input_done = false;
-
-    loop {
-        while !input_done && in_flight.len() < WINDOW {
-            let Some(line) = lines.next_line().await.context("reading messages")? else {
+    while !input_done {
+        // A chunk: up to CHUNK lines, or what arrives within CHUNK_WAIT of
+        // the first one, so a slow producer of lines still gets sent.
+        let mut chunk = Vec::new();
+        let mut deadline = None;
+        while chunk.len() < CHUNK {
+            let next = match deadline {
+                None => lines.next_line().await,
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, lines.next_line()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    }
+                }
+            };
+            let Some(line) = next.context("reading messages")? else {
                 input_done = true;
                 break;
             };
@@ -173,42 +185,28 @@ async fn send_batch(
                 continue;
             }
             match parse_line(&line) {
-                Ok(message) => in_flight.push(async move {
-                    let outcome = producer.send(topic, &message).await;
-                    (message, outcome)
-                }),
+                Ok(message) => {
+                    chunk.push(message);
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + CHUNK_WAIT);
+                }
                 Err(err) => {
                     rejected += 1;
                     progress.suspend(|| eprintln!("line {line_number}: not sent: {err:#}"));
                 }
             }
         }
-        let Some((message, outcome)) = in_flight.next().await else {
-            break;
-        };
-        match outcome {
-            Ok(_) => {
-                sent += 1;
-                progress.inc(1);
-                progress.suspend(|| outln!("{}", message.uuid));
-                delivered.push(message);
+        let outcome = publish(chunk, topic, producer, store).await;
+        sent += outcome.sent.len() as u64;
+        progress.inc(outcome.sent.len() as u64);
+        progress.suspend(|| {
+            for uuid in &outcome.sent {
+                outln!("{uuid}");
             }
-            Err(err) => {
-                failed += 1;
-                progress.suspend(|| eprintln!("not sent: {err:#}"));
-            }
+        });
+        for (uuid, err) in outcome.failed {
+            failed += 1;
+            progress.suspend(|| eprintln!("{uuid} not sent: {err:#}"));
         }
-        if delivered.len() >= 1000 {
-            if let Some(store) = store {
-                let refs: Vec<&Message> = delivered.iter().collect();
-                record_pending(store, &refs, topic).await;
-            }
-            delivered.clear();
-        }
-    }
-    if let Some(store) = store {
-        let refs: Vec<&Message> = delivered.iter().collect();
-        record_pending(store, &refs, topic).await;
     }
     let _ = producer.flush(Duration::from_secs(10));
     progress.finish_and_clear();
@@ -220,6 +218,58 @@ async fn send_batch(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What became of a chunk of messages.
+struct Published {
+    /// The uuids the broker acknowledged, in input order.
+    sent: Vec<String>,
+    failed: Vec<(String, ProducerError)>,
+}
+
+/// Records `messages` as PENDING (when a database is configured) and then
+/// publishes them. Recording first means a worker always finds the row,
+/// and `status` knows a message as soon as `send` returns; a message that
+/// could not be published has its row removed again.
+async fn publish(
+    messages: Vec<Message>,
+    topic: &str,
+    producer: &Producer,
+    store: Option<&Store>,
+) -> Published {
+    let mut inserted = Vec::new();
+    if let Some(store) = store {
+        match store.record_pending(&pending_rows(&messages, topic)).await {
+            Ok(uuids) => inserted = uuids,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not record the messages as PENDING; sending them anyway")
+            }
+        }
+    }
+    let sends = messages.iter().map(|message| producer.send(topic, message));
+    let outcomes = futures::future::join_all(sends).await;
+    let mut published = Published {
+        sent: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (message, outcome) in messages.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(_) => published.sent.push(message.uuid),
+            Err(err) => published.failed.push((message.uuid, err)),
+        }
+    }
+    if let Some(store) = store {
+        let unsent: Vec<String> = published
+            .failed
+            .iter()
+            .map(|(uuid, _)| uuid.clone())
+            .filter(|uuid| inserted.contains(uuid))
+            .collect();
+        if let Err(err) = store.forget_pending(&unsent).await {
+            tracing::warn!(error = %err, "could not remove the PENDING rows of unsent messages");
+        }
+    }
+    published
 }
 
 /// A counter on stderr when it is a terminal; nothing otherwise.
@@ -235,11 +285,8 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-/// Records sent messages as PENDING so `status` knows them before a worker
-/// picks them up. The messages are already sent, so a failure here is a
-/// warning, not an error.
-async fn record_pending(store: &Store, messages: &[&Message], topic: &str) {
-    let rows: Vec<NewTask> = messages
+fn pending_rows(messages: &[Message], topic: &str) -> Vec<NewTask> {
+    messages
         .iter()
         .map(|message| {
             let mut row = NewTask::new(
@@ -253,10 +300,7 @@ async fn record_pending(store: &Store, messages: &[&Message], topic: &str) {
             row.enqueued_at = Some(chrono::Utc::now());
             row
         })
-        .collect();
-    if let Err(err) = store.record_pending(&rows).await {
-        tracing::warn!(error = %err, "messages sent, but not recorded as PENDING");
-    }
+        .collect()
 }
 
 #[cfg(test)]

@@ -175,18 +175,36 @@ impl Store {
         Ok(applied)
     }
 
-    /// Records messages a producer has just sent, as PENDING. A row that
-    /// already exists (a worker was faster) is left alone.
-    pub async fn record_pending(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
+    /// Records messages a producer is about to send, as PENDING, and
+    /// returns the uuids it inserted. A row that already exists (a duplicate
+    /// send) is left alone.
+    pub async fn record_pending(&self, rows: &[NewTask]) -> Result<Vec<String>, StoreError> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
         Ok(diesel::insert_into(tasks::table)
             .values(rows)
             .on_conflict_do_nothing()
-            .execute(&mut conn)
+            .returning(tasks::uuid)
+            .get_results(&mut conn)
             .await?)
+    }
+
+    /// Removes PENDING rows of messages that could not be sent after all.
+    pub async fn forget_pending(&self, uuids: &[String]) -> Result<usize, StoreError> {
+        if uuids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::delete(
+            tasks::table
+                .filter(tasks::uuid.eq_any(uuids))
+                .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
+                .filter(tasks::operation_uuid.is_null()),
+        )
+        .execute(&mut conn)
+        .await?)
     }
 
     /// Marks a batch of received messages RUNNING and returns, for each one
