@@ -16,6 +16,9 @@
 //! - `showcase.Sleep {"ms"}`: sleeps, for concurrency and shutdown tests.
 //! - `showcase.Hooked {}`: fails in `before_run`, so `run` never runs.
 //! - `showcase.Flaky {"flag"}`: fails until the file `flag` exists.
+//! - `showcase.FailTimes {"times"}`: fails (retryably) on its first `times`
+//!   attempts, then succeeds; it declares its own retry policy: 4 attempts,
+//!   300 ms, then 600 ms, then 1.2 s apart, no jitter.
 //! - `showcase.Append {"item", "ms"?}`: appends `item` to the `items` list it
 //!   was forwarded, after sleeping `ms`.
 //!
@@ -30,8 +33,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kser::{
-    JsonObject, Operation, OperationContext, Registry, Step, Task, TaskContext, TaskError,
-    TaskResult,
+    JsonObject, Operation, OperationContext, Registry, RetryPolicy, Step, Task, TaskContext,
+    TaskError, TaskResult,
 };
 use serde_json::{Value, json};
 
@@ -153,6 +156,42 @@ impl Task for Flaky {
         } else {
             Err(TaskError::retryable(format!("waiting for {}", params.flag)))
         }
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct FailTimesParams {
+    times: u32,
+}
+
+struct FailTimes;
+
+impl Task for FailTimes {
+    const ENTRYPOINT: &'static str = "showcase.FailTimes";
+    const DESCRIPTION: &'static str = "Fails on its first `times` attempts";
+    type Params = FailTimesParams;
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(300),
+            jitter: 0.0,
+            ..RetryPolicy::NONE
+        })
+    }
+
+    async fn run(
+        &self,
+        ctx: &TaskContext,
+        params: FailTimesParams,
+    ) -> Result<TaskResult, TaskError> {
+        if ctx.attempt <= params.times {
+            return Err(TaskError::retryable(format!(
+                "failing on purpose (attempt {})",
+                ctx.attempt
+            )));
+        }
+        Ok(TaskResult::ok().with_stdout(format!("succeeded on attempt {}", ctx.attempt)))
     }
 }
 
@@ -281,6 +320,7 @@ fn main() -> ExitCode {
         .and_then(|r| r.register(Hooked))
         .and_then(|r| r.register(Flaky))
         .and_then(|r| r.register(Append))
+        .and_then(|r| r.register(FailTimes))
         .and_then(|r| r.register_operation(Pipeline))
         .and_then(|r| r.register_operation(Chain))
         .and_then(|r| r.register_operation(Custom))

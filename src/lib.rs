@@ -44,6 +44,7 @@
 //! - [`task`]: the [`Task`] trait users implement, its context and errors.
 //! - [`operation`]: the [`Operation`] trait: a sequence of tasks.
 //! - [`registry`]: entrypoint name -> task or operation.
+//! - [`retry`]: retry policies: attempts, backoff, timeouts.
 //! - [`worker`]: consume, record, run, commit; offsets and shutdown.
 //! - [`producer`]: publishing messages.
 //! - [`store`]: the Postgres schema, migrations and queries.
@@ -58,6 +59,7 @@ pub mod message;
 pub mod operation;
 pub mod producer;
 pub mod registry;
+pub mod retry;
 pub mod store;
 pub mod task;
 pub mod worker;
@@ -67,6 +69,7 @@ pub use message::{ErrorKind, JsonObject, Message, TaskResult};
 pub use operation::{Operation, OperationContext, Step};
 pub use producer::Producer;
 pub use registry::{Registry, RegistryError};
+pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
 pub use task::{Task, TaskContext, TaskError};
 pub use worker::{Worker, WorkerConfig, WorkerStats};

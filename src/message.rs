@@ -193,6 +193,8 @@ pub enum ErrorKind {
     Fatal,
     /// The task panicked.
     Panic,
+    /// The attempt ran longer than its policy's timeout.
+    Timeout,
 }
 
 impl ErrorKind {
@@ -205,6 +207,7 @@ impl ErrorKind {
             Self::Retryable => "retryable",
             Self::Fatal => "fatal",
             Self::Panic => "panic",
+            Self::Timeout => "timeout",
         }
     }
 }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::message::{ErrorKind, JsonObject, TaskResult};
 use crate::operation::{Operation, OperationContext, Step};
+use crate::retry::RetryPolicy;
 use crate::task::{Task, TaskContext};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -30,6 +31,7 @@ pub struct Registry {
 struct Entry {
     info: EntrypointInfo,
     kind: Kind,
+    retry: Option<RetryPolicy>,
 }
 
 #[derive(Clone)]
@@ -84,6 +86,7 @@ impl Registry {
         if self.entries.contains_key(T::ENTRYPOINT) {
             return Err(RegistryError::Duplicate(T::ENTRYPOINT));
         }
+        let retry = task.retry_policy();
         let task = Arc::new(task);
         let handler: Handler = Arc::new(move |ctx, params| {
             let task = Arc::clone(&task);
@@ -99,7 +102,8 @@ impl Registry {
             params_schema: schemars::schema_for!(T::Params).to_value(),
         };
         let kind = Kind::Task { handler, validate };
-        self.entries.insert(T::ENTRYPOINT, Entry { info, kind });
+        let entry = Entry { info, kind, retry };
+        self.entries.insert(T::ENTRYPOINT, entry);
         Ok(self)
     }
 
@@ -137,8 +141,18 @@ impl Registry {
             params_schema: schemars::schema_for!(O::Params).to_value(),
         };
         let kind = Kind::Operation { build, finished };
-        self.entries.insert(O::ENTRYPOINT, Entry { info, kind });
+        let entry = Entry {
+            info,
+            kind,
+            retry: None,
+        };
+        self.entries.insert(O::ENTRYPOINT, entry);
         Ok(self)
+    }
+
+    /// The retry policy task `name` declared, if any.
+    pub fn retry_policy(&self, name: &str) -> Option<RetryPolicy> {
+        self.entries.get(name).and_then(|entry| entry.retry)
     }
 
     /// Whether `name` is a registered operation.

@@ -49,6 +49,12 @@ pub trait Task: Send + Sync + 'static {
     /// The task's parameters; use `#[serde(default)]` for optional ones.
     type Params: DeserializeOwned + JsonSchema + Send + 'static;
 
+    /// How this task is retried; `None` (the default) takes the worker's
+    /// policy.
+    fn retry_policy(&self) -> Option<crate::RetryPolicy> {
+        None
+    }
+
     /// Does the work.
     fn run(
         &self,

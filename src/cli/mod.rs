@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::TopicLayout;
 use crate::config::KafkaConfig;
 use crate::registry::Registry;
+use crate::retry::RetryPolicy;
 use crate::store::{Store, TaskFilter, TaskStatus};
 use crate::worker::{Worker, WorkerConfig};
 
@@ -160,6 +161,19 @@ struct WorkerArgs {
     /// Replication factor of topics the worker creates.
     #[arg(long, default_value_t = 1)]
     replication_factor: i32,
+    /// Attempts per task, the first included, for tasks without a policy of
+    /// their own. Retryable errors, panics and timeouts are retried.
+    #[arg(long, env = "KSER_MAX_ATTEMPTS", default_value_t = 1)]
+    max_attempts: u32,
+    /// Wait before the first retry (e.g. 500ms, 2s); doubles each time.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    retry_backoff: Duration,
+    /// Longest wait between two attempts.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    retry_backoff_max: Duration,
+    /// Longest time one attempt may run (e.g. 30s); none by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    task_timeout: Option<Duration>,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -218,6 +232,13 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.layout = TopicLayout {
                 partitions: args.partitions,
                 replication_factor: args.replication_factor,
+            };
+            config.retry = RetryPolicy {
+                max_attempts: args.max_attempts.max(1),
+                initial_backoff: args.retry_backoff,
+                max_backoff: args.retry_backoff_max.max(args.retry_backoff),
+                timeout: args.task_timeout,
+                ..RetryPolicy::NONE
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(forward_signals(shutdown.clone()));
@@ -292,7 +313,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                         .list_tasks(&filter)
                         .await?
                         .into_iter()
-                        .map(watch::Found::Task),
+                        .map(|task| watch::Found::Task(task, Vec::new())),
                 )
                 .collect();
             listed.sort_by_key(|found| std::cmp::Reverse(found.created_at()));

@@ -8,10 +8,10 @@ use serde_json::Value;
 
 use super::watch::Found;
 use crate::registry::EntrypointInfo;
-use crate::store::{OperationRow, TaskRow};
+use crate::store::{AttemptRow, OperationRow, TaskRow};
 
-/// `status` output: one field per line.
-pub(super) fn task_details(task: &TaskRow) -> String {
+/// `status` output: one field per line, then earlier failed attempts.
+pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
@@ -68,6 +68,29 @@ pub(super) fn task_details(task: &TaskRow) -> String {
         "finished",
         format!("{}{}", time(task.finished_at), suffix("ran", ran)),
     );
+    if let Some(next) = task.next_attempt_at.filter(|_| task.status == "PENDING") {
+        field("next try", time(Some(next)));
+    }
+    if !attempts.is_empty() {
+        let mut table = new_table(&[
+            "ATTEMPT", "WORKER", "STARTED", "FINISHED", "RETCODE", "ERROR",
+        ]);
+        for attempt in attempts {
+            table.add_row(vec![
+                attempt.attempt.to_string(),
+                attempt.worker.clone().unwrap_or_else(|| "-".into()),
+                time(attempt.started_at),
+                time(Some(attempt.finished_at)),
+                attempt.retcode.map(|c| c.to_string()).unwrap_or_default(),
+                attempt
+                    .error
+                    .as_deref()
+                    .map(|e| shorten(e, 50))
+                    .unwrap_or_default(),
+            ]);
+        }
+        let _ = writeln!(out, "earlier attempts:\n{table}");
+    }
     out
 }
 
@@ -170,7 +193,7 @@ pub(super) fn list_table(rows: &[Found]) -> String {
                 between(op.started_at, op.finished_at),
                 &op.error,
             ),
-            Found::Task(task) => (
+            Found::Task(task, _) => (
                 &task.uuid,
                 "task",
                 &task.entrypoint,

@@ -14,8 +14,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::admin::{self, TopicLayout};
 use crate::config::KafkaConfig;
 use crate::message::{JsonObject, Message, TaskResult};
-use crate::producer::{Producer, ProducerError};
-use crate::store::{NewTask, Store, TaskStatus};
+use crate::producer::Producer;
+use crate::store::{NewOutbox, NewTask, Store, TaskStatus};
+use chrono::{DateTime, Utc};
 
 /// Messages recorded and sent together in batch mode.
 const CHUNK: usize = 1000;
@@ -47,6 +48,14 @@ pub(super) struct SendArgs {
     /// "metadata" and "result".
     #[arg(long, value_name = "FILE", conflicts_with_all = ["params", "params_file", "metadata"])]
     batch: Option<String>,
+    /// Run later: the message is published after this long (e.g. 30s, 5m).
+    /// It waits in Postgres meanwhile, so DATABASE_URL is needed, and a
+    /// running worker publishes it when due.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "at")]
+    delay: Option<Duration>,
+    /// Run at this time (RFC 3339, e.g. 2026-11-24T18:00:00Z); like --delay.
+    #[arg(long, value_parser = parse_time)]
+    at: Option<DateTime<Utc>>,
     /// Partitions of the topic if it has to be created.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
@@ -76,16 +85,29 @@ pub(super) async fn send(
         partitions: args.partitions,
         ..TopicLayout::default()
     };
+    let due = match (args.delay, args.at) {
+        (Some(delay), _) => Some(Utc::now() + chrono::Duration::from_std(delay)?),
+        (None, at) => at,
+    };
+    if due.is_some() && store.is_none() {
+        bail!("--delay and --at need a database (DATABASE_URL): the message waits there until due");
+    }
     admin::ensure_topics(kafka, std::slice::from_ref(&args.topic), layout).await?;
     let producer = Producer::new(kafka)?;
+    let target = Target {
+        topic: &args.topic,
+        producer: &producer,
+        store,
+        due,
+    };
     match &args.batch {
-        Some(source) => send_batch(source, &args.topic, &producer, store).await,
+        Some(source) => send_batch(source, &target).await,
         None => {
             let message = single_message(&args)?;
             let uuid = message.uuid.clone();
-            let outcome = publish(vec![message], &args.topic, &producer, store).await;
+            let outcome = publish(vec![message], &target).await;
             if let Some((_, err)) = outcome.failed.into_iter().next() {
-                return Err(err.into());
+                bail!("{err}");
             }
             outln!("{uuid}");
             Ok(ExitCode::SUCCESS)
@@ -141,12 +163,23 @@ fn parse_line(line: &str) -> anyhow::Result<Message> {
     Ok(message)
 }
 
-async fn send_batch(
-    source: &str,
-    topic: &str,
-    producer: &Producer,
-    store: Option<&Store>,
-) -> anyhow::Result<ExitCode> {
+/// Where and when messages go.
+struct Target<'a> {
+    topic: &'a str,
+    producer: &'a Producer,
+    store: Option<&'a Store>,
+    /// Send later: schedule in the outbox instead of publishing now.
+    due: Option<DateTime<Utc>>,
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|err| format!("expected an RFC 3339 time like 2026-11-24T18:00:00Z: {err}"))
+}
+
+async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCode> {
+    let (topic, producer) = (target.topic, target.producer);
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if source == "-" {
         Box::new(tokio::io::stdin())
     } else {
@@ -195,7 +228,7 @@ async fn send_batch(
                 }
             }
         }
-        let outcome = publish(chunk, topic, producer, store).await;
+        let outcome = publish(chunk, target).await;
         sent += outcome.sent.len() as u64;
         progress.inc(outcome.sent.len() as u64);
         progress.suspend(|| {
@@ -224,19 +257,18 @@ async fn send_batch(
 struct Published {
     /// The uuids the broker acknowledged, in input order.
     sent: Vec<String>,
-    failed: Vec<(String, ProducerError)>,
+    failed: Vec<(String, String)>,
 }
 
 /// Records `messages` as PENDING (when a database is configured) and then
 /// publishes them. Recording first means a worker always finds the row,
 /// and `status` knows a message as soon as `send` returns; a message that
 /// could not be published has its row removed again.
-async fn publish(
-    messages: Vec<Message>,
-    topic: &str,
-    producer: &Producer,
-    store: Option<&Store>,
-) -> Published {
+async fn publish(messages: Vec<Message>, target: &Target<'_>) -> Published {
+    let (topic, producer, store) = (target.topic, target.producer, target.store);
+    if let (Some(due), Some(store)) = (target.due, store) {
+        return schedule(messages, topic, store, due).await;
+    }
     let mut inserted = Vec::new();
     if let Some(store) = store {
         match store.record_pending(&pending_rows(&messages, topic)).await {
@@ -255,7 +287,7 @@ async fn publish(
     for (message, outcome) in messages.into_iter().zip(outcomes) {
         match outcome {
             Ok(_) => published.sent.push(message.uuid),
-            Err(err) => published.failed.push((message.uuid, err)),
+            Err(err) => published.failed.push((message.uuid, err.to_string())),
         }
     }
     if let Some(store) = store {
@@ -283,6 +315,53 @@ fn progress_bar() -> ProgressBar {
     }
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
+}
+
+/// Records messages to publish at `due`: PENDING rows and outbox messages,
+/// which a worker's relay publishes when due.
+async fn schedule(
+    messages: Vec<Message>,
+    topic: &str,
+    store: &Store,
+    due: DateTime<Utc>,
+) -> Published {
+    let mut rows = pending_rows(&messages, topic);
+    for row in &mut rows {
+        row.next_attempt_at = Some(due);
+    }
+    let outbox: Vec<NewOutbox> = messages
+        .iter()
+        .map(|message| NewOutbox {
+            topic: topic.to_owned(),
+            message_key: Some(message.uuid.clone()),
+            payload: String::from_utf8_lossy(&message.to_bytes()).into_owned(),
+            operation_uuid: None,
+            available_at: Some(due),
+        })
+        .collect();
+    let mut published = Published {
+        sent: Vec::new(),
+        failed: Vec::new(),
+    };
+    match store.schedule(&rows, &outbox).await {
+        Ok(scheduled) => {
+            for message in messages {
+                if scheduled.contains(&message.uuid) {
+                    published.sent.push(message.uuid);
+                } else {
+                    let why = "a task with this uuid exists already".to_owned();
+                    published.failed.push((message.uuid, why));
+                }
+            }
+        }
+        Err(err) => {
+            let why = format!("could not schedule: {err}");
+            published
+                .failed
+                .extend(messages.into_iter().map(|m| (m.uuid, why.clone())));
+        }
+    }
+    published
 }
 
 fn pending_rows(messages: &[Message], topic: &str) -> Vec<NewTask> {

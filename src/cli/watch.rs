@@ -9,13 +9,14 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::output;
-use crate::store::{OperationRow, Store, StoreError, TaskRow, TaskStatus};
+use crate::store::{AttemptRow, OperationRow, Store, StoreError, TaskRow, TaskStatus};
 
 /// What a uuid names.
 pub(super) enum Found {
     /// An operation and its tasks, in order.
     Operation(OperationRow, Vec<TaskRow>),
-    Task(TaskRow),
+    /// A task and its earlier failed attempts.
+    Task(TaskRow, Vec<AttemptRow>),
 }
 
 /// The operation or task with this uuid, operations first.
@@ -24,21 +25,29 @@ pub(super) async fn lookup(store: &Store, uuid: &str) -> Result<Option<Found>, S
         let tasks = store.operation_tasks(uuid).await?;
         return Ok(Some(Found::Operation(operation, tasks)));
     }
-    Ok(store.task(uuid).await?.map(Found::Task))
+    let Some(task) = store.task(uuid).await? else {
+        return Ok(None);
+    };
+    let attempts = if task.attempts > 1 {
+        store.task_attempts(uuid).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Some(Found::Task(task, attempts)))
 }
 
 impl Found {
     pub(super) fn status(&self) -> &str {
         match self {
             Self::Operation(op, _) => &op.status,
-            Self::Task(task) => &task.status,
+            Self::Task(task, _) => &task.status,
         }
     }
 
     pub(super) fn created_at(&self) -> DateTime<Utc> {
         match self {
             Self::Operation(op, _) => op.created_at,
-            Self::Task(task) => task.created_at,
+            Self::Task(task, _) => task.created_at,
         }
     }
 
@@ -50,7 +59,11 @@ impl Found {
                 value["tasks"] = serde_json::to_value(tasks).unwrap_or_default();
                 ("operation", value)
             }
-            Self::Task(task) => ("task", serde_json::to_value(task).unwrap_or_default()),
+            Self::Task(task, attempts) => {
+                let mut value = serde_json::to_value(task).unwrap_or_default();
+                value["attempt_history"] = serde_json::to_value(attempts).unwrap_or_default();
+                ("task", value)
+            }
         };
         value["kind"] = Value::from(kind);
         value
@@ -60,14 +73,14 @@ impl Found {
     pub(super) fn details(&self) -> String {
         match self {
             Self::Operation(op, tasks) => output::operation_details(op, tasks),
-            Self::Task(task) => output::task_details(task),
+            Self::Task(task, attempts) => output::task_details(task, attempts),
         }
     }
 
     /// One line saying where it stands, for `watch` when not on a terminal.
     fn summary(&self) -> String {
         match self {
-            Self::Task(task) => match &task.error {
+            Self::Task(task, _) => match &task.error {
                 Some(error) => format!("{} {}: {error}", task.status, task.entrypoint),
                 None => format!("{} {}", task.status, task.entrypoint),
             },

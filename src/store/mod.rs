@@ -8,6 +8,7 @@
 
 mod models;
 mod operations;
+mod retries;
 mod schema;
 
 use std::collections::HashMap;
@@ -21,8 +22,11 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-pub use models::{NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus};
+pub use models::{
+    AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
+};
 pub use operations::{FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed};
+pub use retries::Retry;
 use schema::kser::tasks;
 
 /// The migrations in `migrations/`, compiled into the binary.
@@ -330,6 +334,10 @@ impl Store {
 
 /// The UPDATE that records outcomes of started tasks, one array per column;
 /// with `returning`, it returns the uuids it moved out of PENDING/RUNNING.
+///
+/// Fenced by attempt number: if the task was started again meanwhile (a
+/// redelivery to another worker after a rebalance), the older attempt's
+/// outcome is not recorded.
 fn complete_query(
     rows: &[NewTask],
     returning: bool,
@@ -340,9 +348,9 @@ fn complete_query(
     let sql = format!(
         "UPDATE kser.tasks AS t SET status = v.status, result = v.result, error = v.error, \
              finished_at = v.finished_at, updated_at = v.finished_at \
-         FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[]) \
-             AS v(uuid, status, result, error, finished_at) \
-         WHERE t.uuid = v.uuid AND t.status IN ('PENDING', 'RUNNING'){}",
+         FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], \
+             $6::int4[]) AS v(uuid, status, result, error, finished_at, attempts) \
+         WHERE t.uuid = v.uuid AND t.status IN ('PENDING', 'RUNNING') AND t.attempts = v.attempts{}",
         if returning { " RETURNING t.uuid" } else { "" }
     );
     diesel::sql_query(sql)
@@ -352,6 +360,7 @@ fn complete_query(
         .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.clone()))
         .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.clone()))
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.finished_at))
+        .bind::<Array<diesel::sql_types::Int4>, _>(column(rows, |r| r.attempts))
 }
 
 /// One field of every row, to bind as a Postgres array.

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::schema::kser::{operations, outbox, tasks};
+use super::schema::kser::{operations, outbox, task_attempts, tasks};
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,6 +94,7 @@ pub struct TaskRow {
     pub updated_at: DateTime<Utc>,
     pub operation_uuid: Option<String>,
     pub position: Option<i32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// A row to insert or upsert: a sent message, a started task or a finished one.
@@ -118,6 +119,7 @@ pub struct NewTask {
     pub updated_at: DateTime<Utc>,
     pub operation_uuid: Option<String>,
     pub position: Option<i32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 impl NewTask {
@@ -142,6 +144,7 @@ impl NewTask {
             updated_at: Utc::now(),
             operation_uuid: None,
             position: None,
+            next_attempt_at: None,
         }
     }
 }
@@ -205,4 +208,19 @@ pub struct NewOutbox {
     pub message_key: Option<String>,
     pub payload: String,
     pub operation_uuid: Option<String>,
+    /// Not published before then (`None`: at once).
+    pub available_at: Option<DateTime<Utc>>,
+}
+
+/// A failed attempt of a task that was retried.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize)]
+#[diesel(table_name = task_attempts, check_for_backend(diesel::pg::Pg))]
+pub struct AttemptRow {
+    pub task_uuid: String,
+    pub attempt: i32,
+    pub worker: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+    pub retcode: Option<i32>,
+    pub error: Option<String>,
 }

@@ -311,7 +311,7 @@ impl Store {
         Ok(diesel::sql_query(
             "UPDATE kser.outbox SET claimed_until = now() + make_interval(secs => $2) \
              WHERE id IN (SELECT id FROM kser.outbox \
-                 WHERE claimed_until IS NULL OR claimed_until < now() \
+                 WHERE (claimed_until IS NULL OR claimed_until < now()) AND available_at <= now() \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
              RETURNING id, topic, message_key, payload",
         )
@@ -465,6 +465,7 @@ fn step_message(
         message_key: Some(op_uuid.to_owned()),
         payload: String::from_utf8_lossy(&message.to_bytes()).into_owned(),
         operation_uuid: Some(op_uuid.to_owned()),
+        available_at: None,
     }
 }
 

@@ -30,6 +30,19 @@ pub mod kser {
             operation_uuid -> Nullable<Text>,
             created_at -> Timestamptz,
             claimed_until -> Nullable<Timestamptz>,
+            available_at -> Timestamptz,
+        }
+    }
+
+    diesel::table! {
+        kser.task_attempts (task_uuid, attempt) {
+            task_uuid -> Text,
+            attempt -> Int4,
+            worker -> Nullable<Text>,
+            started_at -> Nullable<Timestamptz>,
+            finished_at -> Timestamptz,
+            retcode -> Nullable<Int4>,
+            error -> Nullable<Text>,
         }
     }
 
@@ -54,11 +67,13 @@ pub mod kser {
             updated_at -> Timestamptz,
             operation_uuid -> Nullable<Text>,
             position -> Nullable<Int4>,
+            next_attempt_at -> Nullable<Timestamptz>,
         }
     }
 
     diesel::joinable!(outbox -> operations (operation_uuid));
+    diesel::joinable!(task_attempts -> tasks (task_uuid));
     diesel::joinable!(tasks -> operations (operation_uuid));
 
-    diesel::allow_tables_to_appear_in_same_query!(operations, outbox, tasks,);
+    diesel::allow_tables_to_appear_in_same_query!(operations, outbox, task_attempts, tasks,);
 }

@@ -42,7 +42,10 @@ use crate::config::{ClientRole, KafkaConfig};
 use crate::message::{ErrorKind, Message, TaskResult};
 use crate::producer::Producer;
 use crate::registry::Registry;
-use crate::store::{FinishedOperation, NewTask, StartedTask, Store, StoreError, TaskStatus};
+use crate::retry::RetryPolicy;
+use crate::store::{
+    FinishedOperation, NewOutbox, NewTask, Retry, StartedTask, Store, StoreError, TaskStatus,
+};
 use crate::task::TaskContext;
 use context::KserContext;
 use decode::{Decoded, decode};
@@ -66,6 +69,8 @@ pub struct WorkerConfig {
     pub layout: TopicLayout,
     /// This worker's name in the `worker` column (default `host:pid`).
     pub worker_id: String,
+    /// Retries and timeouts of tasks that declare no policy of their own.
+    pub retry: RetryPolicy,
 }
 
 impl WorkerConfig {
@@ -80,6 +85,7 @@ impl WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             layout: TopicLayout::default(),
             worker_id: default_worker_id(),
+            retry: RetryPolicy::NONE,
         }
     }
 }
@@ -117,6 +123,8 @@ pub struct WorkerStats {
     pub succeeded: u64,
     /// Tasks recorded as FAILED (including invalid messages with a uuid).
     pub failed: u64,
+    /// Failed attempts that will be retried after their backoff.
+    pub retried: u64,
     /// Messages not run because their task was already final or in flight.
     pub skipped: u64,
     /// Records that were not kser messages and had no uuid: logged, not stored.
@@ -130,6 +138,7 @@ struct Counters {
     received: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
+    retried: AtomicU64,
     skipped: AtomicU64,
     rejected: AtomicU64,
 }
@@ -144,6 +153,7 @@ impl Counters {
             received: self.received.load(Ordering::Relaxed),
             succeeded: self.succeeded.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             abandoned: 0,
@@ -163,6 +173,8 @@ struct Finished {
     position: Position,
     row: NewTask,
     kind: Outcome,
+    /// For a retry: the message to send again when it is due.
+    resend: Option<NewOutbox>,
 }
 
 /// How a final state is written.
@@ -177,6 +189,9 @@ enum Outcome {
     /// A message that did not run (invalid, refused): the row is upserted
     /// whole.
     Rejected,
+    /// A failed attempt that will be retried: back to PENDING, the attempt
+    /// recorded, the message queued until its backoff has passed.
+    Retry,
 }
 
 /// A task cleared to run.
@@ -208,6 +223,8 @@ struct Shared {
     abandon: CancellationToken,
     /// Publishes the outbox: next steps of operations.
     producer: Producer,
+    /// For tasks that declare no policy of their own.
+    retry: RetryPolicy,
     /// Wakes the outbox relay when this worker has just queued messages.
     relay_wakeup: tokio::sync::Notify,
 }
@@ -267,6 +284,7 @@ impl Worker {
             producer: Producer::new(&config.kafka)
                 .map_err(|err| WorkerError::Producer(err.to_string()))?,
             relay_wakeup: tokio::sync::Notify::new(),
+            retry: config.retry,
         });
 
         let capacity = shared.batch_size * 2;
@@ -394,18 +412,21 @@ impl Shared {
                 let shared = Arc::clone(&self);
                 let finish_tx = finish_tx.clone();
                 running.spawn(async move {
-                    let kind = if task.started.operation_uuid.is_some() {
+                    let position = task.position.clone();
+                    let (row, resend) = shared.execute(task).await;
+                    drop(permit);
+                    let kind = if resend.is_some() {
+                        Outcome::Retry
+                    } else if row.operation_uuid.is_some() {
                         Outcome::Step
                     } else {
                         Outcome::Ran
                     };
-                    let position = task.position.clone();
-                    let row = shared.execute(task).await;
-                    drop(permit);
                     let finished = Finished {
                         position,
                         row,
                         kind,
+                        resend,
                     };
                     let _ = finish_tx.send(finished).await;
                 });
@@ -460,6 +481,7 @@ impl Shared {
                         position,
                         row,
                         kind: Outcome::Rejected,
+                        resend: None,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -505,6 +527,7 @@ impl Shared {
                         position,
                         row: *row,
                         kind: Outcome::Rejected,
+                        resend: None,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -562,8 +585,9 @@ impl Shared {
         Some(started)
     }
 
-    /// Runs one task and returns its final row.
-    async fn execute(&self, task: Ready) -> NewTask {
+    /// Runs one task and returns its row after the attempt, and the message
+    /// to send again if the attempt failed and will be retried.
+    async fn execute(&self, task: Ready) -> (NewTask, Option<NewOutbox>) {
         let Ready {
             position,
             message,
@@ -572,6 +596,7 @@ impl Shared {
         } = task;
         let position = &position;
         let attempt = started.attempts;
+        let forwarded = message.result.clone();
         let span = tracing::info_span!("task", task.uuid = %message.uuid, entrypoint = %message.entrypoint, attempt);
         let started_at = Utc::now();
         let ctx = TaskContext {
@@ -579,7 +604,7 @@ impl Shared {
             entrypoint: message.entrypoint.clone(),
             attempt: u32::try_from(attempt).unwrap_or(1),
             metadata: message.metadata.clone(),
-            forwarded: message.result.clone(),
+            forwarded: forwarded.clone(),
             topic: position.topic.to_string(),
             partition: position.partition,
             offset: position.offset,
@@ -587,11 +612,25 @@ impl Shared {
             operation: started.operation_uuid.clone().zip(started.position),
         };
         let params = Value::Object(message.params.clone());
-        let result = self
+        let policy = self
+            .registry
+            .retry_policy(&message.entrypoint)
+            .unwrap_or(self.retry);
+        let run = self
             .registry
             .run(ctx, message.params)
-            .instrument(span.clone())
-            .await;
+            .instrument(span.clone());
+        let result = match policy.timeout {
+            None => run.await,
+            Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+                TaskResult::error(
+                    504,
+                    ErrorKind::Timeout,
+                    format!("timed out after {:.3}s", limit.as_secs_f64()),
+                    Value::Null,
+                )
+            }),
+        };
         let status = if result.is_success() {
             TaskStatus::Success
         } else {
@@ -612,7 +651,35 @@ impl Shared {
         row.finished_at = Some(Utc::now());
         row.operation_uuid = started.operation_uuid;
         row.position = started.position;
-        row
+        let attempt_number = u32::try_from(attempt).unwrap_or(u32::MAX);
+        if !policy.should_retry(attempt_number, result.error_kind()) {
+            return (row, None);
+        }
+        let wait = policy.backoff(attempt_number);
+        let due = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+        tracing::info!(parent: &span, retry_in_ms = wait.as_millis() as u64, "will retry");
+        row.status = TaskStatus::Pending.as_str();
+        row.next_attempt_at = Some(due);
+        let again = Message {
+            uuid: row.uuid.clone(),
+            entrypoint: row.entrypoint.clone(),
+            params: row.params.as_object().cloned().unwrap_or_default(),
+            result: forwarded,
+            metadata: row.metadata.as_object().cloned().unwrap_or_default(),
+        };
+        let resend = NewOutbox {
+            topic: position.topic.to_string(),
+            // Steps stay keyed by their operation, tasks by their uuid.
+            message_key: Some(
+                row.operation_uuid
+                    .clone()
+                    .unwrap_or_else(|| row.uuid.clone()),
+            ),
+            payload: String::from_utf8_lossy(&again.to_bytes()).into_owned(),
+            operation_uuid: row.operation_uuid.clone(),
+            available_at: Some(due),
+        };
+        (row, Some(resend))
     }
 
     fn locate(&self, row: &mut NewTask, position: &Position, enqueued_at: Option<DateTime<Utc>>) {
@@ -667,18 +734,38 @@ impl Shared {
                 (Outcome::Step, Vec::new()),
                 (Outcome::Rejected, Vec::new()),
             ];
+            let mut retries = Vec::new();
             let mut positions = Vec::with_capacity(batch.len());
             for Finished {
                 position,
                 row,
                 kind,
+                resend,
             } in batch.drain(..)
             {
                 positions.push(position);
                 // Two invalid records with one uuid: the first one wins.
                 if !seen.insert(row.uuid.clone()) {
                     Counters::add(&self.counters.skipped, 1);
+                } else if let Some(message) = resend {
+                    retries.push(Retry { row, message });
                 } else if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
+                    rows.push(row);
+                }
+            }
+            // A retry Postgres refuses is recorded as a final failure instead.
+            let Some(unretried) = self.write_retries(&retries).await else {
+                return;
+            };
+            for mut row in unretried {
+                row.status = TaskStatus::Failed.as_str();
+                row.next_attempt_at = None;
+                let kind = if row.operation_uuid.is_some() {
+                    Outcome::Step
+                } else {
+                    Outcome::Ran
+                };
+                if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
                     rows.push(row);
                 }
             }
@@ -704,12 +791,42 @@ impl Shared {
             Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
             {
                 let mut in_flight = self.lock_in_flight();
-                for row in rows {
+                for row in rows.chain(retries.iter().map(|r| &r.row)) {
                     in_flight.remove(&row.uuid);
                 }
             }
             self.release(&positions);
         }
+    }
+
+    /// Records failed attempts that will be retried, waiting out database
+    /// outages. Returns the rows Postgres refused (to record as final
+    /// failures), or `None` when the shutdown deadline passed.
+    async fn write_retries(&self, retries: &[Retry]) -> Option<Vec<NewTask>> {
+        if retries.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut refused = Vec::new();
+        match self
+            .retry_db("record retries", || self.store.retry_tasks(retries))
+            .await?
+        {
+            Ok(_) => {}
+            Err(_) => {
+                for retry in retries {
+                    let single = std::slice::from_ref(retry);
+                    if let Err(err) = self
+                        .retry_db("record a retry", || self.store.retry_tasks(single))
+                        .await?
+                    {
+                        tracing::warn!(task.uuid = %retry.row.uuid, error = %err, "could not record the retry; the task fails");
+                        refused.push(retry.row.clone());
+                    }
+                }
+            }
+        }
+        Counters::add(&self.counters.retried, retries.len() - refused.len());
+        Some(refused)
     }
 
     /// Writes final rows, waiting out database outages; a row Postgres
@@ -780,7 +897,9 @@ impl Shared {
         match kind {
             Outcome::Ran => self.store.complete_tasks(rows).await.map(|_| Vec::new()),
             Outcome::Step => self.store.complete_steps(rows).await,
-            Outcome::Rejected => self.store.finish_tasks(rows).await.map(|_| Vec::new()),
+            Outcome::Rejected | Outcome::Retry => {
+                self.store.finish_tasks(rows).await.map(|_| Vec::new())
+            }
         }
     }
 

@@ -1,0 +1,143 @@
+//! Retries and delayed messages in Postgres: a failed attempt puts its task
+//! back to PENDING, records the attempt and queues the message in the outbox
+//! until its backoff has passed, all in one transaction.
+
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+
+use super::models::{AttemptRow, NewOutbox, NewTask};
+use super::schema::kser::{outbox, task_attempts, tasks};
+use super::{Store, StoreError, column};
+
+/// A failed attempt to retry: the task row as the attempt left it (its
+/// `next_attempt_at` says when the next one is due) and the message to send
+/// again then.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    pub row: NewTask,
+    pub message: NewOutbox,
+}
+
+impl Store {
+    /// Records failed attempts that will be retried: each task goes back to
+    /// PENDING with the error and `next_attempt_at`, the attempt is added to
+    /// `kser.task_attempts`, and the message waits in the outbox until due.
+    /// Fenced like completions: an attempt that is no longer the task's
+    /// latest changes nothing. Returns how many were recorded.
+    pub async fn retry_tasks(&self, retries: &[Retry]) -> Result<usize, StoreError> {
+        use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz};
+
+        #[derive(QueryableByName)]
+        struct Updated {
+            #[diesel(sql_type = Text)]
+            uuid: String,
+        }
+
+        if retries.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<NewTask> = retries.iter().map(|r| r.row.clone()).collect();
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let updated: Vec<Updated> = diesel::sql_query(
+                "UPDATE kser.tasks AS t SET status = 'PENDING', result = v.result, error = v.error, \
+                     next_attempt_at = v.next_attempt_at, updated_at = now() \
+                 FROM unnest($1::text[], $2::int4[], $3::jsonb[], $4::text[], $5::timestamptz[]) \
+                     AS v(uuid, attempts, result, error, next_attempt_at) \
+                 WHERE t.uuid = v.uuid AND t.status = 'RUNNING' AND t.attempts = v.attempts \
+                 RETURNING t.uuid",
+            )
+            .bind::<Array<Text>, _>(column(&rows, |r| r.uuid.clone()))
+            .bind::<Array<Int4>, _>(column(&rows, |r| r.attempts))
+            .bind::<Array<Nullable<Jsonb>>, _>(column(&rows, |r| r.result.clone()))
+            .bind::<Array<Nullable<Text>>, _>(column(&rows, |r| r.error.clone()))
+            .bind::<Array<Nullable<Timestamptz>>, _>(column(&rows, |r| r.next_attempt_at))
+            .load(conn)
+            .await?;
+            let kept: Vec<&Retry> = retries
+                .iter()
+                .filter(|r| updated.iter().any(|u| u.uuid == r.row.uuid))
+                .collect();
+            if kept.is_empty() {
+                return Ok(0);
+            }
+            let attempts: Vec<AttemptRow> = kept
+                .iter()
+                .map(|r| AttemptRow {
+                    task_uuid: r.row.uuid.clone(),
+                    attempt: r.row.attempts,
+                    worker: r.row.worker.clone(),
+                    started_at: r.row.started_at,
+                    finished_at: r.row.finished_at.unwrap_or_else(chrono::Utc::now),
+                    retcode: r
+                        .row
+                        .result
+                        .as_ref()
+                        .and_then(|result| result.get("retcode"))
+                        .and_then(serde_json::Value::as_i64)
+                        .and_then(|code| i32::try_from(code).ok()),
+                    error: r.row.error.clone(),
+                })
+                .collect();
+            diesel::insert_into(task_attempts::table)
+                .values(&attempts)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            let messages: Vec<&NewOutbox> = kept.iter().map(|r| &r.message).collect();
+            diesel::insert_into(outbox::table)
+                .values(messages)
+                .execute(conn)
+                .await?;
+            Ok(kept.len())
+        })
+        .await
+    }
+
+    /// Records messages to send later (`send --delay`): PENDING rows and
+    /// outbox messages due at their `available_at`, in one transaction.
+    /// Returns the uuids scheduled; one that already exists is left alone.
+    pub async fn schedule(
+        &self,
+        rows: &[NewTask],
+        messages: &[NewOutbox],
+    ) -> Result<Vec<String>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let inserted: Vec<String> = diesel::insert_into(tasks::table)
+                .values(rows)
+                .on_conflict_do_nothing()
+                .returning(tasks::uuid)
+                .get_results(conn)
+                .await?;
+            let due: Vec<&NewOutbox> = rows
+                .iter()
+                .zip(messages)
+                .filter(|(row, _)| inserted.contains(&row.uuid))
+                .map(|(_, message)| message)
+                .collect();
+            if !due.is_empty() {
+                diesel::insert_into(outbox::table)
+                    .values(due)
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(inserted)
+        })
+        .await
+    }
+
+    /// The failed attempts of a task that were retried, oldest first.
+    pub async fn task_attempts(&self, uuid: &str) -> Result<Vec<AttemptRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(task_attempts::table
+            .filter(task_attempts::task_uuid.eq(uuid))
+            .order(task_attempts::attempt.asc())
+            .select(AttemptRow::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+}
