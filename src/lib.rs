@@ -49,12 +49,14 @@
 //! - [`producer`]: publishing messages.
 //! - [`store`]: the Postgres schema, migrations and queries.
 //! - [`config`]: Kafka client settings.
+//! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
 //! - [`cli`]: the command line shared by `kser` and user binaries.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod message;
 pub mod operation;
 pub mod producer;
@@ -72,4 +74,4 @@ pub use registry::{Registry, RegistryError};
 pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
 pub use task::{Task, TaskContext, TaskError};
-pub use worker::{Worker, WorkerConfig, WorkerStats};
+pub use worker::{DeadLetters, Worker, WorkerConfig, WorkerStats};

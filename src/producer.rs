@@ -93,6 +93,38 @@ impl Producer {
         }
     }
 
+    /// Publishes raw bytes with headers (dead letters).
+    pub async fn send_with_headers(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, String)],
+    ) -> Result<(i32, i64), ProducerError> {
+        let mut owned = rdkafka::message::OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        match self.inner.send(record, DELIVERY_TIMEOUT).await {
+            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+            Err((err, _)) => Err(ProducerError::Send {
+                uuid: String::new(),
+                topic: topic.to_owned(),
+                reason: err.to_string(),
+            }),
+        }
+    }
+
     /// Waits until every queued message is delivered or has failed.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.flush(timeout)

@@ -19,6 +19,7 @@ macro_rules! outln {
     }};
 }
 
+mod dlq;
 mod output;
 mod send;
 mod watch;
@@ -35,7 +36,7 @@ use crate::config::KafkaConfig;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, TaskFilter, TaskStatus};
-use crate::worker::{Worker, WorkerConfig};
+use crate::worker::{DeadLetters, Worker, WorkerConfig};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
@@ -123,6 +124,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect the dead-letter topic and send dead letters back.
+    Dlq(dlq::DlqArgs),
     /// Apply the database migrations (the worker also does at start).
     Migrate,
     /// List the registered entrypoints and the parameters they expect.
@@ -174,6 +177,12 @@ struct WorkerArgs {
     /// Longest time one attempt may run (e.g. 30s); none by default.
     #[arg(long, value_parser = humantime::parse_duration)]
     task_timeout: Option<Duration>,
+    /// Dead-letter topic for every consumed topic (default: <topic>.dlq).
+    #[arg(long, env = "KSER_DLQ_TOPIC", conflicts_with = "no_dlq")]
+    dlq_topic: Option<String>,
+    /// Do not dead-letter: failures are only in Postgres and the logs.
+    #[arg(long)]
+    no_dlq: bool,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -232,6 +241,11 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.layout = TopicLayout {
                 partitions: args.partitions,
                 replication_factor: args.replication_factor,
+            };
+            config.dead_letters = match (args.no_dlq, args.dlq_topic) {
+                (true, _) => DeadLetters::Disabled,
+                (false, Some(topic)) => DeadLetters::Topic(topic),
+                (false, None) => DeadLetters::Suffix,
             };
             config.retry = RetryPolicy {
                 max_attempts: args.max_attempts.max(1),
@@ -325,6 +339,13 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 outln!("{}", output::list_table(&listed));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(args) => {
+            let store = match &global.database_url {
+                Some(_) => Some(connect(&global.database_url).await?),
+                None => None,
+            };
+            dlq::run(args, &kafka()?, store.as_ref()).await
         }
         Command::Migrate => {
             let store = connect(&global.database_url).await?;

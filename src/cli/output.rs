@@ -216,6 +216,40 @@ pub(super) fn list_table(rows: &[Found]) -> String {
     table.to_string()
 }
 
+/// `dlq list` output.
+pub(super) fn dead_letter_table(entries: &[crate::dead_letter::DeadLetterEntry]) -> String {
+    if entries.is_empty() {
+        return "no dead letters".to_owned();
+    }
+    let mut table = new_table(&["AT", "FROM", "UUID", "KIND", "ATTEMPTS", "ERROR", "VALUE"]);
+    for entry in entries {
+        let from = match (&entry.topic, entry.partition, entry.offset) {
+            (Some(topic), Some(partition), Some(offset)) => {
+                format!("{topic}[{partition}]@{offset}")
+            }
+            _ => "-".to_owned(),
+        };
+        table.add_row(vec![
+            format!("{}:{}", entry.dlq_partition, entry.dlq_offset),
+            from,
+            entry.uuid.clone().unwrap_or_else(|| "-".into()),
+            entry.error_kind.clone().unwrap_or_default(),
+            entry.attempts.map(|a| a.to_string()).unwrap_or_default(),
+            entry
+                .error
+                .as_deref()
+                .map(|e| shorten(e, 50))
+                .unwrap_or_default(),
+            entry
+                .payload
+                .as_deref()
+                .map(|p| shorten(p, 40))
+                .unwrap_or_default(),
+        ]);
+    }
+    table.to_string()
+}
+
 /// `entrypoints` output.
 pub(super) fn entrypoint_table(entries: &[&EntrypointInfo]) -> String {
     let mut table = new_table(&["ENTRYPOINT", "KIND", "PARAMS", "DESCRIPTION"]);

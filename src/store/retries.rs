@@ -130,6 +130,32 @@ impl Store {
         .await
     }
 
+    /// Makes FAILED standalone tasks runnable again, for `dlq replay`: they
+    /// go back to PENDING (their attempt count goes on). Returns how many.
+    pub async fn reset_for_replay(&self, uuids: &[String]) -> Result<usize, StoreError> {
+        use super::models::TaskStatus;
+        if uuids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        Ok(diesel::update(
+            tasks::table
+                .filter(tasks::uuid.eq_any(uuids))
+                .filter(tasks::status.eq(TaskStatus::Failed.as_str()))
+                .filter(tasks::operation_uuid.is_null()),
+        )
+        .set((
+            tasks::status.eq(TaskStatus::Pending.as_str()),
+            tasks::error.eq(None::<String>),
+            tasks::result.eq(None::<serde_json::Value>),
+            tasks::finished_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+            tasks::next_attempt_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+            tasks::updated_at.eq(chrono::Utc::now()),
+        ))
+        .execute(&mut conn)
+        .await?)
+    }
+
     /// The failed attempts of a task that were retried, oldest first.
     pub async fn task_attempts(&self, uuid: &str) -> Result<Vec<AttemptRow>, StoreError> {
         let mut conn = self.conn().await?;

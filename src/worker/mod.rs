@@ -18,6 +18,7 @@
 //! FAILED because Postgres blinked.
 
 mod context;
+mod dead_letter;
 mod decode;
 mod offsets;
 mod operations;
@@ -48,6 +49,8 @@ use crate::store::{
 };
 use crate::task::TaskContext;
 use context::KserContext;
+use dead_letter::DeadLetter;
+pub use dead_letter::DeadLetters;
 use decode::{Decoded, decode};
 use offsets::{OffsetTracker, Position};
 
@@ -71,6 +74,8 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Retries and timeouts of tasks that declare no policy of their own.
     pub retry: RetryPolicy,
+    /// Where records that cannot be processed go.
+    pub dead_letters: DeadLetters,
 }
 
 impl WorkerConfig {
@@ -86,6 +91,7 @@ impl WorkerConfig {
             layout: TopicLayout::default(),
             worker_id: default_worker_id(),
             retry: RetryPolicy::NONE,
+            dead_letters: DeadLetters::Suffix,
         }
     }
 }
@@ -164,8 +170,18 @@ impl Counters {
 /// A record as read from Kafka, before decoding.
 struct Received {
     position: Position,
-    payload: Option<Vec<u8>>,
+    original: Arc<Original>,
     timestamp: Option<DateTime<Utc>>,
+}
+
+/// A record's key and value as read, kept until its outcome is durable so a
+/// failure can be dead-lettered byte for byte.
+#[derive(Debug)]
+pub(crate) struct Original {
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) payload: Option<Vec<u8>>,
+    /// The record timestamp, in milliseconds.
+    pub(crate) timestamp: Option<i64>,
 }
 
 /// A task's final state, ready to write.
@@ -175,6 +191,8 @@ struct Finished {
     kind: Outcome,
     /// For a retry: the message to send again when it is due.
     resend: Option<NewOutbox>,
+    /// The record as read, to dead-letter if the task ends FAILED.
+    original: Arc<Original>,
 }
 
 /// How a final state is written.
@@ -200,6 +218,7 @@ struct Ready {
     message: Message,
     started: StartedTask,
     enqueued_at: Option<DateTime<Utc>>,
+    original: Arc<Original>,
 }
 
 /// Consumes the configured topics and runs each message's task.
@@ -225,6 +244,7 @@ struct Shared {
     producer: Producer,
     /// For tasks that declare no policy of their own.
     retry: RetryPolicy,
+    dead_letters: DeadLetters,
     /// Wakes the outbox relay when this worker has just queued messages.
     relay_wakeup: tokio::sync::Notify,
 }
@@ -244,7 +264,16 @@ impl Worker {
     /// returns what it counted.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
         let config = self.config;
-        admin::ensure_topics(&config.kafka, &config.topics, config.layout).await?;
+        let mut topics = config.topics.clone();
+        for topic in &config.topics {
+            match &config.dead_letters {
+                DeadLetters::Disabled => {}
+                DeadLetters::Suffix => topics.push(crate::dead_letter::default_topic(topic)),
+                DeadLetters::Topic(dlq) => topics.push(dlq.clone()),
+            }
+        }
+        topics.dedup();
+        admin::ensure_topics(&config.kafka, &topics, config.layout).await?;
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         let mut client = config.kafka.client_config(
@@ -285,6 +314,7 @@ impl Worker {
                 .map_err(|err| WorkerError::Producer(err.to_string()))?,
             relay_wakeup: tokio::sync::Notify::new(),
             retry: config.retry,
+            dead_letters: config.dead_letters.clone(),
         });
 
         let capacity = shared.batch_size * 2;
@@ -368,13 +398,15 @@ impl Shared {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .track(&topic, record.partition(), record.offset());
+                    let millis = record.timestamp().to_millis();
                     Received {
                         position,
-                        payload: record.payload().map(<[u8]>::to_vec),
-                        timestamp: record
-                            .timestamp()
-                            .to_millis()
-                            .and_then(DateTime::from_timestamp_millis),
+                        original: Arc::new(Original {
+                            key: record.key().map(<[u8]>::to_vec),
+                            payload: record.payload().map(<[u8]>::to_vec),
+                            timestamp: millis,
+                        }),
+                        timestamp: millis.and_then(DateTime::from_timestamp_millis),
                     }
                 }
                 Err(err) => {
@@ -413,6 +445,7 @@ impl Shared {
                 let finish_tx = finish_tx.clone();
                 running.spawn(async move {
                     let position = task.position.clone();
+                    let original = Arc::clone(&task.original);
                     let (row, resend) = shared.execute(task).await;
                     drop(permit);
                     let kind = if resend.is_some() {
@@ -427,6 +460,7 @@ impl Shared {
                         row,
                         kind,
                         resend,
+                        original,
                     };
                     let _ = finish_tx.send(finished).await;
                 });
@@ -446,9 +480,10 @@ impl Shared {
         let mut rows = Vec::new();
         let mut release = Vec::new();
         let mut operations = Vec::new();
+        let mut dead = Vec::new();
         let mut seen = HashSet::new();
         for received in batch {
-            match decode(received.payload.as_deref()) {
+            match decode(received.original.payload.as_deref()) {
                 Decoded::Message(message) => {
                     let duplicate = !seen.insert(message.uuid.clone())
                         || self.lock_in_flight().contains(&message.uuid);
@@ -463,7 +498,12 @@ impl Shared {
                         continue;
                     }
                     rows.push(self.running_row(&message, &received, now));
-                    candidates.push((received.position, message, received.timestamp));
+                    candidates.push((
+                        received.position,
+                        message,
+                        received.timestamp,
+                        received.original,
+                    ));
                 }
                 Decoded::Invalid {
                     uuid: Some(uuid),
@@ -476,12 +516,12 @@ impl Shared {
                         offset = position.offset, error = %error, "invalid message"
                     );
                     let row = self.invalid_row(uuid, entrypoint, error, &received, now);
-                    let position = received.position;
                     let finished = Finished {
-                        position,
+                        position: received.position,
                         row,
                         kind: Outcome::Rejected,
                         resend: None,
+                        original: received.original,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -497,11 +537,24 @@ impl Shared {
                         "rejected a record that is not a kser message and has no uuid"
                     );
                     Counters::add(&self.counters.rejected, 1);
-                    release.push(position);
+                    dead.push(DeadLetter {
+                        position,
+                        original: received.original,
+                        kind: ErrorKind::InvalidMessage.as_str(),
+                        error,
+                        attempts: 1,
+                        uuid: None,
+                    });
                 }
             }
         }
         self.release(&release);
+        // Records without a uuid exist nowhere but in the dead-letter topic:
+        // their offsets move only once it has them.
+        if !self.dead_letter(&dead).await {
+            return Vec::new();
+        }
+        self.release(&dead.into_iter().map(|d| d.position).collect::<Vec<_>>());
         if !operations.is_empty() && !self.start_operations(operations, now).await {
             return Vec::new();
         }
@@ -511,7 +564,7 @@ impl Shared {
         };
         let mut ready = Vec::with_capacity(started.len());
         let mut already_final = Vec::new();
-        for (position, message, enqueued_at) in candidates {
+        for (position, message, enqueued_at, original) in candidates {
             match started.remove(&message.uuid) {
                 Some(Start::Run(started)) => {
                     self.lock_in_flight().insert(message.uuid.clone());
@@ -520,6 +573,7 @@ impl Shared {
                         message,
                         started: *started,
                         enqueued_at,
+                        original,
                     });
                 }
                 Some(Start::Refused(row)) => {
@@ -528,6 +582,7 @@ impl Shared {
                         row: *row,
                         kind: Outcome::Rejected,
                         resend: None,
+                        original,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -593,6 +648,7 @@ impl Shared {
             message,
             started,
             enqueued_at,
+            ..
         } = task;
         let position = &position;
         let attempt = started.attempts;
@@ -736,13 +792,21 @@ impl Shared {
             ];
             let mut retries = Vec::new();
             let mut positions = Vec::with_capacity(batch.len());
+            let mut originals = HashMap::with_capacity(batch.len());
             for Finished {
                 position,
                 row,
                 kind,
                 resend,
+                original,
             } in batch.drain(..)
             {
+                // Only failures are dead-lettered; keep their records.
+                if row.status == TaskStatus::Failed.as_str() || kind == Outcome::Retry {
+                    originals
+                        .entry(row.uuid.clone())
+                        .or_insert_with(|| (position.clone(), original));
+                }
                 positions.push(position);
                 // Two invalid records with one uuid: the first one wins.
                 if !seen.insert(row.uuid.clone()) {
@@ -781,6 +845,27 @@ impl Shared {
             }
             for operation in finished_operations {
                 self.operation_finished(operation);
+            }
+            // FAILED messages go to the dead-letter topic before their
+            // offsets move (steps excepted: `resume` runs those again).
+            let dead: Vec<DeadLetter> = [&by_kind[0].1, &by_kind[2].1]
+                .into_iter()
+                .flatten()
+                .filter(|row| row.status == TaskStatus::Failed.as_str())
+                .filter_map(|row| {
+                    let (position, original) = originals.get(&row.uuid)?;
+                    Some(DeadLetter {
+                        position: position.clone(),
+                        original: Arc::clone(original),
+                        kind: failure_kind(row),
+                        error: row.error.clone().unwrap_or_default(),
+                        attempts: row.attempts,
+                        uuid: Some(row.uuid.clone()),
+                    })
+                })
+                .collect();
+            if !self.dead_letter(&dead).await {
+                return;
             }
             let rows = by_kind.iter().flat_map(|(_, rows)| rows);
             let succeeded = rows
@@ -982,6 +1067,27 @@ enum Start {
     Run(Box<StartedTask>),
     /// Postgres refused the row; record this FAILED row instead.
     Refused(Box<NewTask>),
+}
+
+/// The error kind of a failed row, as its result says.
+fn failure_kind(row: &NewTask) -> &'static str {
+    let kind = row
+        .result
+        .as_ref()
+        .and_then(|result| result.get("retval")?.get("error")?.get("kind")?.as_str());
+    [
+        ErrorKind::InvalidMessage,
+        ErrorKind::UnknownEntrypoint,
+        ErrorKind::InvalidParams,
+        ErrorKind::Retryable,
+        ErrorKind::Fatal,
+        ErrorKind::Panic,
+        ErrorKind::Timeout,
+    ]
+    .into_iter()
+    .map(ErrorKind::as_str)
+    .find(|known| Some(*known) == kind)
+    .unwrap_or("failed")
 }
 
 /// Strips a row of the values Postgres refused and records why.
