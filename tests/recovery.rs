@@ -183,3 +183,116 @@ fn a_database_outage_delays_work_but_fails_nothing() {
         "the worker waited out the outage: {log}"
     );
 }
+
+/// The seed of a randomized test: `KSER_TEST_SEED` to replay one, printed
+/// either way.
+fn seed() -> u64 {
+    let seed = std::env::var("KSER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    println!("KSER_TEST_SEED={seed}");
+    seed
+}
+
+#[test]
+fn repeated_sigkills_at_random_moments_lose_nothing_and_double_nothing() {
+    use rand::{Rng, SeedableRng};
+
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut input = sleep_batch(300, 15);
+    for _ in 0..20 {
+        input.push_str(
+            "{\"entrypoint\": \"showcase.Chain\", \"params\": {\"count\": 3, \"ms\": 30}}\n",
+        );
+    }
+    send_batch(&env, &input);
+
+    for round in 0..3 {
+        let mut worker = env.start_worker("showcase", &["--concurrency", "8"]);
+        worker.wait_assigned();
+        let ms = rng.random_range(300..2000);
+        std::thread::sleep(Duration::from_millis(ms));
+        worker.kill();
+        println!("round {round}: killed after {ms} ms");
+    }
+    let mut last = env.start_worker("showcase", &["--concurrency", "8"]);
+    last.wait_assigned();
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        300 + 60,
+        Duration::from_secs(180),
+    );
+    env.wait_count(
+        "SELECT count(*) FROM kser.operations WHERE status = 'SUCCESS'",
+        20,
+        Duration::from_secs(60),
+    );
+    assert_eq!(count(&env, "status <> 'SUCCESS'"), 0, "seed {seed}");
+    assert_eq!(
+        env.sql("SELECT DISTINCT result->'retval'->>'items' FROM kser.operations"),
+        "[0, 1, 2]",
+        "each step moved its operation once (seed {seed})"
+    );
+    // A task runs again only if a kill caught it in flight.
+    assert!(count(&env, "attempts > 4") == 0, "seed {seed}");
+    env.wait_count(
+        "SELECT count(*) FROM kser.outbox",
+        0,
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn rebalances_under_load_double_nothing() {
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut first = env.start_worker("showcase", &["--partitions", "6", "--concurrency", "8"]);
+    first.wait_assigned();
+    let mut input = sleep_batch(400, 20);
+    for _ in 0..20 {
+        input.push_str(
+            "{\"entrypoint\": \"showcase.Chain\", \"params\": {\"count\": 3, \"ms\": 50}}\n",
+        );
+    }
+    send_batch(&env, &input);
+    common::wait_until("work to start", Duration::from_secs(60), || {
+        count(&env, "status = 'SUCCESS'") >= 40
+    });
+    // A second worker joins mid-load, then the first one leaves mid-load.
+    let mut second = env.start_worker("showcase", &["--concurrency", "8"]);
+    second.wait_assigned();
+    first.wait_for_log("partitions revoked", 1, Duration::from_secs(60));
+    assert!(first.terminate(Duration::from_secs(60)).success());
+
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        400 + 60,
+        Duration::from_secs(180),
+    );
+    env.wait_count(
+        "SELECT count(*) FROM kser.operations WHERE status = 'SUCCESS'",
+        20,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        env.sql("SELECT DISTINCT result->'retval'->>'items' FROM kser.operations"),
+        "[0, 1, 2]"
+    );
+    assert_eq!(count(&env, "status <> 'SUCCESS'"), 0);
+    assert!(
+        env.sql("SELECT count(DISTINCT worker) FROM kser.tasks")
+            .parse::<i64>()
+            .unwrap_or(0)
+            >= 2,
+        "both workers ran tasks"
+    );
+}

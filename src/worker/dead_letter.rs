@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::consumer::Consumer as _;
+
 use super::offsets::Position;
 use super::{Original, Shared};
 use crate::dead_letter::{
@@ -31,12 +33,30 @@ impl Shared {
         }
     }
 
+    /// Dead-letters records in the background and releases their offsets
+    /// once the dead-letter topic has them. The rest of the pipeline goes on;
+    /// only these records' offsets (and so their partitions' commits) wait.
+    pub(super) fn dead_letter_later(self: &Arc<Self>, letters: Vec<DeadLetter>) {
+        if letters.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(self);
+        self.dead_letter_tasks.spawn(async move {
+            if shared.dead_letter(&letters).await {
+                let positions: Vec<Position> = letters.into_iter().map(|l| l.position).collect();
+                shared.release(&positions);
+            }
+        });
+    }
+
     /// Publishes dead letters and waits for the broker's acknowledgement,
     /// retrying until every one is written: their offsets must not move
-    /// before. `false` when the shutdown deadline passed first.
-    pub(super) async fn dead_letter(&self, letters: &[DeadLetter]) -> bool {
+    /// before. While a dead letter cannot be written its partition is paused.
+    /// `false` when the shutdown deadline passed first.
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> bool {
         let mut pending: Vec<&DeadLetter> = letters.iter().collect();
         let mut delay = Duration::from_millis(200);
+        let mut paused = rdkafka::TopicPartitionList::new();
         loop {
             let sends = pending.iter().copied().filter_map(|letter| {
                 let topic = self.dead_letter_topic(&letter.position.topic)?;
@@ -71,8 +91,22 @@ impl Shared {
                 }
             }
             if failed.is_empty() {
+                if paused.count() > 0 {
+                    tracing::info!("dead letters written; resuming the paused partitions");
+                    let _ = self.consumer.resume(&paused);
+                }
                 return true;
             }
+            // Paused again every round: another dead letter of the same
+            // partition may have resumed it meanwhile.
+            for letter in &failed {
+                let (topic, partition) = (&letter.position.topic, letter.position.partition);
+                if paused.find_partition(topic, partition).is_none() {
+                    paused.add_partition(topic, partition);
+                    tracing::warn!(topic = %topic, partition, "pausing the partition until its dead letters can be written");
+                }
+            }
+            let _ = self.consumer.pause(&paused);
             pending = failed;
             tokio::select! {
                 () = self.abandon.cancelled() => return false,

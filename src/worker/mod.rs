@@ -247,6 +247,8 @@ struct Shared {
     dead_letters: DeadLetters,
     /// Wakes the outbox relay when this worker has just queued messages.
     relay_wakeup: tokio::sync::Notify,
+    /// Dead letters being written; shutdown waits for them.
+    dead_letter_tasks: tokio_util::task::TaskTracker,
 }
 
 impl Worker {
@@ -284,6 +286,11 @@ impl Worker {
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
                 ("enable.partition.eof", "false"),
+                // Bound what librdkafka prefetches (its defaults allow 64 MB
+                // and 100,000 messages); the stages after it are bounded
+                // channels and at most `concurrency` running tasks.
+                ("queued.max.messages.kbytes", "32768"),
+                ("queued.min.messages", "20000"),
             ],
         );
         client.set("group.id", &config.group);
@@ -313,6 +320,7 @@ impl Worker {
             producer: Producer::new(&config.kafka)
                 .map_err(|err| WorkerError::Producer(err.to_string()))?,
             relay_wakeup: tokio::sync::Notify::new(),
+            dead_letter_tasks: tokio_util::task::TaskTracker::new(),
             retry: config.retry,
             dead_letters: config.dead_letters.clone(),
         });
@@ -343,6 +351,8 @@ impl Worker {
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
             let _ = starter.await;
             let _ = finisher.await;
+            shared.dead_letter_tasks.close();
+            shared.dead_letter_tasks.wait().await;
             relay_stop.cancel();
             let _ = relay.await;
         })
@@ -471,7 +481,7 @@ impl Shared {
 
     /// Decodes a batch, writes RUNNING rows, and returns the tasks to run.
     async fn start_batch(
-        &self,
+        self: &Arc<Self>,
         batch: impl Iterator<Item = Received>,
         finish_tx: &mpsc::Sender<Finished>,
     ) -> Vec<Ready> {
@@ -551,10 +561,7 @@ impl Shared {
         self.release(&release);
         // Records without a uuid exist nowhere but in the dead-letter topic:
         // their offsets move only once it has them.
-        if !self.dead_letter(&dead).await {
-            return Vec::new();
-        }
-        self.release(&dead.into_iter().map(|d| d.position).collect::<Vec<_>>());
+        self.dead_letter_later(dead);
         if !operations.is_empty() && !self.start_operations(operations, now).await {
             return Vec::new();
         }
@@ -846,8 +853,9 @@ impl Shared {
             for operation in finished_operations {
                 self.operation_finished(operation);
             }
-            // FAILED messages go to the dead-letter topic before their
-            // offsets move (steps excepted: `resume` runs those again).
+            // FAILED messages go to the dead-letter topic, and their offsets
+            // move only once it has them (steps excepted: `resume` runs those
+            // again). The other offsets of the batch move now.
             let dead: Vec<DeadLetter> = [&by_kind[0].1, &by_kind[2].1]
                 .into_iter()
                 .flatten()
@@ -864,9 +872,14 @@ impl Shared {
                     })
                 })
                 .collect();
-            if !self.dead_letter(&dead).await {
-                return;
-            }
+            positions.retain(|position| {
+                !dead.iter().any(|d| {
+                    d.position.offset == position.offset
+                        && d.position.partition == position.partition
+                        && d.position.topic == position.topic
+                })
+            });
+            self.dead_letter_later(dead);
             let rows = by_kind.iter().flat_map(|(_, rows)| rows);
             let succeeded = rows
                 .clone()
