@@ -100,19 +100,21 @@ fn failing_tasks_are_recorded_with_their_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_never_stops_the_worker() {
     let env = TestEnv::new();
-    let mut worker = env.start_worker("showcase", &[]);
+    let mut worker = env.start_worker("showcase", &["--task-timeout", "1s"]);
     worker.wait_assigned();
 
     let producer = Producer::new(&KafkaConfig::new(env.brokers.clone())).expect("producer");
     // One key: every record lands on the same partition, in this order, so
     // the last message runs only if the worker got past all the others.
     let key = Some(b"one-partition".as_slice());
-    let no_uuid: [&[u8]; 5] = [
+    let huge = vec![b'x'; 800 * 1024];
+    let no_uuid: [&[u8]; 6] = [
         b"\xff\xfe not utf-8",
         b"{\"uuid\": \"truncated",
         b"[1, 2, 3]",
         br#"{"entrypoint": "showcase.Echo", "params": {"text": "no uuid"}}"#,
         b"",
+        &huge,
     ];
     for payload in no_uuid {
         producer
@@ -138,6 +140,14 @@ async fn bad_input_never_stops_the_worker() {
         (
             "params-not-object",
             r#"{"uuid": "params-not-object", "entrypoint": "showcase.Echo", "params": [1]}"#,
+        ),
+        (
+            "panics",
+            r#"{"uuid": "panics", "entrypoint": "showcase.Panic", "params": {}}"#,
+        ),
+        (
+            "hangs",
+            r#"{"uuid": "hangs", "entrypoint": "showcase.Sleep", "params": {"ms": 600000}}"#,
         ),
         (
             "last",
@@ -179,6 +189,13 @@ async fn bad_input_never_stops_the_worker() {
     let missing = error("missing");
     assert!(missing.contains("missing field `text`"), "{missing}");
     assert!(error("params-not-object").contains("params"));
+    assert!(error("panics").contains("panicked on purpose"));
+    assert!(
+        env.wait_final("hangs")["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out after 1.000s")
+    );
 
     // Records without a uuid are logged with where they came from.
     worker.wait_for_log("rejected a record", no_uuid.len(), Duration::from_secs(10));
@@ -194,7 +211,7 @@ async fn bad_input_never_stops_the_worker() {
     // ... and counted: the worker reports them when it stops.
     assert!(worker.terminate(Duration::from_secs(30)).success());
     let log = worker.log();
-    assert!(log.contains("rejected: 5"), "{log}");
+    assert!(log.contains("rejected: 6"), "{log}");
 }
 
 #[test]
