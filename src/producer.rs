@@ -76,21 +76,7 @@ impl Producer {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
     ) -> Result<(i32, i64), ProducerError> {
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(payload) = payload {
-            record = record.payload(payload);
-        }
-        match self.inner.send(record, DELIVERY_TIMEOUT).await {
-            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
-            Err((err, _)) => Err(ProducerError::Send {
-                uuid: String::new(),
-                topic: topic.to_owned(),
-                reason: err.to_string(),
-            }),
-        }
+        self.send_with_headers(topic, key, payload, &[]).await
     }
 
     /// Publishes raw bytes with headers (dead letters).

@@ -29,17 +29,8 @@ pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
             "retcode",
             result.get("retcode").map(compact).unwrap_or_default(),
         );
-        for key in ["stdout", "stderr"] {
-            if let Some(text) = result
-                .get(key)
-                .and_then(Value::as_str)
-                .filter(|t| !t.is_empty())
-            {
-                field(key, text.trim_end().to_owned());
-            }
-        }
-        if let Some(retval) = result.get("retval") {
-            field("retval", compact(retval));
+        for (name, value) in result_fields(result) {
+            field(name, value);
         }
     } else {
         field("result", "-".to_owned());
@@ -104,19 +95,8 @@ pub(super) fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String 
     field("entrypoint", op.entrypoint.clone());
     field("status", op.status.clone());
     field("params", compact(&op.params));
-    if let Some(result) = &op.result {
-        for key in ["stdout", "stderr"] {
-            if let Some(text) = result
-                .get(key)
-                .and_then(Value::as_str)
-                .filter(|t| !t.is_empty())
-            {
-                field(key, text.trim_end().to_owned());
-            }
-        }
-        if let Some(retval) = result.get("retval") {
-            field("retval", compact(retval));
-        }
+    for (name, value) in op.result.iter().flat_map(result_fields) {
+        field(name, value);
     }
     if let Some(error) = &op.error {
         field("error", error.clone());
@@ -312,6 +292,24 @@ pub(super) fn describe_params(schema: &Value) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The non-empty `stdout`, `stderr` and the `retval` of a wire-format result.
+fn result_fields(result: &Value) -> Vec<(&'static str, String)> {
+    let mut fields = Vec::new();
+    for key in ["stdout", "stderr"] {
+        if let Some(text) = result
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+        {
+            fields.push((key, text.trim_end().to_owned()));
+        }
+    }
+    if let Some(retval) = result.get("retval") {
+        fields.push(("retval", compact(retval)));
+    }
+    fields
 }
 
 fn compact(value: &Value) -> String {
