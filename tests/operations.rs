@@ -153,8 +153,23 @@ fn a_failed_operation_resumes_from_the_failed_step() {
         "{}",
         text(&out.stdout)
     );
-    let (code, output) = watch(&env, &uuid);
-    assert_eq!(code, 0, "{output}");
+    // On a terminal (a pty from `script`), watch redraws in place.
+    let kser = env!("CARGO_BIN_EXE_kser");
+    let tty = env.run(
+        Path::new("script"),
+        &[
+            "-qec",
+            &format!("{kser} watch {uuid} --timeout 90 --interval 0.2"),
+            "/dev/null",
+        ],
+        None,
+    );
+    let screen = text(&tty.stdout);
+    assert!(tty.status.success(), "{screen}");
+    assert!(
+        screen.contains("SUCCESS") && screen.contains("showcase.Flaky"),
+        "{screen}"
+    );
 
     let status = env.status(&uuid);
     let attempts: Vec<i64> = status["tasks"]

@@ -216,7 +216,12 @@ fn repeated_sigkills_at_random_moments_lose_nothing_and_double_nothing() {
     }
     send_batch(&env, &input);
 
-    for round in 0..3 {
+    // KSER_SOAK_ROUNDS=30 for a longer soak; CI runs three.
+    let rounds: u32 = std::env::var("KSER_SOAK_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    for round in 0..rounds {
         let mut worker = env.start_worker("showcase", &["--concurrency", "8"]);
         worker.wait_assigned();
         let ms = rng.random_range(300..2000);

@@ -250,6 +250,11 @@ fn new_table(header: &[&str]) -> Table {
         .load_preset(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.to_vec());
+    // A terminal that reports no real width (a bare pty says 0) would squeeze
+    // every column to one character: print at full width instead.
+    if table.width().is_some_and(|width| width < 40) {
+        table.set_content_arrangement(ContentArrangement::Disabled);
+    }
     table
 }
 
