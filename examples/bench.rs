@@ -13,6 +13,9 @@
 //! The worker rate counts from the first task started to the last task
 //! finished (`kser.tasks.started_at` / `finished_at`), so the consumer
 //! group's join time is left out; the wall time including it is printed too.
+//! The process's peak memory while the worker drains the backlog is printed
+//! last: it is bounded by the prefetch limit and the in-flight limits, not
+//! by N.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +44,13 @@ impl Task for Noop {
     async fn run(&self, _ctx: &TaskContext, _params: Nothing) -> Result<TaskResult, TaskError> {
         Ok(TaskResult::ok())
     }
+}
+
+/// A `/proc/self/status` memory figure, in KiB (Linux only).
+fn memory_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[derive(diesel::QueryableByName)]
@@ -126,6 +136,10 @@ async fn main() -> anyhow::Result<()> {
     );
     config.concurrency = 256;
     let shutdown = CancellationToken::new();
+    // Reset the peak-memory mark: what is measured below is the worker's
+    // peak while it works through the whole backlog.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let rss_before = memory_kib("VmRSS");
     let wall = Instant::now();
     let worker = tokio::spawn(Worker::new(config, registry, store.clone()).run(shutdown.clone()));
     let mut conn = AsyncPgConnection::establish(&database_url).await?;
@@ -149,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         );
     };
     let wall_seconds = wall.elapsed().as_secs_f64();
+    let peak = memory_kib("VmHWM");
     shutdown.cancel();
     let stats = worker.await??;
     let worker_rate = count as f64 / window.seconds.max(f64::EPSILON);
@@ -176,5 +191,12 @@ async fn main() -> anyhow::Result<()> {
         "  worker stats: {} succeeded, {} failed, {} skipped",
         stats.succeeded, stats.failed, stats.skipped
     );
+    if let (Some(before), Some(peak)) = (rss_before, peak) {
+        println!(
+            "  memory while draining the backlog: {} MiB before, {} MiB peak (process RSS)",
+            before / 1024,
+            peak / 1024
+        );
+    }
     Ok(())
 }
