@@ -301,3 +301,37 @@ fn rebalances_under_load_double_nothing() {
         "both workers ran tasks"
     );
 }
+
+#[test]
+fn a_long_database_outage_keeps_the_worker_in_its_group() {
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    // Small batches: the pipeline fills up quickly while Postgres is away.
+    let mut worker = env.start_worker("showcase", &["--batch-size", "5", "--concurrency", "2"]);
+    worker.wait_assigned();
+    send_batch(&env, &sleep_batch(200, 5));
+    common::wait_until("some tasks to finish", Duration::from_secs(60), || {
+        count(&env, "status = 'SUCCESS'") >= 10
+    });
+
+    // Longer than the worker's max.poll.interval.ms (10 s in these tests).
+    let db = env.database().to_owned();
+    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+    env.admin_sql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
+    ));
+    std::thread::sleep(Duration::from_secs(15));
+    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        200,
+        Duration::from_secs(120),
+    );
+    let log = worker.log();
+    assert!(log.contains("pausing fetch"), "the worker paused: {log}");
+    assert!(
+        !log.contains("partitions revoked"),
+        "the worker stayed in its group: {log}"
+    );
+}

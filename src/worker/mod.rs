@@ -23,7 +23,7 @@ mod decode;
 mod offsets;
 mod operations;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -53,6 +53,9 @@ use dead_letter::DeadLetter;
 pub use dead_letter::DeadLetters;
 use decode::{Decoded, decode};
 use offsets::{OffsetTracker, Position};
+
+/// How long the pipeline may stay full before the worker pauses fetching.
+const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(5);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -387,51 +390,99 @@ impl Shared {
     /// Stage 1: reads records until shutdown.
     async fn intake(&self, intake_tx: mpsc::Sender<Received>, shutdown: &CancellationToken) {
         let mut topic_names: Vec<Arc<str>> = Vec::new();
+        // Records that arrived while fetching was paused (partitions
+        // assigned meanwhile are not paused): handed over first.
+        let mut stash: VecDeque<Received> = VecDeque::new();
         loop {
-            let record = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                record = self.consumer.recv() => record,
+            let received = match stash.pop_front() {
+                Some(received) => received,
+                None => {
+                    let record = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return,
+                        record = self.consumer.recv() => record,
+                    };
+                    match record {
+                        Ok(record) => self.received(&record, &mut topic_names),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "Kafka consumer error; the client retries by itself");
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                            }
+                        }
+                    }
+                }
             };
-            let received = match record {
-                Ok(record) => {
-                    let topic = match topic_names.iter().find(|t| t.as_ref() == record.topic()) {
-                        Some(topic) => Arc::clone(topic),
-                        None => {
-                            let topic: Arc<str> = Arc::from(record.topic());
-                            topic_names.push(Arc::clone(&topic));
-                            topic
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => return,
+                permit = tokio::time::timeout(STALL_BEFORE_PAUSE, intake_tx.reserve()) => permit,
+            };
+            let permit = match permit {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return,
+                // The pipeline stays full (the database is away, tasks are
+                // slow): stop fetching, but keep polling so the consumer
+                // group does not take this worker for dead.
+                Err(_) => {
+                    let paused = self.consumer.assignment().unwrap_or_default();
+                    if self.consumer.pause(&paused).is_ok() {
+                        tracing::warn!(
+                            "the pipeline is full (is the database away?); pausing fetch until it drains"
+                        );
+                    }
+                    let permit = loop {
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => return,
+                            permit = intake_tx.reserve() => break permit,
+                            record = self.consumer.recv() => {
+                                if let Ok(record) = record {
+                                    stash.push_back(self.received(&record, &mut topic_names));
+                                }
+                            }
                         }
                     };
-                    let position = self
-                        .tracker
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .track(&topic, record.partition(), record.offset());
-                    let millis = record.timestamp().to_millis();
-                    Received {
-                        position,
-                        original: Arc::new(Original {
-                            key: record.key().map(<[u8]>::to_vec),
-                            payload: record.payload().map(<[u8]>::to_vec),
-                            timestamp: millis,
-                        }),
-                        timestamp: millis.and_then(DateTime::from_timestamp_millis),
+                    let Ok(permit) = permit else { return };
+                    if self.consumer.resume(&paused).is_ok() {
+                        tracing::info!("the pipeline drains again; resuming fetch");
                     }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "Kafka consumer error; the client retries by itself");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                    }
+                    permit
                 }
             };
-            Counters::add(&self.counters.received, 1);
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                sent = intake_tx.send(received) => if sent.is_err() { return },
+            permit.send(received);
+        }
+    }
+
+    /// Tracks a record's offset and copies what the pipeline needs of it.
+    fn received(
+        &self,
+        record: &rdkafka::message::BorrowedMessage<'_>,
+        topic_names: &mut Vec<Arc<str>>,
+    ) -> Received {
+        let topic = match topic_names.iter().find(|t| t.as_ref() == record.topic()) {
+            Some(topic) => Arc::clone(topic),
+            None => {
+                let topic: Arc<str> = Arc::from(record.topic());
+                topic_names.push(Arc::clone(&topic));
+                topic
             }
+        };
+        let position = self
+            .tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .track(&topic, record.partition(), record.offset());
+        Counters::add(&self.counters.received, 1);
+        let millis = record.timestamp().to_millis();
+        Received {
+            position,
+            original: Arc::new(Original {
+                key: record.key().map(<[u8]>::to_vec),
+                payload: record.payload().map(<[u8]>::to_vec),
+                timestamp: millis,
+            }),
+            timestamp: millis.and_then(DateTime::from_timestamp_millis),
         }
     }
 
