@@ -24,6 +24,16 @@ fn count(env: &TestEnv, query: &str) -> i64 {
     env.sql(query).parse().expect("a count")
 }
 
+/// The status of each step of an operation, in order.
+fn step_statuses(status: &Value) -> Vec<&str> {
+    status["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| t["status"].as_str().unwrap_or_default())
+        .collect()
+}
+
 fn watch(env: &TestEnv, uuid: &str) -> (i32, String) {
     let out = env.kser(&["watch", uuid, "--timeout", "90", "--interval", "0.2"]);
     (out.status.code().unwrap_or(-1), text(&out.stdout))
@@ -132,12 +142,7 @@ fn a_failed_operation_resumes_from_the_failed_step() {
         error.contains("step 2 (showcase.Flaky) failed: waiting for"),
         "{error}"
     );
-    let steps: Vec<&str> = status["tasks"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|t| t["status"].as_str().unwrap_or_default())
-        .collect();
+    let steps = step_statuses(&status);
     assert_eq!(
         steps,
         ["SUCCESS", "FAILED", "PENDING"],
@@ -334,12 +339,7 @@ fn cancel_stops_an_operation_between_steps() {
     std::thread::sleep(Duration::from_secs(1));
     let status = env.status(&uuid);
     assert_eq!(status["status"], "CANCELLED");
-    let steps: Vec<&str> = status["tasks"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|t| t["status"].as_str().unwrap_or_default())
-        .collect();
+    let steps = step_statuses(&status);
     assert_eq!(steps, ["SUCCESS", "CANCELLED", "CANCELLED"]);
     let again = env.kser(&["cancel", &uuid]);
     assert!(text(&again.stderr).contains("already CANCELLED"));

@@ -159,13 +159,7 @@ fn a_database_outage_delays_work_but_fails_nothing() {
     });
 
     // Postgres goes away for the worker: no new connection, the open ones cut.
-    let db = env.database().to_owned();
-    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
-    env.admin_sql(&format!(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
-    ));
-    std::thread::sleep(Duration::from_secs(3));
-    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    env.database_outage(Duration::from_secs(3));
 
     env.wait_count(
         "SELECT count(*) FROM kser.tasks WHERE status IN ('SUCCESS', 'FAILED')",
@@ -315,13 +309,7 @@ fn a_long_database_outage_keeps_the_worker_in_its_group() {
     });
 
     // Longer than the worker's max.poll.interval.ms (10 s in these tests).
-    let db = env.database().to_owned();
-    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
-    env.admin_sql(&format!(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
-    ));
-    std::thread::sleep(Duration::from_secs(15));
-    env.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    env.database_outage(Duration::from_secs(15));
 
     env.wait_count(
         "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",

@@ -161,9 +161,16 @@ impl TestEnv {
         psql(&self.admin_url, query)
     }
 
-    /// The name of this test's database.
-    pub fn database(&self) -> &str {
-        &self.database
+    /// Takes this test's database away for `duration`: no new connection,
+    /// the open ones cut.
+    pub fn database_outage(&self, duration: Duration) {
+        let db = &self.database;
+        self.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+        self.admin_sql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
+        ));
+        std::thread::sleep(duration);
+        self.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
     }
 
     /// Waits until `query` (a count) returns `expected`.
