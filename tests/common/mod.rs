@@ -67,8 +67,6 @@ impl TestEnv {
             .env("KSER_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("KSER_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
             .env("KSER_KAFKA_MAX_POLL_INTERVAL_MS", "10000")
-            // tansu holds fetches for their full wait; keep steps snappy.
-            .env("KSER_KAFKA_FETCH_WAIT_MAX_MS", "50")
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null());
