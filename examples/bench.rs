@@ -6,7 +6,7 @@
 //!    committed in Postgres.
 //!
 //! ```text
-//! scripts/bench            # starts tansu and Postgres if needed, 100000 tasks
+//! scripts/bench            # starts Apache Kafka and Postgres if needed, 100000 tasks
 //! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- 100000
 //! ```
 //!
@@ -180,7 +180,10 @@ async fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
+    let broker = std::env::var("KSER_BENCH_BROKER")
+        .unwrap_or_else(|_| format!("the broker at {}", kafka.brokers));
     println!("kser benchmark: {count} no-op tasks, {cores} cores ({cpu})");
+    println!("  broker: {broker}");
     println!("  produce (kser send, acks=all)   {produce_rate:>10.0} msg/s");
     println!("  raw consume (rdkafka)           {raw_rate:>10.0} msg/s");
     println!(

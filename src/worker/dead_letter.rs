@@ -93,7 +93,7 @@ impl Shared {
             if failed.is_empty() {
                 if paused.count() > 0 {
                     tracing::info!("dead letters written; resuming the paused partitions");
-                    let _ = self.consumer.resume(&paused);
+                    let _ = self.consumer().resume(&paused);
                 }
                 return true;
             }
@@ -106,7 +106,7 @@ impl Shared {
                     tracing::warn!(topic = %topic, partition, "pausing the partition until its dead letters can be written");
                 }
             }
-            let _ = self.consumer.pause(&paused);
+            let _ = self.consumer().pause(&paused);
             pending = failed;
             tokio::select! {
                 () = self.abandon.cancelled() => return false,

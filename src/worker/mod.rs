@@ -17,6 +17,7 @@
 //! runs again. A database outage pauses the pipeline; nothing is marked
 //! FAILED because Postgres blinked.
 
+mod consumer;
 mod context;
 mod dead_letter;
 mod decode;
@@ -25,13 +26,14 @@ mod operations;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -39,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admin::{self, AdminError, TopicLayout};
-use crate::config::{ClientRole, KafkaConfig};
+use crate::config::KafkaConfig;
 use crate::message::{ErrorKind, Message, TaskResult};
 use crate::producer::Producer;
 use crate::registry::Registry;
@@ -48,6 +50,8 @@ use crate::store::{
     FinishedOperation, NewOutbox, NewTask, Retry, StartedTask, Store, StoreError, TaskStatus,
 };
 use crate::task::TaskContext;
+use consumer::ConsumerSpec;
+pub use consumer::GroupProtocol;
 use context::KserContext;
 use dead_letter::DeadLetter;
 pub use dead_letter::DeadLetters;
@@ -56,6 +60,11 @@ use offsets::{OffsetTracker, Position};
 
 /// How long the pipeline may stay full before the worker pauses fetching.
 const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(5);
+
+/// The wait before the first rebuild of a consumer that hit a fatal error,
+/// doubled each time it happens again, up to the maximum.
+const REBUILD_DELAY_MIN: Duration = Duration::from_millis(500);
+const REBUILD_DELAY_MAX: Duration = Duration::from_secs(10);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -79,6 +88,12 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// Where records that cannot be processed go.
     pub dead_letters: DeadLetters,
+    /// The consumer group protocol: classic, or KIP-848's `consumer`.
+    pub group_protocol: GroupProtocol,
+    /// Static membership (KIP-345): a name for this worker that stays the
+    /// same across its restarts (`group.instance.id`). A restart within the
+    /// group's session timeout gets its partitions back without a rebalance.
+    pub instance_id: Option<String>,
 }
 
 impl WorkerConfig {
@@ -95,6 +110,8 @@ impl WorkerConfig {
             worker_id: default_worker_id(),
             retry: RetryPolicy::NONE,
             dead_letters: DeadLetters::Suffix,
+            group_protocol: GroupProtocol::default(),
+            instance_id: None,
         }
     }
 }
@@ -138,7 +155,9 @@ pub struct WorkerStats {
     pub skipped: u64,
     /// Records that were not kser messages and had no uuid: logged, not stored.
     pub rejected: u64,
-    /// Records left unfinished at shutdown (they will be delivered again).
+    /// Records received and left unfinished at shutdown: still running at
+    /// the deadline, or fetched and not started. They will be delivered
+    /// again.
     pub abandoned: u64,
 }
 
@@ -215,6 +234,14 @@ enum Outcome {
     Retry,
 }
 
+/// A decoded message of a registered task, waiting for a concurrency slot.
+struct Candidate {
+    position: Position,
+    message: Message,
+    enqueued_at: Option<DateTime<Utc>>,
+    original: Arc<Original>,
+}
+
 /// A task cleared to run.
 struct Ready {
     position: Position,
@@ -232,7 +259,10 @@ pub struct Worker {
 }
 
 struct Shared {
-    consumer: StreamConsumer<KserContext>,
+    /// The consumer; replaced when it hits a fatal error.
+    consumer: RwLock<Arc<StreamConsumer<KserContext>>>,
+    /// How to build the consumer again.
+    spec: ConsumerSpec,
     tracker: Arc<Mutex<OffsetTracker>>,
     store: Store,
     registry: Arc<Registry>,
@@ -281,37 +311,27 @@ impl Worker {
         admin::ensure_topics(&config.kafka, &topics, config.layout).await?;
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-        let mut client = config.kafka.client_config(
-            ClientRole::Consumer,
-            &[
-                ("enable.auto.commit", "true"),
-                ("auto.commit.interval.ms", "1000"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.offset.reset", "earliest"),
-                ("enable.partition.eof", "false"),
-                // Bound what librdkafka prefetches (its defaults allow 64 MB
-                // and 100,000 messages); the stages after it are bounded
-                // channels and at most `concurrency` running tasks.
-                ("queued.max.messages.kbytes", "32768"),
-                ("queued.min.messages", "20000"),
-            ],
-        );
-        client.set("group.id", &config.group);
-        let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
-            tracker: Arc::clone(&tracker),
-        })?;
-        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        let spec = ConsumerSpec {
+            kafka: config.kafka.clone(),
+            group: config.group.clone(),
+            protocol: config.group_protocol,
+            instance_id: config.instance_id.clone(),
+            topics: config.topics.clone(),
+        };
+        let consumer = spec.create(&tracker)?;
         tracing::info!(
             worker = %config.worker_id,
             group = %config.group,
+            group_protocol = %config.group_protocol,
+            instance_id = config.instance_id.as_deref().unwrap_or("-"),
             topics = %config.topics.join(","),
             concurrency = config.concurrency,
             "worker started"
         );
 
         let shared = Arc::new(Shared {
-            consumer,
+            consumer: RwLock::new(Arc::new(consumer)),
+            spec,
             tracker,
             store: self.store,
             registry: self.registry,
@@ -334,15 +354,26 @@ impl Worker {
         let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
 
         let finisher = tokio::spawn(Arc::clone(&shared).finisher(finish_rx));
-        let starter = tokio::spawn(Arc::clone(&shared).starter(intake_rx, finish_tx, semaphore));
+        let starter = tokio::spawn(Arc::clone(&shared).starter(
+            intake_rx,
+            finish_tx,
+            semaphore,
+            shutdown.clone(),
+        ));
         let reporter = tokio::spawn(Arc::clone(&shared).reporter());
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(Arc::clone(&shared).relay(relay_stop.clone()));
+        let stop_polling = CancellationToken::new();
+        let intake = tokio::spawn(Arc::clone(&shared).intake(
+            intake_tx,
+            shutdown.clone(),
+            stop_polling.clone(),
+        ));
 
-        shared.intake(intake_tx, &shutdown).await;
+        shutdown.cancelled().await;
         tracing::info!(
             timeout_s = config.shutdown_timeout.as_secs_f64(),
-            "stopped fetching; finishing in-flight work"
+            "stopping: nothing new starts; finishing the running tasks while the consumer keeps serving its group"
         );
 
         let stages = [
@@ -350,7 +381,7 @@ impl Worker {
             finisher.abort_handle(),
             relay.abort_handle(),
         ];
-        // Finish in-flight tasks, then publish the next steps they queued.
+        // Finish the running tasks, then publish the next steps they queued.
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
             let _ = starter.await;
             let _ = finisher.await;
@@ -367,32 +398,89 @@ impl Worker {
             for stage in stages {
                 stage.abort();
             }
-            stats.abandoned = shared
-                .tracker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .unfinished() as u64;
+        }
+        stats.abandoned = shared
+            .tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unfinished() as u64;
+        if drained.is_err() {
             tracing::warn!(
                 abandoned = stats.abandoned,
                 "shutdown timeout passed; abandoning unfinished work, which will be delivered again"
             );
         }
-        if let Err(err) = shared.consumer.commit_consumer_state(CommitMode::Sync) {
+        stop_polling.cancel();
+        let _ = intake.await;
+        let consumer = shared.consumer();
+        if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %err, "final commit");
         }
-        shared.consumer.unsubscribe();
+        // Leave the group now (the revoke commits once more); dropping the
+        // consumer closes it.
+        consumer.unsubscribe();
+        drop(consumer);
         tracing::info!(?stats, "worker stopped");
         Ok(stats)
     }
 }
 
 impl Shared {
-    /// Stage 1: reads records until shutdown.
-    async fn intake(&self, intake_tx: mpsc::Sender<Received>, shutdown: &CancellationToken) {
+    /// The consumer as it is now (it is replaced after a fatal error).
+    fn consumer(&self) -> Arc<StreamConsumer<KserContext>> {
+        Arc::clone(&self.consumer.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Stage 1: feeds the pipeline with records until shutdown, then keeps
+    /// serving the consumer (rebalances, heartbeats) until the worker closes
+    /// it, so a stopping worker never holds up its group.
+    async fn intake(
+        self: Arc<Self>,
+        intake_tx: mpsc::Sender<Received>,
+        shutdown: CancellationToken,
+        stop_polling: CancellationToken,
+    ) {
+        self.feed(intake_tx, &shutdown).await;
+        let consumer = self.consumer();
+        if let Ok(assigned) = consumer.assignment() {
+            let _ = consumer.pause(&assigned);
+        }
+        let mut ignored = 0_u64;
+        loop {
+            tokio::select! {
+                biased;
+                () = stop_polling.cancelled() => break,
+                record = consumer.recv() => match record {
+                    // Not tracked: the partition's next owner reads it again.
+                    Ok(_) => ignored += 1,
+                    Err(_) if consumer.client().fatal_error().is_some() => break,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "Kafka consumer error while stopping");
+                        tokio::select! {
+                            () = stop_polling.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
+                }
+            }
+        }
+        if ignored > 0 {
+            tracing::debug!(
+                ignored,
+                "records fetched while stopping were left for the next owner of their partitions"
+            );
+        }
+    }
+
+    /// Reads records into the pipeline until shutdown; rebuilds the consumer
+    /// when it hits a fatal error.
+    async fn feed(&self, intake_tx: mpsc::Sender<Received>, shutdown: &CancellationToken) {
+        let mut consumer = self.consumer();
         let mut topic_names: Vec<Arc<str>> = Vec::new();
         // Records that arrived while fetching was paused (partitions
         // assigned meanwhile are not paused): handed over first.
         let mut stash: VecDeque<Received> = VecDeque::new();
+        let mut rebuild_delay = REBUILD_DELAY_MIN;
         loop {
             let received = match stash.pop_front() {
                 Some(received) => received,
@@ -400,10 +488,29 @@ impl Shared {
                     let record = tokio::select! {
                         biased;
                         () = shutdown.cancelled() => return,
-                        record = self.consumer.recv() => record,
+                        record = consumer.recv() => record,
                     };
-                    match record {
-                        Ok(record) => self.received(&record, &mut topic_names),
+                    let error = match record {
+                        Ok(record) => {
+                            rebuild_delay = REBUILD_DELAY_MIN;
+                            Ok(self.received(&record, &mut topic_names))
+                        }
+                        Err(err) => Err(err),
+                    };
+                    match error {
+                        Ok(received) => received,
+                        Err(_) if consumer.client().fatal_error().is_some() => {
+                            let fatal = consumer.client().fatal_error();
+                            let Some(fresh) =
+                                self.rebuild(fatal, &mut rebuild_delay, shutdown).await
+                            else {
+                                return;
+                            };
+                            let old = std::mem::replace(&mut consumer, fresh);
+                            // Closing a consumer blocks; keep it off the runtime.
+                            tokio::task::spawn_blocking(move || drop(old));
+                            continue;
+                        }
                         Err(err) => {
                             tracing::warn!(error = %err, "Kafka consumer error; the client retries by itself");
                             tokio::select! {
@@ -425,8 +532,8 @@ impl Shared {
                 // slow): stop fetching, but keep polling so the consumer
                 // group does not take this worker for dead.
                 Err(_) => {
-                    let paused = self.consumer.assignment().unwrap_or_default();
-                    if self.consumer.pause(&paused).is_ok() {
+                    let paused = consumer.assignment().unwrap_or_default();
+                    if consumer.pause(&paused).is_ok() {
                         tracing::warn!(
                             "the pipeline is full (is the database away?); pausing fetch until it drains"
                         );
@@ -436,7 +543,7 @@ impl Shared {
                             biased;
                             () = shutdown.cancelled() => return,
                             permit = intake_tx.reserve() => break permit,
-                            record = self.consumer.recv() => {
+                            record = consumer.recv() => {
                                 if let Ok(record) = record {
                                     stash.push_back(self.received(&record, &mut topic_names));
                                 }
@@ -444,13 +551,61 @@ impl Shared {
                         }
                     };
                     let Ok(permit) = permit else { return };
-                    if self.consumer.resume(&paused).is_ok() {
+                    if consumer.resume(&paused).is_ok() {
                         tracing::info!("the pipeline drains again; resuming fetch");
                     }
                     permit
                 }
             };
             permit.send(received);
+        }
+    }
+
+    /// Replaces a consumer that hit a fatal error (librdkafka cannot go on
+    /// with it) with a new one, after a backoff that grows while the error
+    /// comes back. Everything the old one received is forgotten: it will be
+    /// delivered again. `None` on shutdown.
+    async fn rebuild(
+        &self,
+        fatal: Option<(RDKafkaErrorCode, String)>,
+        delay: &mut Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<Arc<StreamConsumer<KserContext>>> {
+        let (code, reason) = fatal.unwrap_or((RDKafkaErrorCode::Fatal, String::new()));
+        let hint = if code == RDKafkaErrorCode::UnreleasedInstanceId {
+            "; its group.instance.id is still held by an earlier member (one killed before it \
+             could leave?) until the broker's session timeout releases it"
+        } else {
+            ""
+        };
+        tracing::error!(
+            error_code = ?code, error = %reason, retry_in_ms = delay.as_millis() as u64,
+            "the Kafka consumer hit a fatal error and cannot go on; building a new one{hint}"
+        );
+        self.tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .revoke_all();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(*delay) => {}
+            }
+            *delay = (*delay * 2).min(REBUILD_DELAY_MAX);
+            match self.spec.create(&self.tracker) {
+                Ok(fresh) => {
+                    let fresh = Arc::new(fresh);
+                    *self
+                        .consumer
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&fresh);
+                    tracing::info!("new Kafka consumer created; joining the group again");
+                    return Some(fresh);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "could not create the Kafka consumer; retrying");
+                }
+            }
         }
     }
 
@@ -486,59 +641,99 @@ impl Shared {
         }
     }
 
-    /// Stage 2: records batches as RUNNING and spawns their tasks.
+    /// Stage 2: decodes batches, then starts their tasks as concurrency
+    /// slots free up: each group of tasks that got a slot is marked RUNNING
+    /// (attempt + 1) in one statement, and only then runs. So `attempts`
+    /// counts runs, and a task waiting for a slot is not shown as RUNNING.
+    ///
+    /// Records of a partition revoked meanwhile, and every record not started
+    /// once the worker is stopping, are dropped from the pipeline
+    /// unfinished: their offsets are not committed, so they are delivered
+    /// again to whoever owns the partition next.
     async fn starter(
         self: Arc<Self>,
         mut intake_rx: mpsc::Receiver<Received>,
         finish_tx: mpsc::Sender<Finished>,
         semaphore: Arc<Semaphore>,
+        shutdown: CancellationToken,
     ) {
         let mut running = JoinSet::new();
         let mut batch = Vec::with_capacity(self.batch_size);
         while intake_rx.recv_many(&mut batch, self.batch_size).await > 0 {
             while running.try_join_next().is_some() {}
-            let ready = self.start_batch(batch.drain(..), &finish_tx).await;
-            for task in ready {
-                let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
-                    return;
+            if shutdown.is_cancelled() {
+                batch.clear();
+                continue;
+            }
+            let mut queue: VecDeque<Candidate> =
+                self.prepare_batch(batch.drain(..), &finish_tx).await.into();
+            while !queue.is_empty() {
+                let first = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    permit = Arc::clone(&semaphore).acquire_owned() => permit,
                 };
-                let shared = Arc::clone(&self);
-                let finish_tx = finish_tx.clone();
-                running.spawn(async move {
-                    let position = task.position.clone();
-                    let original = Arc::clone(&task.original);
-                    let (row, resend) = shared.execute(task).await;
-                    drop(permit);
-                    let kind = if resend.is_some() {
-                        Outcome::Retry
-                    } else if row.operation_uuid.is_some() {
-                        Outcome::Step
-                    } else {
-                        Outcome::Ran
-                    };
-                    let finished = Finished {
-                        position,
-                        row,
-                        kind,
-                        resend,
-                        original,
-                    };
-                    let _ = finish_tx.send(finished).await;
-                });
+                let Ok(first) = first else { return };
+                let mut permits = vec![first];
+                while permits.len() < queue.len() {
+                    match Arc::clone(&semaphore).try_acquire_owned() {
+                        Ok(permit) => permits.push(permit),
+                        Err(_) => break,
+                    }
+                }
+                let group: Vec<Candidate> = queue
+                    .drain(..permits.len())
+                    .filter(|candidate| self.is_current(&candidate.position))
+                    .collect();
+                let ready = self.start_group(group, &finish_tx).await;
+                for (task, permit) in ready.into_iter().zip(permits) {
+                    let shared = Arc::clone(&self);
+                    let finish_tx = finish_tx.clone();
+                    running.spawn(async move {
+                        let position = task.position.clone();
+                        let original = Arc::clone(&task.original);
+                        let (row, resend) = shared.execute(task).await;
+                        drop(permit);
+                        let kind = if resend.is_some() {
+                            Outcome::Retry
+                        } else if row.operation_uuid.is_some() {
+                            Outcome::Step
+                        } else {
+                            Outcome::Ran
+                        };
+                        let finished = Finished {
+                            position,
+                            row,
+                            kind,
+                            resend,
+                            original,
+                        };
+                        let _ = finish_tx.send(finished).await;
+                    });
+                }
             }
         }
         while running.join_next().await.is_some() {}
     }
 
-    /// Decodes a batch, writes RUNNING rows, and returns the tasks to run.
-    async fn start_batch(
+    /// Whether a record's partition is still this worker's, as it was when
+    /// the record arrived.
+    fn is_current(&self, position: &Position) -> bool {
+        self.tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_current(position)
+    }
+
+    /// Decodes a batch: records invalid messages, starts operations, skips
+    /// duplicates, and returns the tasks that may run.
+    async fn prepare_batch(
         self: &Arc<Self>,
         batch: impl Iterator<Item = Received>,
         finish_tx: &mpsc::Sender<Finished>,
-    ) -> Vec<Ready> {
+    ) -> Vec<Candidate> {
         let now = Utc::now();
         let mut candidates = Vec::new();
-        let mut rows = Vec::new();
         let mut release = Vec::new();
         let mut operations = Vec::new();
         let mut dead = Vec::new();
@@ -558,13 +753,12 @@ impl Shared {
                         operations.push((received, message));
                         continue;
                     }
-                    rows.push(self.running_row(&message, &received, now));
-                    candidates.push((
-                        received.position,
+                    candidates.push(Candidate {
+                        position: received.position,
                         message,
-                        received.timestamp,
-                        received.original,
-                    ));
+                        enqueued_at: received.timestamp,
+                        original: received.original,
+                    });
                 }
                 Decoded::Invalid {
                     uuid: Some(uuid),
@@ -616,13 +810,36 @@ impl Shared {
         if !operations.is_empty() && !self.start_operations(operations, now).await {
             return Vec::new();
         }
+        candidates
+    }
 
+    /// Marks a group of tasks that got a concurrency slot RUNNING in one
+    /// statement, and returns those to run: not those already final.
+    async fn start_group(
+        &self,
+        group: Vec<Candidate>,
+        finish_tx: &mpsc::Sender<Finished>,
+    ) -> Vec<Ready> {
+        if group.is_empty() {
+            return Vec::new();
+        }
+        let now = Utc::now();
+        let rows = group
+            .iter()
+            .map(|candidate| self.running_row(candidate, now))
+            .collect();
         let Some(mut started) = self.write_started(rows).await else {
             return Vec::new();
         };
         let mut ready = Vec::with_capacity(started.len());
         let mut already_final = Vec::new();
-        for (position, message, enqueued_at, original) in candidates {
+        for Candidate {
+            position,
+            message,
+            enqueued_at,
+            original,
+        } in group
+        {
             match started.remove(&message.uuid) {
                 Some(Start::Run(started)) => {
                     self.lock_in_flight().insert(message.uuid.clone());
@@ -804,7 +1021,8 @@ impl Shared {
         row.enqueued_at = enqueued_at;
     }
 
-    fn running_row(&self, message: &Message, received: &Received, now: DateTime<Utc>) -> NewTask {
+    fn running_row(&self, candidate: &Candidate, now: DateTime<Utc>) -> NewTask {
+        let message = &candidate.message;
         let mut row = NewTask::new(
             message.uuid.clone(),
             message.entrypoint.clone(),
@@ -813,7 +1031,7 @@ impl Shared {
         row.params = Value::Object(message.params.clone());
         row.metadata = Value::Object(message.metadata.clone());
         row.attempts = 1;
-        self.locate(&mut row, &received.position, received.timestamp);
+        self.locate(&mut row, &candidate.position, candidate.enqueued_at);
         row.started_at = Some(now);
         row.updated_at = now;
         row
@@ -1090,9 +1308,10 @@ impl Shared {
                 }
             }
         }
+        let consumer = self.consumer();
         for (topic, partition, offset) in safe {
             // `store_offset(o)` commits o + 1: the next record to read.
-            if let Err(err) = self.consumer.store_offset(&topic, partition, offset) {
+            if let Err(err) = consumer.store_offset(&topic, partition, offset) {
                 tracing::debug!(topic = %topic, partition, offset, error = %err, "offset not stored (partition revoked?)");
             }
         }

@@ -83,6 +83,19 @@ impl OffsetTracker {
             .retain(|(t, p), _| !(t.as_ref() == topic && *p == partition));
     }
 
+    /// Whether `position`'s partition is still assigned under the generation
+    /// the record was received in.
+    pub fn is_current(&self, position: &Position) -> bool {
+        self.partitions
+            .get(&(Arc::clone(&position.topic), position.partition))
+            .is_some_and(|state| state.generation == position.generation)
+    }
+
+    /// Forgets every partition (the consumer was replaced).
+    pub fn revoke_all(&mut self) {
+        self.partitions.clear();
+    }
+
     /// Records received and not finished, over all partitions.
     pub fn unfinished(&self) -> usize {
         self.partitions
@@ -127,6 +140,8 @@ mod tests {
         let old = tracker.track(&topic, 0, 3);
         tracker.revoke("t", 0);
         let new = tracker.track(&topic, 0, 3);
+        assert!(!tracker.is_current(&old));
+        assert!(tracker.is_current(&new));
         assert_eq!(tracker.complete(&old), None);
         assert_eq!(tracker.unfinished(), 1);
         assert_eq!(tracker.complete(&new), Some(3));

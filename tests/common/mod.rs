@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod cluster;
+
 pub struct TestEnv {
     pub database_url: String,
     pub brokers: String,

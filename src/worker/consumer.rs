@@ -1,0 +1,142 @@
+//! The worker's Kafka consumer: how it joins its group (the classic protocol
+//! or KIP-848's, static membership or not), and how it is rebuilt after a
+//! fatal error.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaError;
+
+use super::context::KserContext;
+use super::offsets::OffsetTracker;
+use crate::config::{ClientRole, KafkaConfig};
+
+/// Which consumer group protocol a worker speaks.
+///
+/// Both are served by Apache Kafka 4.x. Under the classic protocol the group
+/// leader computes assignments and every rebalance stops the whole group
+/// (eager); the session timeout is the client's `session.timeout.ms`. Under
+/// KIP-848's `consumer` protocol the broker computes assignments and moves
+/// partitions one member at a time (incremental); the session timeout is the
+/// broker's `group.consumer.session.timeout.ms`, and librdkafka refuses
+/// `session.timeout.ms` and `heartbeat.interval.ms` beside it, so kser drops
+/// those (with a warning) when this protocol is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupProtocol {
+    /// The classic JoinGroup/SyncGroup protocol (every Kafka version).
+    #[default]
+    Classic,
+    /// KIP-848, `group.protocol=consumer` (Kafka 4.0 and later).
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The value of librdkafka's `group.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
+}
+
+impl fmt::Display for GroupProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for GroupProtocol {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(Self::Classic),
+            "consumer" => Ok(Self::Consumer),
+            other => Err(format!(
+                "unknown group protocol '{other}': expected classic or consumer"
+            )),
+        }
+    }
+}
+
+/// Client properties that only the classic protocol accepts.
+const CLASSIC_ONLY: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+];
+
+/// How to build the worker's consumer; kept to build it again.
+#[derive(Clone)]
+pub(crate) struct ConsumerSpec {
+    pub(crate) kafka: KafkaConfig,
+    pub(crate) group: String,
+    pub(crate) protocol: GroupProtocol,
+    pub(crate) instance_id: Option<String>,
+    pub(crate) topics: Vec<String>,
+}
+
+impl ConsumerSpec {
+    /// Creates the consumer and subscribes it to the topics.
+    pub(crate) fn create(
+        &self,
+        tracker: &Arc<Mutex<OffsetTracker>>,
+    ) -> Result<StreamConsumer<KserContext>, KafkaError> {
+        use rdkafka::consumer::Consumer as _;
+
+        let mut client = self.kafka.client_config(
+            ClientRole::Consumer,
+            &[
+                ("enable.auto.commit", "true"),
+                ("auto.commit.interval.ms", "1000"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+                // Bound what librdkafka prefetches (its defaults allow 64 MB
+                // and 100,000 messages); the stages after it are bounded
+                // channels and at most `concurrency` running tasks.
+                ("queued.max.messages.kbytes", "32768"),
+                ("queued.min.messages", "20000"),
+            ],
+        );
+        client.set("group.id", &self.group);
+        client.set("group.protocol", self.protocol.as_str());
+        if self.protocol == GroupProtocol::Consumer {
+            for key in CLASSIC_ONLY {
+                if client.get(key).is_some() {
+                    tracing::warn!(
+                        property = key,
+                        "ignored with the consumer group protocol: the broker's group.consumer.* settings apply"
+                    );
+                    client.remove(key);
+                }
+            }
+        }
+        match &self.instance_id {
+            Some(id) => client.set("group.instance.id", id),
+            None => client.remove("group.instance.id"),
+        };
+        let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
+            tracker: Arc::clone(tracker),
+        })?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(consumer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_parse_from_their_librdkafka_names() {
+        assert_eq!("classic".parse(), Ok(GroupProtocol::Classic));
+        assert_eq!(" Consumer ".parse(), Ok(GroupProtocol::Consumer));
+        let err = "eager".parse::<GroupProtocol>().unwrap_err();
+        assert!(err.contains("classic or consumer"), "{err}");
+    }
+}

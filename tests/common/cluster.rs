@@ -1,0 +1,1 @@
+//! A private Apache Kafka cluster for a fault test (scripts/kafka.sh).
