@@ -22,6 +22,9 @@
 //! - `showcase.Append {"item", "ms"?}`: appends `item` to the `items` list it
 //!   was forwarded, after sleeping `ms`.
 //!
+//! With `SHOWCASE_JOURNAL=FILE` set, Sleep and Append append `UUID ATTEMPT`
+//! to FILE as they start: the tests count how often user code really ran.
+//!
 //! Operations:
 //! - `showcase.Pipeline {"flag"}`: Echo, Flaky, Echo: fails in the middle
 //!   until the flag file exists, then `resume` finishes it.
@@ -100,6 +103,24 @@ impl Task for Panic {
     }
 }
 
+/// Appends `UUID ATTEMPT` to `$SHOWCASE_JOURNAL`, in one write so lines of
+/// concurrent workers never mix.
+fn journal(ctx: &TaskContext) {
+    use std::io::Write as _;
+    let Some(path) = std::env::var_os("SHOWCASE_JOURNAL") else {
+        return;
+    };
+    let line = format!("{} {}\n", ctx.uuid, ctx.attempt);
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(err) = written {
+        eprintln!("showcase: could not write the journal: {err}");
+    }
+}
+
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct SleepParams {
     ms: u64,
@@ -112,7 +133,8 @@ impl Task for Sleep {
     const DESCRIPTION: &'static str = "Sleeps for `ms` milliseconds";
     type Params = SleepParams;
 
-    async fn run(&self, _ctx: &TaskContext, params: SleepParams) -> Result<TaskResult, TaskError> {
+    async fn run(&self, ctx: &TaskContext, params: SleepParams) -> Result<TaskResult, TaskError> {
+        journal(ctx);
         tokio::time::sleep(Duration::from_millis(params.ms)).await;
         Ok(TaskResult::ok().with_value("slept_ms", params.ms))
     }
@@ -210,6 +232,7 @@ impl Task for Append {
     type Params = AppendParams;
 
     async fn run(&self, ctx: &TaskContext, params: AppendParams) -> Result<TaskResult, TaskError> {
+        journal(ctx);
         tokio::time::sleep(Duration::from_millis(params.ms)).await;
         let mut items: Vec<Value> = ctx
             .forwarded

@@ -245,6 +245,28 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// Spawns a prepared worker command whose stderr goes to `log`.
+    pub fn spawn(command: &mut Command, log: PathBuf) -> Self {
+        let child = command.spawn().expect("spawn worker");
+        Self { child, log }
+    }
+
+    /// Waits for the worker to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "worker did not exit within {timeout:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -292,6 +314,20 @@ impl WorkerProcess {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// The exit status, if the worker has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait")
     }
 
     /// SIGKILL: no chance to clean up.
