@@ -57,7 +57,7 @@ kafka_install() {
   if ! out=$(mvn -B -q -f "$KSER_BROKER_POM_DIR/pom.xml" dependency:copy-dependencies \
       -DincludeScope=runtime -DoutputDirectory="$libs.tmp" 2>&1); then
     rm -rf "$libs.tmp"
-    printf '%s\n' "$out" | grep -E 'ERROR' | head -n 5 >&2
+    printf '%s\n' "$out" | grep -m 1 -E 'ERROR' >&2
     kafka_die "Maven could not resolve org.apache.kafka:kafka_2.13:$version (is Maven Central reachable?)"
     return 1
   fi

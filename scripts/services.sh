@@ -1,6 +1,7 @@
 # Sourced by scripts/demo and scripts/test: finds or starts what kser needs.
 #
 #   kser_build_deps   installs the C build dependencies of rdkafka if missing
+#   kser_java_deps    installs Java and Maven if missing
 #   kser_postgres_up  sets KSER_PG_ADMIN_URL to a Postgres that answers: one
 #                     on 127.0.0.1:5432 that needs no password, else a
 #                     private throwaway cluster (initdb) on a free port
@@ -49,6 +50,22 @@ kser_build_deps() {
   done
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing build dependencies: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "please install: ${missing[*]} (apt-get install)" >&2
+      return 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# Java and Maven for Apache Kafka (the tests need them; the demo falls back to
+# tansu without them).
+kser_java_deps() {
+  local missing=()
+  command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+  command -v mvn >/dev/null 2>&1 || missing+=(maven)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} for Apache Kafka"
     if [ "$(id -u)" -ne 0 ]; then
       echo "please install: ${missing[*]} (apt-get install)" >&2
       return 1

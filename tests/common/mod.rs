@@ -233,10 +233,24 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
     while !check() {
         assert!(
             start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}{}",
+            broker_log_tail()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The end of the test broker's log (Apache Kafka started by scripts/test),
+/// for a test that timed out: the broker may be why.
+pub fn broker_log_tail() -> String {
+    let Ok(dir) = std::env::var("KSER_BROKER_DIR") else {
+        return String::new();
+    };
+    let log = Path::new(&dir).join("node-1").join("kafka.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    format!("\n--- last lines of {} ---\n{tail}", log.display())
 }
 
 pub struct WorkerProcess {
@@ -278,7 +292,11 @@ impl WorkerProcess {
         let what = format!("'{needle}' in {}", log.display());
         wait_until(&what, timeout + Duration::from_secs(1), || {
             if start.elapsed() > timeout {
-                panic!("timed out waiting for {what}:\n{}", self.log());
+                panic!(
+                    "timed out waiting for {what}:\n{}{}",
+                    self.log(),
+                    broker_log_tail()
+                );
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("worker exited with {status}: {}", self.log());
