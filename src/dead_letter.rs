@@ -5,19 +5,26 @@
 //! A worker dead-letters every record that is not a kser message and every
 //! message whose task ends FAILED (steps of operations excepted: `resume`
 //! runs those again). The record's offset moves only once the dead-letter
-//! topic has acknowledged it. `kser dlq list` shows them; `kser dlq replay`
-//! sends chosen ones back to where they came from.
+//! topic has acknowledged it, or, when the topic refuses it for good (see
+//! [`refused_for_good`]: too large for it, an invalid record, no right to
+//! write there), once the original is kept in Postgres (`kser.dead_letters`)
+//! and a small record without payload, pointing at the row, is in the topic.
+//! `kser dlq list` shows both kinds; `kser dlq replay` sends chosen ones back
+//! to where they came from, byte for byte.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Headers;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::config::{ClientRole, KafkaConfig};
+use crate::producer::ProducerError;
+use crate::store::{Store, StoreError, StoredDeadLetter};
 
 /// Header: the topic the record was read from.
 pub const HEADER_TOPIC: &str = "kser-dlq-topic";
@@ -35,6 +42,49 @@ pub const HEADER_ERROR: &str = "kser-dlq-error";
 pub const HEADER_ATTEMPTS: &str = "kser-dlq-attempts";
 /// Header: the message uuid, when it had one.
 pub const HEADER_UUID: &str = "kser-dlq-uuid";
+/// Header: where the original record is kept when the dead-letter topic
+/// refused it ([`STORED_IN_POSTGRES`]); the record itself has no payload.
+pub const HEADER_STORED: &str = "kser-dlq-stored";
+/// Header: the id of its row in `kser.dead_letters`.
+pub const HEADER_STORED_ID: &str = "kser-dlq-stored-id";
+/// Header: why the dead-letter topic refused the original.
+pub const HEADER_PRODUCER_ERROR: &str = "kser-dlq-producer-error";
+/// The value of [`HEADER_STORED`]: in the `kser.dead_letters` table.
+pub const STORED_IN_POSTGRES: &str = "postgres";
+
+/// Producer errors that no retry can fix: the record itself, or the right to
+/// write it, is refused. A dead letter that fails with one is kept in
+/// Postgres instead; any other error (a broker away, a timeout, a full
+/// queue) is waited out.
+const REFUSED_FOR_GOOD: &[RDKafkaErrorCode] = &[
+    RDKafkaErrorCode::MessageSizeTooLarge,
+    RDKafkaErrorCode::MessageBatchTooLarge,
+    RDKafkaErrorCode::InvalidMessageSize,
+    RDKafkaErrorCode::InvalidMessage,
+    RDKafkaErrorCode::InvalidRecord,
+    RDKafkaErrorCode::InvalidTimestamp,
+    RDKafkaErrorCode::UnsupportedForMessageFormat,
+    RDKafkaErrorCode::PolicyViolation,
+    RDKafkaErrorCode::InvalidRequest,
+    RDKafkaErrorCode::InvalidTopic,
+    RDKafkaErrorCode::InvalidArgument,
+    RDKafkaErrorCode::TopicAuthorizationFailed,
+    RDKafkaErrorCode::ClusterAuthorizationFailed,
+];
+
+/// Whether a send failed in a way no retry can fix (see
+/// [`REFUSED_FOR_GOOD`]): the record is too large for the producer or the
+/// topic, invalid, or the topic may not be written.
+///
+/// Decided by librdkafka's error code; an error without one is transient.
+pub fn refused_for_good(err: &ProducerError) -> bool {
+    match err {
+        ProducerError::Send {
+            code: Some(code), ..
+        } => REFUSED_FOR_GOOD.contains(code),
+        _ => false,
+    }
+}
 
 /// The dead-letter topic of `source` unless one is configured.
 pub fn default_topic(source: &str) -> String {
@@ -47,13 +97,20 @@ pub fn default_topic(source: &str) -> String {
 pub enum DeadLetterError {
     #[error("could not read dead-letter topic '{topic}': {reason}")]
     Read { topic: String, reason: String },
+    #[error("could not read the dead letters kept in Postgres: {0}")]
+    Store(#[from] StoreError),
 }
 
-/// One record of a dead-letter topic.
+/// One dead letter: a record of a dead-letter topic, a row of
+/// `kser.dead_letters`, or both (the record points at the row).
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetterEntry {
-    /// Where it is in the dead-letter topic.
+    /// Where it is in the dead-letter topic; -1 (`null` in JSON) for a dead
+    /// letter kept in Postgres only, when the topic refused even the small
+    /// record pointing at it.
+    #[serde(serialize_with = "null_if_negative")]
     pub dlq_partition: i32,
+    #[serde(serialize_with = "null_if_negative")]
     pub dlq_offset: i64,
     /// Where it came from.
     pub topic: Option<String>,
@@ -68,10 +125,31 @@ pub struct DeadLetterEntry {
     /// The original key and value, as text (lossy for bytes that are not UTF-8).
     pub key: Option<String>,
     pub payload: Option<String>,
+    /// The size of the original value in bytes.
+    pub payload_bytes: Option<i64>,
+    /// `postgres` when the dead-letter topic refused the original and it is
+    /// kept in `kser.dead_letters`, row `stored_id`; `payload` is then left
+    /// out (`replay` reads the bytes from there).
+    pub stored: Option<String>,
+    pub stored_id: Option<i64>,
+    /// Why the dead-letter topic refused the original.
+    pub producer_error: Option<String>,
     #[serde(skip)]
     pub raw_key: Option<Vec<u8>>,
     #[serde(skip)]
     pub raw_payload: Option<Vec<u8>>,
+}
+
+fn null_if_negative<S: Serializer, T: Copy + Into<i64>>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let value: i64 = (*value).into();
+    if value < 0 {
+        serializer.serialize_none()
+    } else {
+        serializer.serialize_i64(value)
+    }
 }
 
 impl DeadLetterEntry {
@@ -98,10 +176,106 @@ impl DeadLetterEntry {
             uuid: headers.get(HEADER_UUID).cloned(),
             key: text(record.key()),
             payload: text(record.payload()),
+            payload_bytes: record.payload().map(|p| p.len() as i64),
+            stored: headers.get(HEADER_STORED).cloned(),
+            stored_id: headers.get(HEADER_STORED_ID).and_then(|v| v.parse().ok()),
+            producer_error: headers.get(HEADER_PRODUCER_ERROR).cloned(),
             raw_key: record.key().map(<[u8]>::to_vec),
             raw_payload: record.payload().map(<[u8]>::to_vec),
         }
     }
+
+    /// A dead letter kept in Postgres only: the topic has no record of it.
+    fn from_kept(row: &StoredDeadLetter) -> Self {
+        let mut entry = Self {
+            dlq_partition: -1,
+            dlq_offset: -1,
+            topic: Some(row.topic.clone()),
+            partition: Some(row.kafka_partition),
+            offset: Some(row.kafka_offset),
+            timestamp: row.kafka_timestamp,
+            error_kind: Some(row.error_kind.clone()),
+            error: Some(row.error.clone()),
+            attempts: Some(row.attempts),
+            uuid: row.uuid.clone(),
+            key: None,
+            payload: None,
+            payload_bytes: None,
+            stored: None,
+            stored_id: None,
+            producer_error: None,
+            raw_key: None,
+            raw_payload: None,
+        };
+        entry.add_kept(row);
+        entry
+    }
+
+    /// Adds what only the row has: the key and the size of the value.
+    fn add_kept(&mut self, row: &StoredDeadLetter) {
+        self.stored = Some(STORED_IN_POSTGRES.to_owned());
+        self.stored_id = Some(row.id);
+        self.producer_error = Some(row.producer_error.clone());
+        self.key = row
+            .key
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        self.raw_key.clone_from(&row.key);
+        self.payload = None;
+        self.raw_payload = None;
+        self.payload_bytes = row.value_bytes.map(i64::from);
+    }
+
+    /// Whether the dead-letter topic has a record of it.
+    pub fn in_topic(&self) -> bool {
+        self.dlq_offset >= 0
+    }
+
+    /// How `dlq replay` names it: `PARTITION:OFFSET` in the dead-letter
+    /// topic, or `pg:ID` for one kept in Postgres only.
+    pub fn id(&self) -> String {
+        match self.stored_id {
+            Some(id) if !self.in_topic() => format!("pg:{id}"),
+            _ => format!("{}:{}", self.dlq_partition, self.dlq_offset),
+        }
+    }
+
+    /// Whether `id` (a uuid, `PARTITION:OFFSET` or `pg:ID`) names it.
+    pub fn is_named(&self, id: &str) -> bool {
+        self.uuid.as_deref() == Some(id)
+            || (self.in_topic() && format!("{}:{}", self.dlq_partition, self.dlq_offset) == id)
+            || self.stored_id.is_some_and(|row| format!("pg:{row}") == id)
+    }
+}
+
+/// Every dead letter of `dlq_topic`: its records, oldest first per
+/// partition, completed with what `store` keeps of those whose original is
+/// in Postgres; then the ones kept in Postgres only. Without a store, the
+/// records alone.
+pub async fn list(
+    kafka: &KafkaConfig,
+    dlq_topic: &str,
+    store: Option<&Store>,
+) -> Result<Vec<DeadLetterEntry>, DeadLetterError> {
+    let mut entries = read_all(kafka, dlq_topic).await?;
+    let Some(store) = store else {
+        return Ok(entries);
+    };
+    let kept = store.kept_dead_letters(dlq_topic).await?;
+    let by_id: HashMap<i64, &StoredDeadLetter> = kept.iter().map(|row| (row.id, row)).collect();
+    let mut pointed_at = HashSet::new();
+    for entry in &mut entries {
+        if let Some(row) = entry.stored_id.and_then(|id| by_id.get(&id)) {
+            entry.add_kept(row);
+            pointed_at.insert(row.id);
+        }
+    }
+    entries.extend(
+        kept.iter()
+            .filter(|row| !pointed_at.contains(&row.id))
+            .map(DeadLetterEntry::from_kept),
+    );
+    Ok(entries)
 }
 
 /// Every record of a dead-letter topic, oldest first per partition. Reads
@@ -195,4 +369,50 @@ fn read_blocking(
         }
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    use super::refused_for_good;
+    use crate::producer::ProducerError;
+
+    fn send_error(code: RDKafkaErrorCode) -> ProducerError {
+        ProducerError::Send {
+            uuid: String::new(),
+            topic: "t.dlq".into(),
+            reason: KafkaError::MessageProduction(code).to_string(),
+            code: Some(code),
+        }
+    }
+
+    #[test]
+    fn records_the_broker_will_never_take_are_refused_for_good() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::InvalidMessage,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::PolicyViolation,
+        ] {
+            assert!(refused_for_good(&send_error(code)), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn outages_are_waited_out() {
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            assert!(!refused_for_good(&send_error(code)), "{code:?}");
+        }
+    }
 }

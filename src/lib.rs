@@ -74,4 +74,4 @@ pub use registry::{Registry, RegistryError};
 pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
 pub use task::{Task, TaskContext, TaskError};
-pub use worker::{DeadLetters, Worker, WorkerConfig, WorkerStats};
+pub use worker::{DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig, WorkerStats};

@@ -23,6 +23,9 @@ pub enum ProducerError {
         uuid: String,
         topic: String,
         reason: String,
+        /// librdkafka's error code, to tell a refusal for good from an
+        /// outage.
+        code: Option<rdkafka::types::RDKafkaErrorCode>,
     },
 }
 
@@ -61,16 +64,28 @@ impl Producer {
     /// Publishes one message and returns its partition and offset once the
     /// broker has it.
     pub async fn send(&self, topic: &str, message: &Message) -> Result<(i32, i64), ProducerError> {
+        self.send_keyed(topic, message.uuid.as_bytes(), message)
+            .await
+    }
+
+    /// Publishes one message under a record key of the caller's: records of
+    /// one key go to one partition, and a worker runs them in order (see
+    /// `Ordering`).
+    pub async fn send_keyed(
+        &self,
+        topic: &str,
+        key: &[u8],
+        message: &Message,
+    ) -> Result<(i32, i64), ProducerError> {
         let payload = message.to_bytes();
-        let record = FutureRecord::to(topic)
-            .key(message.uuid.as_bytes())
-            .payload(&payload);
+        let record = FutureRecord::to(topic).key(key).payload(&payload);
         match self.inner.send(record, DELIVERY_TIMEOUT).await {
             Ok(delivery) => Ok((delivery.partition, delivery.offset)),
             Err((err, _)) => Err(ProducerError::Send {
                 uuid: message.uuid.clone(),
                 topic: topic.to_owned(),
                 reason: err.to_string(),
+                code: err.rdkafka_error_code(),
             }),
         }
     }
@@ -114,6 +129,7 @@ impl Producer {
                 uuid: String::new(),
                 topic: topic.to_owned(),
                 reason: err.to_string(),
+                code: err.rdkafka_error_code(),
             }),
         }
     }

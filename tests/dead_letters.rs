@@ -1,6 +1,7 @@
 //! Dead letters: poison records and failed messages land in `<topic>.dlq`
 //! with their original bytes and where they came from; `dlq replay` runs
-//! them again after a fix.
+//! them again after a fix. A dead letter the topic refuses for good is kept
+//! in Postgres and does not hold its partition.
 
 mod common;
 
@@ -9,6 +10,12 @@ use std::time::Duration;
 use common::{TestEnv, text};
 use kser::dead_letter::{DeadLetterEntry, read_all};
 use kser::{KafkaConfig, Producer};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message as _, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -144,4 +151,274 @@ fn replay_runs_a_dead_letter_again_after_a_fix() {
     let status = env.status("flaky");
     assert_eq!(status["attempts"], 2);
     assert_eq!(status["result"]["stdout"], "the flag is up");
+}
+
+/// The raw producer the tests publish large records with: kser's own
+/// producer keeps librdkafka's 1 MB default, as the worker's does.
+fn large_record_producer(env: &TestEnv) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("message.max.bytes", "8000000")
+        .create()
+        .expect("producer")
+}
+
+async fn publish(producer: &FutureProducer, topic: &str, key: &[u8], payload: &[u8]) -> (i32, i64) {
+    let record = FutureRecord::to(topic).key(key).payload(payload);
+    let delivery = producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(err, _)| err)
+        .expect("send");
+    (delivery.partition, delivery.offset)
+}
+
+/// The offset the test's consumer group has committed for a partition.
+fn committed_offset(env: &TestEnv, partition: i32) -> Option<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", &env.group)
+        .create()
+        .expect("consumer");
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(&env.topic, partition);
+    let committed = consumer
+        .committed_offsets(wanted, Duration::from_secs(10))
+        .ok()?;
+    match committed.find_partition(&env.topic, partition)?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+/// The records of `topic`'s `partition` from `from` on, up to its end.
+fn read_partition(env: &TestEnv, topic: &str, partition: i32, from: i64) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", "kser-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let (_, end) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .expect("watermarks");
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(from))
+        .expect("offset");
+    consumer.assign(&assignment).expect("assign");
+    let mut records = Vec::new();
+    let mut next = from;
+    common::wait_until(
+        &format!("{topic}[{partition}] up to {end}"),
+        Duration::from_secs(60),
+        || {
+            while let Some(record) = consumer.poll(Duration::from_millis(200)) {
+                let record = record.expect("record");
+                next = record.offset() + 1;
+                records.push(record.detach());
+            }
+            next >= end
+        },
+    );
+    records
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_too_large_to_write_is_kept_in_postgres_and_its_partition_goes_on() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+
+    // ~5 MB: the source topic takes it (the broker allows 8 MB), the
+    // worker's producer (1 MB by default) refuses it as a dead letter.
+    let padding = "x".repeat(5 * 1024 * 1024);
+    let big = serde_json::json!({
+        "uuid": "big",
+        "entrypoint": "showcase.Fail",
+        "params": {"reason": "too big to fail quietly", "padding": padding},
+    })
+    .to_string()
+    .into_bytes();
+    let key = b"same-partition".as_slice();
+    let producer = large_record_producer(&env);
+    let (partition, offset) = publish(&producer, &env.topic, key, &big).await;
+    assert_eq!(env.wait_final("big")["status"], "FAILED");
+    env.wait_count(
+        "SELECT count(*) FROM kser.dead_letters",
+        1,
+        Duration::from_secs(60),
+    );
+
+    // Later records of the same partition run, and its offsets move on.
+    let mut last = offset;
+    for n in 0..3 {
+        let message = format!(
+            r#"{{"uuid": "after-{n}", "entrypoint": "showcase.Echo", "params": {{"text": "after {n}"}}}}"#
+        );
+        let (p, o) = publish(&producer, &env.topic, key, message.as_bytes()).await;
+        assert_eq!(p, partition, "same key, same partition");
+        last = o;
+    }
+    for n in 0..3 {
+        assert_eq!(env.wait_final(&format!("after-{n}"))["status"], "SUCCESS");
+    }
+    common::wait_until(
+        "the partition's offset to be committed past the big record",
+        Duration::from_secs(30),
+        || committed_offset(&env, partition).is_some_and(|o| o > last),
+    );
+
+    let row = env.sql(
+        "SELECT id, topic, kafka_partition, kafka_offset, error_kind, uuid, attempts, \
+             octet_length(value), key, producer_error FROM kser.dead_letters",
+    );
+    let row: Vec<&str> = row.split('|').collect();
+    let id = row[0];
+    assert_eq!(
+        row[1..9],
+        [
+            env.topic.as_str(),
+            &partition.to_string(),
+            &offset.to_string(),
+            "fatal",
+            "big",
+            "1",
+            &big.len().to_string(),
+            r"\x73616d652d706172746974696f6e",
+        ],
+        "{row:?}"
+    );
+    assert!(row[9].contains("MessageSizeTooLarge"), "{row:?}");
+
+    // The dead-letter topic has a small record pointing at the row.
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let dlq = format!("{}.dlq", env.topic);
+    let entries = read_all(&kafka, &dlq).await.expect("read");
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    let pointer = &entries[0];
+    assert_eq!(pointer.stored.as_deref(), Some("postgres"));
+    assert_eq!(
+        pointer.stored_id.map(|i| i.to_string()).as_deref(),
+        Some(id)
+    );
+    assert_eq!(pointer.raw_payload, None, "no payload");
+    assert_eq!(pointer.uuid.as_deref(), Some("big"));
+    assert_eq!(
+        (pointer.partition, pointer.offset),
+        (Some(partition), Some(offset))
+    );
+    assert_eq!(pointer.error_kind.as_deref(), Some("fatal"));
+
+    let listed = env.kser(&["dlq", "list", "--json"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0]["stored"], "postgres");
+    assert_eq!(listed[0]["payload_bytes"], big.len());
+    assert_eq!(listed[0]["key"], "same-partition");
+    assert!(listed[0]["dlq_offset"].is_i64());
+    let table = text(&env.kser(&["dlq", "list"]).stdout);
+    assert!(
+        table.contains("kept in Postgres") && table.contains(&format!("pg:{id}")),
+        "{table}"
+    );
+
+    // Replayed byte for byte from Postgres to the source topic.
+    let out = env.kser(&["dlq", "replay", "big"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("replayed 1 dead letters"));
+    let replayed: Vec<OwnedMessage> = read_partition(&env, &env.topic, partition, last + 1);
+    let replayed: Vec<&OwnedMessage> = replayed
+        .iter()
+        .filter(|r| r.payload().is_some_and(|p| p.len() > 1024 * 1024))
+        .collect();
+    assert_eq!(replayed.len(), 1);
+    assert!(
+        replayed[0].payload() == Some(big.as_slice()),
+        "byte for byte"
+    );
+    assert_eq!(replayed[0].key(), Some(key));
+    // It fails again and is kept again, the partition still moving.
+    env.wait_count(
+        "SELECT count(*) FROM kser.dead_letters",
+        2,
+        Duration::from_secs(60),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_topic_that_refuses_every_record_does_not_hold_the_partition() {
+    let env = TestEnv::new();
+    // A dead-letter topic whose broker-side limit no record fits: it refuses
+    // the dead letter and the small record pointing at it alike.
+    let dlq = format!("{}.dlq", env.topic);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()
+        .expect("admin");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "64")],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let producer = Producer::new(&kafka).expect("producer");
+    let key = Some(b"same-partition".as_slice());
+    let fail = r#"{"uuid": "refused", "entrypoint": "showcase.Fail", "params": {"reason": "no"}}"#;
+    let (partition, _) = producer
+        .send_raw(&env.topic, key, Some(fail.as_bytes()))
+        .await
+        .expect("send");
+    let echo = r#"{"uuid": "after", "entrypoint": "showcase.Echo", "params": {"text": "on"}}"#;
+    let (p, last) = producer
+        .send_raw(&env.topic, key, Some(echo.as_bytes()))
+        .await
+        .expect("send");
+    assert_eq!(p, partition);
+
+    assert_eq!(env.wait_final("refused")["status"], "FAILED");
+    assert_eq!(env.wait_final("after")["status"], "SUCCESS");
+    worker.wait_for_log(
+        "refused even the record pointing",
+        1,
+        Duration::from_secs(60),
+    );
+    common::wait_until(
+        "the partition's offset to be committed past the refused dead letter",
+        Duration::from_secs(30),
+        || committed_offset(&env, partition).is_some_and(|o| o > last),
+    );
+    let kept = env.sql("SELECT id, uuid, producer_error FROM kser.dead_letters");
+    let kept: Vec<&str> = kept.split('|').collect();
+    assert_eq!(kept[1], "refused");
+    assert!(kept[2].contains("MessageSizeTooLarge"), "{kept:?}");
+    let id = kept[0];
+
+    // Listed from Postgres alone: the topic has nothing.
+    let listed = env.kser(&["dlq", "list", "--json"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0]["uuid"], "refused");
+    assert_eq!(listed[0]["stored"], "postgres");
+    assert!(listed[0]["dlq_offset"].is_null());
+    let table = text(&env.kser(&["dlq", "list"]).stdout);
+    assert!(table.contains(&format!("pg:{id}")), "{table}");
+
+    // Replayed from Postgres: it runs again.
+    let out = env.kser(&["dlq", "replay", &format!("pg:{id}")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    common::wait_until("the replay to run", Duration::from_secs(60), || {
+        env.status("refused")["attempts"] == 2
+    });
+    assert_eq!(env.wait_final("refused")["status"], "FAILED");
 }

@@ -1,15 +1,27 @@
-//! `dlq list` and `dlq replay`: the dead-letter topic from the command line.
+//! `dlq list` and `dlq replay`: the dead-letter topic from the command line,
+//! with the dead letters whose original is kept in Postgres
+//! (`kser.dead_letters`) because the topic refused it.
 
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{ContentArrangement, Table};
 
 use super::output;
 use crate::config::KafkaConfig;
-use crate::dead_letter::{DeadLetterEntry, default_topic, read_all};
+use crate::dead_letter::{DeadLetterEntry, default_topic, list};
 use crate::producer::Producer;
 use crate::store::Store;
+
+/// librdkafka's default `message.max.bytes`: a replay producer allows more
+/// only for originals that need it.
+const DEFAULT_MESSAGE_MAX_BYTES: i64 = 1_000_000;
+/// Room for the record's overhead on top of its key and value.
+const RECORD_OVERHEAD: i64 = 64 * 1024;
+/// librdkafka's largest `message.max.bytes`.
+const LARGEST_MESSAGE_MAX_BYTES: i64 = 1_000_000_000;
 
 #[derive(Debug, Args)]
 pub(super) struct DlqArgs {
@@ -25,7 +37,8 @@ pub(super) struct DlqArgs {
 
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
-    /// Show the dead letters: where each came from, why, and its bytes.
+    /// Show the dead letters: where each came from, why, and its bytes (or,
+    /// for one the dead-letter topic refused, where in Postgres it is kept).
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -34,7 +47,8 @@ enum DlqCommand {
     /// Send dead letters back to the topic they came from, after a fix.
     /// Their FAILED tasks become PENDING again, so they run.
     Replay {
-        /// Which: message uuids, or PARTITION:OFFSET in the dead-letter topic.
+        /// Which: message uuids, PARTITION:OFFSET in the dead-letter topic, or
+        /// pg:ID for one kept in Postgres only.
         #[arg(required_unless_present = "all")]
         ids: Vec<String>,
         /// All of them.
@@ -52,13 +66,26 @@ pub(super) async fn run(
         .dlq_topic
         .clone()
         .unwrap_or_else(|| default_topic(&args.topic));
-    let entries = read_all(kafka, &dlq_topic).await?;
+    let entries = list(kafka, &dlq_topic, store).await?;
     match args.command {
         DlqCommand::List { json } => {
             if json {
                 outln!("{}", serde_json::to_string_pretty(&entries)?);
-            } else {
-                outln!("{}", output::dead_letter_table(&entries));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (in_topic, kept_only): (Vec<&DeadLetterEntry>, Vec<&DeadLetterEntry>) =
+                entries.iter().partition(|e| e.in_topic());
+            if !in_topic.is_empty() || kept_only.is_empty() {
+                let in_topic: Vec<DeadLetterEntry> = in_topic.into_iter().cloned().collect();
+                outln!("{}", output::dead_letter_table(&in_topic));
+            }
+            let kept: Vec<&DeadLetterEntry> =
+                entries.iter().filter(|e| e.stored.is_some()).collect();
+            if !kept.is_empty() {
+                outln!(
+                    "\nkept in Postgres (kser.dead_letters): the dead-letter topic refused them\n{}",
+                    kept_table(&kept)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -69,10 +96,7 @@ pub(super) async fn run(
                 let mut chosen = Vec::new();
                 for id in &ids {
                     // The latest dead letter of a uuid: it may have failed before.
-                    let found = entries.iter().rev().find(|e| {
-                        e.uuid.as_deref() == Some(id.as_str())
-                            || format!("{}:{}", e.dlq_partition, e.dlq_offset) == *id
-                    });
+                    let found = entries.iter().rev().find(|e| e.is_named(id));
                     match found {
                         Some(entry) => chosen.push(entry),
                         None => bail!("no dead letter {id} in topic '{dlq_topic}'"),
@@ -84,19 +108,105 @@ pub(super) async fn run(
                 let uuids: Vec<String> = chosen.iter().filter_map(|e| e.uuid.clone()).collect();
                 store.reset_for_replay(&uuids).await?;
             }
-            let producer = Producer::new(kafka)?;
+            let producer = Producer::new(&replay_config(kafka, &chosen))?;
             for entry in &chosen {
                 let topic = entry.topic.as_deref().unwrap_or(&args.topic);
-                producer
-                    .send_raw(
-                        topic,
-                        entry.raw_key.as_deref(),
-                        entry.raw_payload.as_deref(),
-                    )
-                    .await?;
+                match entry.stored_id {
+                    Some(id) => {
+                        let store = store.with_context(|| {
+                            format!(
+                                "the original of dead letter {} is kept in Postgres: set DATABASE_URL",
+                                entry.id()
+                            )
+                        })?;
+                        let Some(original) = store.dead_letter_original(id).await? else {
+                            bail!("dead letter pg:{id} is no longer in kser.dead_letters");
+                        };
+                        producer
+                            .send_raw(topic, original.key.as_deref(), original.value.as_deref())
+                            .await?;
+                    }
+                    None => {
+                        producer
+                            .send_raw(
+                                topic,
+                                entry.raw_key.as_deref(),
+                                entry.raw_payload.as_deref(),
+                            )
+                            .await?;
+                    }
+                }
             }
             outln!("replayed {} dead letters", chosen.len());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The producer settings for a replay: originals kept in Postgres may be
+/// larger than a producer allows by default (the source topic took them), so
+/// `message.max.bytes` grows to fit the largest chosen one.
+fn replay_config(kafka: &KafkaConfig, chosen: &[&DeadLetterEntry]) -> KafkaConfig {
+    let mut kafka = kafka.clone();
+    let largest = chosen
+        .iter()
+        .filter(|e| e.stored_id.is_some())
+        .map(|e| {
+            let key = e.raw_key.as_ref().map_or(0, Vec::len) as i64;
+            key + e.payload_bytes.unwrap_or(0) + RECORD_OVERHEAD
+        })
+        .max()
+        .unwrap_or(0);
+    if largest > DEFAULT_MESSAGE_MAX_BYTES {
+        kafka.set(
+            "message.max.bytes",
+            largest.min(LARGEST_MESSAGE_MAX_BYTES).to_string(),
+        );
+    }
+    kafka
+}
+
+/// `dlq list`: the dead letters whose original is kept in Postgres.
+fn kept_table(entries: &[&DeadLetterEntry]) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(vec!["ID", "AT", "FROM", "UUID", "KIND", "BYTES", "REFUSED"]);
+    if table.width().is_some_and(|width| width < 40) {
+        table.set_content_arrangement(ContentArrangement::Disabled);
+    }
+    for entry in entries {
+        let from = match (&entry.topic, entry.partition, entry.offset) {
+            (Some(topic), Some(partition), Some(offset)) => {
+                format!("{topic}[{partition}]@{offset}")
+            }
+            _ => "-".to_owned(),
+        };
+        let at = if entry.in_topic() {
+            format!("{}:{}", entry.dlq_partition, entry.dlq_offset)
+        } else {
+            "-".to_owned()
+        };
+        let refused = entry.producer_error.as_deref().unwrap_or_default();
+        let refused = refused
+            .strip_prefix("Message production error: ")
+            .unwrap_or(refused);
+        table.add_row(vec![
+            entry
+                .stored_id
+                .map(|id| format!("pg:{id}"))
+                .unwrap_or_default(),
+            at,
+            from,
+            entry.uuid.clone().unwrap_or_else(|| "-".into()),
+            entry.error_kind.clone().unwrap_or_default(),
+            entry
+                .payload_bytes
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
+            refused.chars().take(60).collect(),
+        ]);
+    }
+    table.to_string()
 }

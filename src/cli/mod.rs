@@ -36,7 +36,7 @@ use crate::config::KafkaConfig;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, TaskFilter, TaskStatus};
-use crate::worker::{DeadLetters, GroupProtocol, Worker, WorkerConfig};
+use crate::worker::{DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
@@ -193,6 +193,11 @@ struct WorkerArgs {
     /// without a rebalance.
     #[arg(long, env = "KSER_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Order of the records of a partition: `key` (records with one key run
+    /// one after the other, other keys in parallel), `partition` (one at a
+    /// time), or `none`.
+    #[arg(long, env = "KSER_ORDERING", default_value = "key")]
+    ordering: Ordering,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -248,6 +253,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.concurrency = args.concurrency;
             config.batch_size = args.batch_size;
             config.group_protocol = args.group_protocol;
+            config.ordering = args.ordering;
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout.max(0.0));
             config.layout = TopicLayout {

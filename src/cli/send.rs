@@ -40,12 +40,16 @@ pub(super) struct SendArgs {
     /// The message uuid (default: a new UUID4).
     #[arg(long, conflicts_with = "batch")]
     uuid: Option<String>,
+    /// The record key (default: the uuid). Records with one key go to one
+    /// partition and run one after the other, in the order sent.
+    #[arg(long, conflicts_with = "batch")]
+    key: Option<String>,
     /// Topic to publish to.
     #[arg(long, env = "KSER_TOPIC", default_value = "kser")]
     topic: String,
     /// Read newline-delimited JSON messages from FILE ("-" for stdin); each
     /// line is {"entrypoint": ..., "params": {...}} with optional "uuid",
-    /// "metadata" and "result".
+    /// "key", "metadata" and "result".
     #[arg(long, value_name = "FILE", conflicts_with_all = ["params", "params_file", "metadata"])]
     batch: Option<String>,
     /// Run later: the message is published after this long (e.g. 30s, 5m).
@@ -74,6 +78,21 @@ struct BatchLine {
     metadata: JsonObject,
     #[serde(default)]
     result: Option<TaskResult>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// A message to publish, with its record key (`None`: its uuid).
+#[derive(Debug)]
+struct Outgoing {
+    message: Message,
+    key: Option<String>,
+}
+
+impl Outgoing {
+    fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.message.uuid)
+    }
 }
 
 pub(super) async fn send(
@@ -105,7 +124,8 @@ pub(super) async fn send(
         None => {
             let message = single_message(&args)?;
             let uuid = message.uuid.clone();
-            let outcome = publish(vec![message], &target).await;
+            let key = args.key.clone().filter(|key| !key.is_empty());
+            let outcome = publish(vec![Outgoing { message, key }], &target).await;
             if let Some((_, err)) = outcome.failed.into_iter().next() {
                 bail!("{err}");
             }
@@ -149,7 +169,7 @@ fn parse_object(text: &str) -> anyhow::Result<JsonObject> {
     }
 }
 
-fn parse_line(line: &str) -> anyhow::Result<Message> {
+fn parse_line(line: &str) -> anyhow::Result<Outgoing> {
     let line: BatchLine = serde_json::from_str(line)?;
     if line.entrypoint.trim().is_empty() {
         bail!("entrypoint is empty");
@@ -160,7 +180,8 @@ fn parse_line(line: &str) -> anyhow::Result<Message> {
     }
     message.metadata = line.metadata;
     message.result = line.result;
-    Ok(message)
+    let key = line.key.filter(|key| !key.is_empty());
+    Ok(Outgoing { message, key })
 }
 
 /// Where and when messages go.
@@ -264,11 +285,16 @@ struct Published {
 /// publishes them. Recording first means a worker always finds the row,
 /// and `status` knows a message as soon as `send` returns; a message that
 /// could not be published has its row removed again.
-async fn publish(messages: Vec<Message>, target: &Target<'_>) -> Published {
+async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
     let (topic, producer, store) = (target.topic, target.producer, target.store);
     if let (Some(due), Some(store)) = (target.due, store) {
-        return schedule(messages, topic, store, due).await;
+        return schedule(outgoing, topic, store, due).await;
     }
+    let keys: Vec<Vec<u8>> = outgoing
+        .iter()
+        .map(|o| o.key().as_bytes().to_vec())
+        .collect();
+    let messages: Vec<Message> = outgoing.into_iter().map(|o| o.message).collect();
     let mut inserted = Vec::new();
     if let Some(store) = store {
         match store.record_pending(&pending_rows(&messages, topic)).await {
@@ -278,7 +304,10 @@ async fn publish(messages: Vec<Message>, target: &Target<'_>) -> Published {
             }
         }
     }
-    let sends = messages.iter().map(|message| producer.send(topic, message));
+    let sends = messages
+        .iter()
+        .zip(&keys)
+        .map(|(message, key)| producer.send_keyed(topic, key, message));
     let outcomes = futures::future::join_all(sends).await;
     let mut published = Published {
         sent: Vec::new(),
@@ -320,25 +349,26 @@ fn progress_bar() -> ProgressBar {
 /// Records messages to publish at `due`: PENDING rows and outbox messages,
 /// which a worker's relay publishes when due.
 async fn schedule(
-    messages: Vec<Message>,
+    outgoing: Vec<Outgoing>,
     topic: &str,
     store: &Store,
     due: DateTime<Utc>,
 ) -> Published {
-    let mut rows = pending_rows(&messages, topic);
-    for row in &mut rows {
-        row.next_attempt_at = Some(due);
-    }
-    let outbox: Vec<NewOutbox> = messages
+    let outbox: Vec<NewOutbox> = outgoing
         .iter()
-        .map(|message| NewOutbox {
+        .map(|o| NewOutbox {
             topic: topic.to_owned(),
-            message_key: Some(message.uuid.clone()),
-            payload: String::from_utf8_lossy(&message.to_bytes()).into_owned(),
+            message_key: Some(o.key().to_owned()),
+            payload: String::from_utf8_lossy(&o.message.to_bytes()).into_owned(),
             operation_uuid: None,
             available_at: Some(due),
         })
         .collect();
+    let messages: Vec<Message> = outgoing.into_iter().map(|o| o.message).collect();
+    let mut rows = pending_rows(&messages, topic);
+    for row in &mut rows {
+        row.next_attempt_at = Some(due);
+    }
     let mut published = Published {
         sent: Vec::new(),
         failed: Vec::new(),
@@ -388,12 +418,14 @@ mod tests {
 
     #[test]
     fn batch_lines_take_defaults() {
-        let message = parse_line(r#"{"entrypoint":"dice.DiceRoll"}"#).expect("valid");
-        assert!(uuid::Uuid::parse_str(&message.uuid).is_ok());
-        let message =
-            parse_line(r#"{"entrypoint":"e","uuid":"u1","params":{"a":1}}"#).expect("valid");
-        assert_eq!(message.uuid, "u1");
-        assert_eq!(message.params["a"], 1);
+        let line = parse_line(r#"{"entrypoint":"dice.DiceRoll"}"#).expect("valid");
+        assert!(uuid::Uuid::parse_str(&line.message.uuid).is_ok());
+        assert_eq!(line.key(), line.message.uuid, "keyed by uuid by default");
+        let line = parse_line(r#"{"entrypoint":"e","uuid":"u1","params":{"a":1},"key":"k"}"#)
+            .expect("valid");
+        assert_eq!(line.message.uuid, "u1");
+        assert_eq!(line.message.params["a"], 1);
+        assert_eq!(line.key(), "k");
     }
 
     #[test]

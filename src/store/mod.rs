@@ -6,6 +6,7 @@
 //! state (SUCCESS, FAILED): a redelivered or duplicate message cannot undo
 //! or redo finished work.
 
+mod dead_letters;
 mod models;
 mod operations;
 mod retries;
@@ -22,6 +23,7 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
 };

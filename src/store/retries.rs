@@ -11,11 +11,12 @@ use super::{Store, StoreError, column};
 
 /// A failed attempt to retry: the task row as the attempt left it (its
 /// `next_attempt_at` says when the next one is due) and the message to send
-/// again then.
+/// again then, if the retry goes through the outbox (without one, the worker
+/// retries in place, as it does to keep records in order).
 #[derive(Debug, Clone)]
 pub struct Retry {
     pub row: NewTask,
-    pub message: NewOutbox,
+    pub message: Option<NewOutbox>,
 }
 
 impl Store {
@@ -84,11 +85,14 @@ impl Store {
                 .on_conflict_do_nothing()
                 .execute(conn)
                 .await?;
-            let messages: Vec<&NewOutbox> = kept.iter().map(|r| &r.message).collect();
-            diesel::insert_into(outbox::table)
-                .values(messages)
-                .execute(conn)
-                .await?;
+            let messages: Vec<&NewOutbox> =
+                kept.iter().filter_map(|r| r.message.as_ref()).collect();
+            if !messages.is_empty() {
+                diesel::insert_into(outbox::table)
+                    .values(messages)
+                    .execute(conn)
+                    .await?;
+            }
             Ok(kept.len())
         })
         .await

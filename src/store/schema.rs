@@ -2,6 +2,25 @@
 
 pub mod kser {
     diesel::table! {
+        kser.dead_letters (id) {
+            id -> Int8,
+            dlq_topic -> Text,
+            topic -> Text,
+            kafka_partition -> Int4,
+            kafka_offset -> Int8,
+            kafka_timestamp -> Nullable<Int8>,
+            error_kind -> Text,
+            error -> Text,
+            attempts -> Int4,
+            uuid -> Nullable<Text>,
+            producer_error -> Text,
+            key -> Nullable<Bytea>,
+            value -> Nullable<Bytea>,
+            created_at -> Timestamptz,
+        }
+    }
+
+    diesel::table! {
         kser.operations (uuid) {
             uuid -> Text,
             entrypoint -> Text,
@@ -75,5 +94,11 @@ pub mod kser {
     diesel::joinable!(task_attempts -> tasks (task_uuid));
     diesel::joinable!(tasks -> operations (operation_uuid));
 
-    diesel::allow_tables_to_appear_in_same_query!(operations, outbox, task_attempts, tasks,);
+    diesel::allow_tables_to_appear_in_same_query!(
+        dead_letters,
+        operations,
+        outbox,
+        task_attempts,
+        tasks,
+    );
 }

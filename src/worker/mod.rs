@@ -23,9 +23,10 @@ mod dead_letter;
 mod decode;
 mod offsets;
 mod operations;
+mod ordering;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{self, AtomicU64};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ use dead_letter::DeadLetter;
 pub use dead_letter::DeadLetters;
 use decode::{Decoded, decode};
 use offsets::{OffsetTracker, Position};
+pub use ordering::Ordering;
+use ordering::{Lane, Lanes};
 
 /// How long the pipeline may stay full before the worker pauses fetching.
 const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(5);
@@ -94,6 +97,8 @@ pub struct WorkerConfig {
     /// same across its restarts (`group.instance.id`). A restart within the
     /// group's session timeout gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
+    /// In what order the records of a partition run.
+    pub ordering: Ordering,
 }
 
 impl WorkerConfig {
@@ -112,6 +117,7 @@ impl WorkerConfig {
             dead_letters: DeadLetters::Suffix,
             group_protocol: GroupProtocol::default(),
             instance_id: None,
+            ordering: Ordering::default(),
         }
     }
 }
@@ -173,17 +179,17 @@ struct Counters {
 
 impl Counters {
     fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.fetch_add(n as u64, atomic::Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> WorkerStats {
         WorkerStats {
-            received: self.received.load(Ordering::Relaxed),
-            succeeded: self.succeeded.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            skipped: self.skipped.load(Ordering::Relaxed),
-            rejected: self.rejected.load(Ordering::Relaxed),
+            received: self.received.load(atomic::Ordering::Relaxed),
+            succeeded: self.succeeded.load(atomic::Ordering::Relaxed),
+            failed: self.failed.load(atomic::Ordering::Relaxed),
+            retried: self.retried.load(atomic::Ordering::Relaxed),
+            skipped: self.skipped.load(atomic::Ordering::Relaxed),
+            rejected: self.rejected.load(atomic::Ordering::Relaxed),
             abandoned: 0,
         }
     }
@@ -215,6 +221,8 @@ struct Finished {
     resend: Option<NewOutbox>,
     /// The record as read, to dead-letter if the task ends FAILED.
     original: Arc<Original>,
+    /// The lane the record holds until its final state is written.
+    lane: Option<Lane>,
 }
 
 /// How a final state is written.
@@ -234,12 +242,14 @@ enum Outcome {
     Retry,
 }
 
-/// A decoded message of a registered task, waiting for a concurrency slot.
+/// A decoded message of a registered task, waiting for its turn and a
+/// concurrency slot.
 struct Candidate {
     position: Position,
     message: Message,
     enqueued_at: Option<DateTime<Utc>>,
     original: Arc<Original>,
+    lane: Option<Lane>,
 }
 
 /// A task cleared to run.
@@ -249,6 +259,7 @@ struct Ready {
     started: StartedTask,
     enqueued_at: Option<DateTime<Utc>>,
     original: Arc<Original>,
+    lane: Option<Lane>,
 }
 
 /// Consumes the configured topics and runs each message's task.
@@ -282,6 +293,10 @@ struct Shared {
     relay_wakeup: tokio::sync::Notify,
     /// Dead letters being written; shutdown waits for them.
     dead_letter_tasks: tokio_util::task::TaskTracker,
+    /// In what order records run.
+    ordering: Ordering,
+    /// Tells the starter that a lane's record reached a final state.
+    lane_done: mpsc::UnboundedSender<Lane>,
 }
 
 impl Worker {
@@ -323,13 +338,17 @@ impl Worker {
             worker = %config.worker_id,
             group = %config.group,
             group_protocol = %config.group_protocol,
+            ordering = %config.ordering,
             instance_id = config.instance_id.as_deref().unwrap_or("-"),
             topics = %config.topics.join(","),
             concurrency = config.concurrency,
             "worker started"
         );
 
+        let (lane_done, lane_done_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            ordering: config.ordering,
+            lane_done,
             consumer: RwLock::new(Arc::new(consumer)),
             spec,
             tracker,
@@ -356,6 +375,7 @@ impl Worker {
         let finisher = tokio::spawn(Arc::clone(&shared).finisher(finish_rx));
         let starter = tokio::spawn(Arc::clone(&shared).starter(
             intake_rx,
+            lane_done_rx,
             finish_tx,
             semaphore,
             shutdown.clone(),
@@ -641,10 +661,12 @@ impl Shared {
         }
     }
 
-    /// Stage 2: decodes batches, then starts their tasks as concurrency
-    /// slots free up: each group of tasks that got a slot is marked RUNNING
-    /// (attempt + 1) in one statement, and only then runs. So `attempts`
-    /// counts runs, and a task waiting for a slot is not shown as RUNNING.
+    /// Stage 2: decodes batches, then starts their tasks in order and as
+    /// concurrency slots free up. A record waits while an earlier record of
+    /// its lane (its key, or its partition, per [`Ordering`]) has no final
+    /// state. Each group of tasks that got a slot is marked RUNNING, its
+    /// attempt counted, in one statement, and only then runs. So `attempts` counts runs,
+    /// and a task waiting for a slot or for its turn is not shown as RUNNING.
     ///
     /// Records of a partition revoked meanwhile, and every record not started
     /// once the worker is stopping, are dropped from the pipeline
@@ -653,67 +675,227 @@ impl Shared {
     async fn starter(
         self: Arc<Self>,
         mut intake_rx: mpsc::Receiver<Received>,
+        mut lane_done_rx: mpsc::UnboundedReceiver<Lane>,
         finish_tx: mpsc::Sender<Finished>,
         semaphore: Arc<Semaphore>,
         shutdown: CancellationToken,
     ) {
         let mut running = JoinSet::new();
         let mut batch = Vec::with_capacity(self.batch_size);
-        while intake_rx.recv_many(&mut batch, self.batch_size).await > 0 {
-            while running.try_join_next().is_some() {}
+        let mut lanes: Lanes<Candidate> = Lanes::new();
+        let mut ready: VecDeque<Candidate> = VecDeque::new();
+        // Records waiting for their lane are held here, not in librdkafka:
+        // past this many, stop reading until lanes move.
+        let max_waiting = self.batch_size * 4;
+        loop {
+            while let Ok(lane) = lane_done_rx.try_recv() {
+                ready.extend(lanes.release(&lane));
+            }
             if shutdown.is_cancelled() {
-                batch.clear();
+                ready.clear();
+                lanes.clear();
+            }
+            if ready.is_empty() {
+                tokio::select! {
+                    received = intake_rx.recv_many(&mut batch, self.batch_size),
+                        if lanes.waiting() < max_waiting =>
+                    {
+                        if received == 0 {
+                            break;
+                        }
+                        while running.try_join_next().is_some() {}
+                        if shutdown.is_cancelled() {
+                            batch.clear();
+                            continue;
+                        }
+                        for candidate in self.prepare_batch(batch.drain(..), &finish_tx).await {
+                            let lane = candidate.lane.clone();
+                            ready.extend(lanes.admit(lane.as_ref(), candidate));
+                        }
+                    }
+                    lane = lane_done_rx.recv() => match lane {
+                        Some(lane) => ready.extend(lanes.release(&lane)),
+                        None => break,
+                    },
+                    () = shutdown.cancelled(), if !lanes.is_empty() => {}
+                }
                 continue;
             }
-            let mut queue: VecDeque<Candidate> =
-                self.prepare_batch(batch.drain(..), &finish_tx).await.into();
-            while !queue.is_empty() {
-                let first = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break,
-                    permit = Arc::clone(&semaphore).acquire_owned() => permit,
-                };
-                let Ok(first) = first else { return };
-                let mut permits = vec![first];
-                while permits.len() < queue.len() {
-                    match Arc::clone(&semaphore).try_acquire_owned() {
-                        Ok(permit) => permits.push(permit),
-                        Err(_) => break,
-                    }
+            let first = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => continue,
+                permit = Arc::clone(&semaphore).acquire_owned() => permit,
+            };
+            let Ok(first) = first else { return };
+            let mut permits = vec![first];
+            while permits.len() < ready.len() {
+                match Arc::clone(&semaphore).try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
                 }
-                let group: Vec<Candidate> = queue
-                    .drain(..permits.len())
-                    .filter(|candidate| self.is_current(&candidate.position))
-                    .collect();
-                let ready = self.start_group(group, &finish_tx).await;
-                for (task, permit) in ready.into_iter().zip(permits) {
-                    let shared = Arc::clone(&self);
-                    let finish_tx = finish_tx.clone();
-                    running.spawn(async move {
-                        let position = task.position.clone();
-                        let original = Arc::clone(&task.original);
-                        let (row, resend) = shared.execute(task).await;
-                        drop(permit);
-                        let kind = if resend.is_some() {
-                            Outcome::Retry
-                        } else if row.operation_uuid.is_some() {
-                            Outcome::Step
-                        } else {
-                            Outcome::Ran
-                        };
-                        let finished = Finished {
-                            position,
-                            row,
-                            kind,
-                            resend,
-                            original,
-                        };
-                        let _ = finish_tx.send(finished).await;
-                    });
+            }
+            let mut group = Vec::with_capacity(permits.len());
+            for candidate in ready.drain(..permits.len()) {
+                if self.is_current(&candidate.position) {
+                    group.push(candidate);
+                } else if let Some(lane) = candidate.lane {
+                    // Its partition was revoked: the lane's next record
+                    // (dropped in turn) may be of a partition still ours.
+                    self.lane_done(lane);
                 }
+            }
+            let started = self.start_group(group, &finish_tx).await;
+            for (task, permit) in started.into_iter().zip(permits) {
+                let shared = Arc::clone(&self);
+                let finish_tx = finish_tx.clone();
+                let semaphore = Arc::clone(&semaphore);
+                let shutdown = shutdown.clone();
+                running.spawn(async move {
+                    shared
+                        .run_task(task, permit, semaphore, finish_tx, shutdown)
+                        .await;
+                });
             }
         }
         while running.join_next().await.is_some() {}
+    }
+
+    /// Tells the starter that the record holding `lane` is done with it.
+    fn lane_done(&self, lane: Lane) {
+        let _ = self.lane_done.send(lane);
+    }
+
+    /// Runs a task and hands its outcome to the finisher. Under an ordering
+    /// a failed attempt is retried here, in place, after its backoff: the
+    /// records behind it in its lane wait, and its offset stays uncommitted.
+    /// (Without one, retries go through the outbox and block nothing.)
+    async fn run_task(
+        self: Arc<Self>,
+        mut task: Ready,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        semaphore: Arc<Semaphore>,
+        finish_tx: mpsc::Sender<Finished>,
+        shutdown: CancellationToken,
+    ) {
+        let mut permit = Some(permit);
+        loop {
+            let position = task.position.clone();
+            let original = Arc::clone(&task.original);
+            let lane = task.lane.clone();
+            let enqueued_at = task.enqueued_at;
+            let (mut row, resend) = self.execute(task).await;
+            drop(permit.take());
+            let kind = match &resend {
+                Some(_) if self.ordering == Ordering::None => Outcome::Retry,
+                None if row.operation_uuid.is_some() => Outcome::Step,
+                None => Outcome::Ran,
+                Some(again) => {
+                    match self.retry_in_place(&mut row, &shutdown).await {
+                        InPlace::Due => {}
+                        InPlace::Final => {
+                            let kind = if row.operation_uuid.is_some() {
+                                Outcome::Step
+                            } else {
+                                Outcome::Ran
+                            };
+                            let finished = Finished {
+                                position,
+                                row,
+                                kind,
+                                resend: None,
+                                original,
+                                lane,
+                            };
+                            let _ = finish_tx.send(finished).await;
+                            return;
+                        }
+                        InPlace::Fenced => {
+                            self.release(&[position]);
+                            if let Some(lane) = lane {
+                                self.lane_done(lane);
+                            }
+                            return;
+                        }
+                        InPlace::Stop => return,
+                    }
+                    let next = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        permit = Arc::clone(&semaphore).acquire_owned() => permit,
+                    };
+                    let Ok(next) = next else { return };
+                    permit = Some(next);
+                    let Decoded::Message(message) = decode(Some(again.payload.as_bytes())) else {
+                        return;
+                    };
+                    let candidate = Candidate {
+                        position: position.clone(),
+                        message,
+                        enqueued_at,
+                        original,
+                        lane,
+                    };
+                    if !self.is_current(&position) {
+                        if let Some(lane) = candidate.lane {
+                            self.lane_done(lane);
+                        }
+                        return;
+                    }
+                    let mut started = self.start_group(vec![candidate], &finish_tx).await;
+                    match started.pop() {
+                        Some(next) => {
+                            task = next;
+                            continue;
+                        }
+                        None => return,
+                    }
+                }
+            };
+            let finished = Finished {
+                position,
+                row,
+                kind,
+                resend,
+                original,
+                lane,
+            };
+            let _ = finish_tx.send(finished).await;
+            return;
+        }
+    }
+
+    /// Records a failed attempt of an ordered task and waits out its
+    /// backoff. `Final` when the task cannot be retried after all (the row
+    /// then says FAILED, or the attempt was fenced), `Stop` on shutdown.
+    async fn retry_in_place(&self, row: &mut NewTask, shutdown: &CancellationToken) -> InPlace {
+        let retry = Retry {
+            row: row.clone(),
+            message: None,
+        };
+        let single = std::slice::from_ref(&retry);
+        match self
+            .retry_db("record a retry", || self.store.retry_tasks(single))
+            .await
+        {
+            None => return InPlace::Stop,
+            // A newer attempt runs elsewhere: this one has nothing to record.
+            Some(Ok(0)) => return InPlace::Fenced,
+            Some(Ok(_)) => {}
+            Some(Err(err)) => {
+                tracing::warn!(task.uuid = %row.uuid, error = %err, "could not record the retry; the task fails");
+                row.status = TaskStatus::Failed.as_str();
+                row.next_attempt_at = None;
+                return InPlace::Final;
+            }
+        }
+        Counters::add(&self.counters.retried, 1);
+        let wait = row
+            .next_attempt_at
+            .map(|due| (due - Utc::now()).to_std().unwrap_or_default())
+            .unwrap_or_default();
+        tokio::select! {
+            () = shutdown.cancelled() => InPlace::Stop,
+            () = tokio::time::sleep(wait) => InPlace::Due,
+        }
     }
 
     /// Whether a record's partition is still this worker's, as it was when
@@ -753,11 +935,17 @@ impl Shared {
                         operations.push((received, message));
                         continue;
                     }
+                    let lane = ordering::lane(
+                        self.ordering,
+                        &received.position,
+                        received.original.key.as_deref(),
+                    );
                     candidates.push(Candidate {
                         position: received.position,
                         message,
                         enqueued_at: received.timestamp,
                         original: received.original,
+                        lane,
                     });
                 }
                 Decoded::Invalid {
@@ -777,6 +965,7 @@ impl Shared {
                         kind: Outcome::Rejected,
                         resend: None,
                         original: received.original,
+                        lane: None,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -838,6 +1027,7 @@ impl Shared {
             message,
             enqueued_at,
             original,
+            lane,
         } in group
         {
             match started.remove(&message.uuid) {
@@ -849,6 +1039,7 @@ impl Shared {
                         started: *started,
                         enqueued_at,
                         original,
+                        lane,
                     });
                 }
                 Some(Start::Refused(row)) => {
@@ -858,6 +1049,7 @@ impl Shared {
                         kind: Outcome::Rejected,
                         resend: None,
                         original,
+                        lane,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
@@ -866,6 +1058,9 @@ impl Shared {
                 None => {
                     tracing::info!(task.uuid = %message.uuid, "task already finished; not run again");
                     already_final.push(position);
+                    if let Some(lane) = lane {
+                        self.lane_done(lane);
+                    }
                 }
             }
         }
@@ -1069,14 +1264,17 @@ impl Shared {
             let mut retries = Vec::new();
             let mut positions = Vec::with_capacity(batch.len());
             let mut originals = HashMap::with_capacity(batch.len());
+            let mut done_lanes = Vec::new();
             for Finished {
                 position,
                 row,
                 kind,
                 resend,
                 original,
+                lane,
             } in batch.drain(..)
             {
+                done_lanes.extend(lane);
                 // Only failures are dead-lettered; keep their records.
                 if row.status == TaskStatus::Failed.as_str() || kind == Outcome::Retry {
                     originals
@@ -1088,7 +1286,10 @@ impl Shared {
                 if !seen.insert(row.uuid.clone()) {
                     Counters::add(&self.counters.skipped, 1);
                 } else if let Some(message) = resend {
-                    retries.push(Retry { row, message });
+                    retries.push(Retry {
+                        row,
+                        message: Some(message),
+                    });
                 } else if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
                     rows.push(row);
                 }
@@ -1163,6 +1364,9 @@ impl Shared {
                 }
             }
             self.release(&positions);
+            for lane in done_lanes {
+                self.lane_done(lane);
+            }
         }
     }
 
@@ -1342,6 +1546,18 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// What became of an ordered task's failed attempt.
+enum InPlace {
+    /// Recorded, and its backoff has passed: run it again.
+    Due,
+    /// It cannot be retried after all: record the row as it is.
+    Final,
+    /// A newer attempt of the task runs elsewhere: record nothing.
+    Fenced,
+    /// The worker is stopping: leave it for redelivery.
+    Stop,
 }
 
 /// What became of a message the starter recorded.

@@ -95,11 +95,18 @@ impl TestEnv {
             command.stdin(Stdio::piped());
         }
         let mut child = command.spawn().expect("spawn");
-        if let Some(input) = stdin {
+        // Fed from a thread: a child that answers each line fills its stdout
+        // pipe while we would still be writing its stdin.
+        let feeder = stdin.map(|input| {
             let mut pipe = child.stdin.take().expect("stdin");
-            pipe.write_all(input.as_bytes()).expect("write stdin");
+            let input = input.to_owned();
+            std::thread::spawn(move || pipe.write_all(input.as_bytes()))
+        });
+        let output = child.wait_with_output().expect("wait");
+        if let Some(feeder) = feeder {
+            feeder.join().expect("stdin feeder").expect("write stdin");
         }
-        child.wait_with_output().expect("wait")
+        output
     }
 
     /// Starts a worker from an example binary, logging to a file.

@@ -1,0 +1,1 @@
+DROP TABLE kser.dead_letters;

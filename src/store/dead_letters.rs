@@ -1,0 +1,128 @@
+//! Dead letters kept in Postgres: records whose dead letter the dead-letter
+//! topic refused for good (too large for it, an invalid record, no right to
+//! write there). The original key and value are kept byte for byte in
+//! `kser.dead_letters`; the dead-letter topic gets a small record, without
+//! payload, that points at the row.
+
+use chrono::{DateTime, Utc};
+use diesel::expression::functions::declare_sql_function;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+use super::schema::kser::dead_letters;
+use super::{Store, StoreError};
+
+#[declare_sql_function]
+extern "SQL" {
+    /// Postgres' `octet_length`: the size of a value in bytes.
+    fn octet_length(
+        value: diesel::sql_types::Nullable<diesel::sql_types::Bytea>,
+    ) -> diesel::sql_types::Nullable<diesel::sql_types::Int4>;
+}
+
+/// A record to keep: where it was read, why it was dead-lettered, why the
+/// dead-letter topic refused it, and its bytes.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
+pub struct NewDeadLetter {
+    /// The dead-letter topic that refused it.
+    pub dlq_topic: String,
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    /// The record timestamp, in milliseconds.
+    pub kafka_timestamp: Option<i64>,
+    pub error_kind: String,
+    pub error: String,
+    pub attempts: i32,
+    pub uuid: Option<String>,
+    pub producer_error: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A kept dead letter as `dlq list` shows it: everything but the value,
+/// which may be large; [`Store::dead_letter_original`] reads that.
+#[derive(Debug, Clone, Queryable, Selectable, Serialize)]
+#[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub dlq_topic: String,
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub kafka_timestamp: Option<i64>,
+    pub error_kind: String,
+    pub error: String,
+    pub attempts: i32,
+    pub uuid: Option<String>,
+    pub producer_error: String,
+    pub key: Option<Vec<u8>>,
+    /// The size of the value in bytes; `None` for a record without one.
+    #[diesel(select_expression = octet_length(dead_letters::value))]
+    pub value_bytes: Option<i32>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The original bytes of a kept dead letter, to replay.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
+pub struct KeptRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Store {
+    /// Keeps a dead letter and returns its row id. The same record kept
+    /// again (delivered twice) keeps its row, with the latest error.
+    pub async fn keep_dead_letter(&self, row: &NewDeadLetter) -> Result<i64, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::insert_into(dead_letters::table)
+            .values(row)
+            .on_conflict((
+                dead_letters::topic,
+                dead_letters::kafka_partition,
+                dead_letters::kafka_offset,
+            ))
+            .do_update()
+            .set((
+                dead_letters::dlq_topic.eq(excluded(dead_letters::dlq_topic)),
+                dead_letters::error_kind.eq(excluded(dead_letters::error_kind)),
+                dead_letters::error.eq(excluded(dead_letters::error)),
+                dead_letters::attempts.eq(excluded(dead_letters::attempts)),
+                dead_letters::producer_error.eq(excluded(dead_letters::producer_error)),
+            ))
+            .returning(dead_letters::id)
+            .get_result(&mut conn)
+            .await?)
+    }
+
+    /// The dead letters kept for `dlq_topic`, oldest first, without their
+    /// values.
+    pub async fn kept_dead_letters(
+        &self,
+        dlq_topic: &str,
+    ) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(dead_letters::table
+            .filter(dead_letters::dlq_topic.eq(dlq_topic))
+            .order(dead_letters::id.asc())
+            .select(StoredDeadLetter::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+
+    /// The original key and value of a kept dead letter, byte for byte;
+    /// `None` if there is no row `id`.
+    pub async fn dead_letter_original(&self, id: i64) -> Result<Option<KeptRecord>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(dead_letters::table
+            .find(id)
+            .select(KeptRecord::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+}
