@@ -21,6 +21,9 @@
 //!   300 ms, then 600 ms, then 1.2 s apart, no jitter.
 //! - `showcase.Append {"item", "ms"?}`: appends `item` to the `items` list it
 //!   was forwarded, after sleeping `ms`.
+//! - `showcase.Record {"ms"?}`: a transactional task: inserts `(uuid,
+//!   attempt)` into the table `showcase_effects` (which must exist), then
+//!   sleeps `ms`; the row commits with the task's SUCCESS or not at all.
 //!
 //! With `SHOWCASE_JOURNAL=FILE` set, Sleep and Append append `UUID ATTEMPT`
 //! to FILE as they start: the tests count how often user code really ran.
@@ -118,6 +121,38 @@ fn journal(ctx: &TaskContext) {
         .and_then(|mut file| file.write_all(line.as_bytes()));
     if let Err(err) = written {
         eprintln!("showcase: could not write the journal: {err}");
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct RecordParams {
+    #[serde(default)]
+    ms: u64,
+}
+
+struct Record;
+
+impl kser::TransactionalTask for Record {
+    const ENTRYPOINT: &'static str = "showcase.Record";
+    const DESCRIPTION: &'static str = "Inserts a row into showcase_effects, exactly once";
+    type Params = RecordParams;
+
+    async fn run(
+        &self,
+        ctx: &TaskContext,
+        params: RecordParams,
+        conn: &mut diesel_async::AsyncPgConnection,
+    ) -> Result<TaskResult, TaskError> {
+        use diesel_async::RunQueryDsl as _;
+        journal(ctx);
+        diesel::sql_query("INSERT INTO showcase_effects (uuid, attempt) VALUES ($1, $2)")
+            .bind::<diesel::sql_types::Text, _>(&ctx.uuid)
+            .bind::<diesel::sql_types::Integer, _>(i32::try_from(ctx.attempt).unwrap_or(i32::MAX))
+            .execute(conn)
+            .await
+            .map_err(|err| TaskError::retryable(format!("insert: {err}")))?;
+        tokio::time::sleep(Duration::from_millis(params.ms)).await;
+        Ok(TaskResult::ok())
     }
 }
 
@@ -344,6 +379,7 @@ fn main() -> ExitCode {
         .and_then(|r| r.register(Flaky))
         .and_then(|r| r.register(Append))
         .and_then(|r| r.register(FailTimes))
+        .and_then(|r| r.register_transactional(Record))
         .and_then(|r| r.register_operation(Pipeline))
         .and_then(|r| r.register_operation(Chain))
         .and_then(|r| r.register_operation(Custom))

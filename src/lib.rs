@@ -73,5 +73,5 @@ pub use producer::Producer;
 pub use registry::{Registry, RegistryError};
 pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
-pub use task::{Task, TaskContext, TaskError};
+pub use task::{Task, TaskContext, TaskError, TransactionalTask};
 pub use worker::{DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig, WorkerStats};

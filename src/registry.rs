@@ -13,10 +13,21 @@ use serde_json::{Value, json};
 use crate::message::{ErrorKind, JsonObject, TaskResult};
 use crate::operation::{Operation, OperationContext, Step};
 use crate::retry::RetryPolicy;
-use crate::task::{Task, TaskContext};
+use crate::task::{Task, TaskContext, TransactionalTask};
+use diesel_async::AsyncPgConnection;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Handler = Arc<dyn Fn(TaskContext, JsonObject) -> BoxFuture<TaskResult> + Send + Sync>;
+/// Runs a transactional task with the connection of kser's transaction.
+pub(crate) type TxHandler = Arc<
+    dyn for<'c> Fn(
+            TaskContext,
+            JsonObject,
+            &'c mut AsyncPgConnection,
+        ) -> Pin<Box<dyn Future<Output = TaskResult> + Send + 'c>>
+        + Send
+        + Sync,
+>;
 type Validator = Arc<dyn Fn(&JsonObject) -> Result<(), TaskResult> + Send + Sync>;
 type Builder = Arc<dyn Fn(JsonObject) -> Result<Vec<Step>, TaskResult> + Send + Sync>;
 type FinishHook = Arc<dyn Fn(OperationContext, TaskResult) -> BoxFuture<()> + Send + Sync>;
@@ -38,6 +49,10 @@ struct Entry {
 enum Kind {
     Task {
         handler: Handler,
+        validate: Validator,
+    },
+    Transactional {
+        handler: TxHandler,
         validate: Validator,
     },
     Operation {
@@ -105,6 +120,79 @@ impl Registry {
         let entry = Entry { info, kind, retry };
         self.entries.insert(T::ENTRYPOINT, entry);
         Ok(self)
+    }
+
+    /// Registers a [`TransactionalTask`] under its entrypoint: its database
+    /// writes commit with its final state.
+    pub fn register_transactional<T: TransactionalTask>(
+        &mut self,
+        task: T,
+    ) -> Result<&mut Self, RegistryError> {
+        if self.entries.contains_key(T::ENTRYPOINT) {
+            return Err(RegistryError::Duplicate(T::ENTRYPOINT));
+        }
+        let retry = task.retry_policy();
+        let task = Arc::new(task);
+        let handler: TxHandler = Arc::new(move |ctx, params, conn| {
+            let task = Arc::clone(&task);
+            Box::pin(async move {
+                let params: T::Params = match deserialize_params(T::ENTRYPOINT, params) {
+                    Ok(params) => params,
+                    Err(result) => return result,
+                };
+                task.run(&ctx, params, conn)
+                    .await
+                    .unwrap_or_else(|err| err.into_result())
+            })
+        });
+        let validate: Validator = Arc::new(|params| {
+            deserialize_params::<T::Params>(T::ENTRYPOINT, params.clone()).map(drop)
+        });
+        let info = EntrypointInfo {
+            name: T::ENTRYPOINT,
+            kind: "transactional task",
+            description: T::DESCRIPTION,
+            params_schema: schemars::schema_for!(T::Params).to_value(),
+        };
+        let kind = Kind::Transactional { handler, validate };
+        self.entries
+            .insert(T::ENTRYPOINT, Entry { info, kind, retry });
+        Ok(self)
+    }
+
+    /// Whether `name` is a transactional task.
+    pub(crate) fn is_transactional(&self, name: &str) -> bool {
+        matches!(
+            self.entries.get(name),
+            Some(Entry {
+                kind: Kind::Transactional { .. },
+                ..
+            })
+        )
+    }
+
+    /// Runs transactional task `ctx.entrypoint` with `conn`; failures and
+    /// panics come back as a failed result.
+    pub(crate) async fn run_in(
+        &self,
+        ctx: TaskContext,
+        params: JsonObject,
+        conn: &mut AsyncPgConnection,
+    ) -> TaskResult {
+        let Some(Entry {
+            kind: Kind::Transactional { handler, .. },
+            ..
+        }) = self.entries.get(ctx.entrypoint.as_str())
+        else {
+            return self.run(ctx, params).await;
+        };
+        match AssertUnwindSafe(handler(ctx, params, conn))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => panic_result(panic.as_ref()),
+        }
     }
 
     /// Registers `operation` under [`Operation::ENTRYPOINT`]. Its steps are
@@ -194,7 +282,7 @@ impl Registry {
             };
             let validate = match self.entries.get(step.entrypoint.as_str()) {
                 Some(Entry {
-                    kind: Kind::Task { validate, .. },
+                    kind: Kind::Task { validate, .. } | Kind::Transactional { validate, .. },
                     ..
                 }) => validate,
                 Some(_) => {
@@ -285,6 +373,17 @@ impl Registry {
                 kind: Kind::Task { handler, .. },
                 ..
             }) => handler,
+            Some(Entry {
+                kind: Kind::Transactional { .. },
+                ..
+            }) => {
+                return TaskResult::error(
+                    500,
+                    ErrorKind::Fatal,
+                    format!("{} runs only in a transaction", ctx.entrypoint),
+                    Value::Null,
+                );
+            }
             Some(_) => {
                 return TaskResult::error(
                     400,

@@ -247,7 +247,10 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                     "no tasks are registered in this binary; build a worker with your tasks (see examples/dice.rs)"
                 );
             }
-            let store = connect(&global.database_url).await?;
+            // The pipeline's batched writes need a few connections; each
+            // running transactional task holds one more.
+            let store =
+                connect_sized(&global.database_url, 8 + args.concurrency.clamp(1, 32)).await?;
             store.migrate().await.context("migrating the database")?;
             let mut config = WorkerConfig::new(kafka, args.topics, args.group);
             config.concurrency = args.concurrency;
@@ -391,10 +394,14 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(database_url: &Option<String>) -> anyhow::Result<Store> {
+    connect_sized(database_url, 8).await
+}
+
+async fn connect_sized(database_url: &Option<String>, connections: usize) -> anyhow::Result<Store> {
     let url = database_url
         .as_deref()
         .context("no database configured: set DATABASE_URL or pass --database-url")?;
-    Ok(Store::connect(url, 8).await?)
+    Ok(Store::connect(url, connections).await?)
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.

@@ -54,6 +54,24 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the database could not be reached or the connection was lost:
+    /// worth waiting out, whatever the statement was.
+    pub fn is_connection_error(&self) -> bool {
+        use diesel::result::Error;
+        match self {
+            Self::Connect { .. } => true,
+            Self::Query(Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _))
+            | Self::Query(Error::BrokenTransactionManager) => true,
+            Self::Query(Error::DatabaseError(_, info)) => {
+                let message = info.message();
+                message.contains("terminating connection")
+                    || message.contains("connection closed")
+                    || message.contains("server closed the connection")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the error is about the rows themselves (a value Postgres
     /// refuses), so retrying the same write cannot help. Anything else (a
     /// lost connection, a restart) is worth waiting out.
@@ -131,7 +149,13 @@ impl Store {
         Ok(store)
     }
 
-    async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+    /// How many connections the pool holds at most.
+    pub fn max_connections(&self) -> usize {
+        self.pool.status().max_size
+    }
+
+    /// A connection from the pool, or an error naming the database.
+    pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         let unreachable = |reason: String| StoreError::Connect {
             url: redact_url(&self.url),
             reason,

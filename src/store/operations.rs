@@ -148,6 +148,26 @@ impl Store {
         .await
     }
 
+    /// Records the final state of one started task (or step, moving its
+    /// operation along) on `conn`, inside the caller's transaction: what a
+    /// transactional task's own writes commit with. `Ok(None)` when the
+    /// write was fenced (the task is final, or a newer attempt runs): the
+    /// caller must roll back. `Ok(Some(finished))` names the operation the
+    /// step ended, if any.
+    pub(crate) async fn complete_in(
+        conn: &mut AsyncPgConnection,
+        row: &NewTask,
+    ) -> Result<Option<Option<FinishedOperation>>, StoreError> {
+        let rows = std::slice::from_ref(row);
+        let updated = super::complete_query(rows, true)
+            .load::<Completed>(conn)
+            .await?;
+        if updated.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(advance(conn, row).await?))
+    }
+
     /// One operation by uuid.
     pub async fn operation(&self, uuid: &str) -> Result<Option<OperationRow>, StoreError> {
         let mut conn = self.conn().await?;

@@ -240,6 +240,9 @@ enum Outcome {
     /// A failed attempt that will be retried: back to PENDING, the attempt
     /// recorded, the message queued until its backoff has passed.
     Retry,
+    /// A transactional task whose SUCCESS is committed already: nothing to
+    /// write, only its offset to release.
+    Committed,
 }
 
 /// A decoded message of a registered task, waiting for its turn and a
@@ -253,6 +256,7 @@ struct Candidate {
 }
 
 /// A task cleared to run.
+#[derive(Clone)]
 struct Ready {
     position: Position,
     message: Message,
@@ -297,6 +301,9 @@ struct Shared {
     ordering: Ordering,
     /// Tells the starter that a lane's record reached a final state.
     lane_done: mpsc::UnboundedSender<Lane>,
+    /// Transactional tasks running at once, each holding a connection: the
+    /// pool's size less what the pipeline's own writes need.
+    transactions: Semaphore,
 }
 
 impl Worker {
@@ -346,7 +353,9 @@ impl Worker {
         );
 
         let (lane_done, lane_done_rx) = mpsc::unbounded_channel();
+        let transaction_slots = self.store.max_connections().saturating_sub(4).max(1);
         let shared = Arc::new(Shared {
+            transactions: Semaphore::new(transaction_slots),
             ordering: config.ordering,
             lane_done,
             consumer: RwLock::new(Arc::new(consumer)),
@@ -783,7 +792,41 @@ impl Shared {
             let original = Arc::clone(&task.original);
             let lane = task.lane.clone();
             let enqueued_at = task.enqueued_at;
-            let (mut row, resend) = self.execute(task).await;
+            let (mut row, resend) = if self.registry.is_transactional(&task.message.entrypoint) {
+                match self.execute_transactional(task).await {
+                    Transacted::Ran(row, resend) => (row, resend),
+                    Transacted::Committed(row, operation) => {
+                        drop(permit.take());
+                        if let Some(operation) = operation {
+                            self.relay_wakeup.notify_one();
+                            self.operation_finished(operation);
+                        }
+                        let finished = Finished {
+                            position,
+                            row,
+                            kind: Outcome::Committed,
+                            resend: None,
+                            original,
+                            lane,
+                        };
+                        let _ = finish_tx.send(finished).await;
+                        return;
+                    }
+                    Transacted::Fenced(uuid) => {
+                        tracing::info!(task.uuid = %uuid, "a newer attempt owns the task; this one rolled back");
+                        Counters::add(&self.counters.skipped, 1);
+                        self.lock_in_flight().remove(&uuid);
+                        self.release(&[position]);
+                        if let Some(lane) = lane {
+                            self.lane_done(lane);
+                        }
+                        return;
+                    }
+                    Transacted::Stop => return,
+                }
+            } else {
+                self.execute(task, None).await
+            };
             drop(permit.take());
             let kind = match &resend {
                 Some(_) if self.ordering == Ordering::None => Outcome::Retry,
@@ -860,6 +903,72 @@ impl Shared {
             };
             let _ = finish_tx.send(finished).await;
             return;
+        }
+    }
+
+    /// Runs a transactional task in a transaction on kser's database that
+    /// also records its SUCCESS, fenced by its attempt: its writes and its
+    /// final state commit together. A failed run rolls back and comes back
+    /// to be recorded (or retried) like any task's; a lost connection runs
+    /// the attempt again once the database is back.
+    async fn execute_transactional(&self, task: Ready) -> Transacted {
+        let mut delay = Duration::from_millis(100);
+        let mut failures = 0;
+        let Ok(_slot) = self.transactions.acquire().await else {
+            return Transacted::Stop;
+        };
+        loop {
+            let attempt = task.clone();
+            let outcome = match self.store.conn().await {
+                Ok(mut conn) => {
+                    use diesel_async::AsyncConnection as _;
+                    conn.transaction::<_, TxAbort, _>(async move |conn| {
+                        let (row, resend) = self.execute(attempt, Some(&mut *conn)).await;
+                        if resend.is_some() || row.status != TaskStatus::Success.as_str() {
+                            return Err(TxAbort::Ran(Box::new(row), resend));
+                        }
+                        match Store::complete_in(conn, &row).await {
+                            Ok(Some(operation)) => Ok((row, operation)),
+                            Ok(None) => Err(TxAbort::Fenced),
+                            Err(err) => Err(TxAbort::Store(err, Some(Box::new(row)))),
+                        }
+                    })
+                    .await
+                }
+                Err(err) => Err(TxAbort::Store(err, None)),
+            };
+            let err = match outcome {
+                Ok((row, operation)) => return Transacted::Committed(row, operation),
+                Err(TxAbort::Ran(row, resend)) => return Transacted::Ran(*row, resend),
+                Err(TxAbort::Fenced) => return Transacted::Fenced(task.message.uuid),
+                Err(TxAbort::Store(err, Some(row))) if !err.is_connection_error() => {
+                    // The run succeeded but its state could not be stored:
+                    // its writes rolled back; record why, without them.
+                    let mut row = *row;
+                    unstorable(&mut row, &err);
+                    return Transacted::Ran(row, None);
+                }
+                Err(TxAbort::Store(err, _)) => err,
+            };
+            failures += usize::from(!err.is_connection_error());
+            if failures >= 5 {
+                let mut row = NewTask::new(
+                    task.message.uuid.clone(),
+                    task.message.entrypoint.clone(),
+                    TaskStatus::Failed,
+                );
+                row.attempts = task.started.attempts;
+                row.operation_uuid = task.started.operation_uuid.clone();
+                row.position = task.started.position;
+                unstorable(&mut row, &err);
+                return Transacted::Ran(row, None);
+            }
+            tracing::warn!(task.uuid = %task.message.uuid, error = %err, retry_in_ms = delay.as_millis() as u64, "the task's transaction failed; running it again");
+            tokio::select! {
+                () = self.abandon.cancelled() => return Transacted::Stop,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -1112,10 +1221,14 @@ impl Shared {
 
     /// Runs one task and returns its row after the attempt, and the message
     /// to send again if the attempt failed and will be retried.
-    async fn execute(&self, task: Ready) -> (NewTask, Option<NewOutbox>) {
+    async fn execute(
+        &self,
+        task: Ready,
+        conn: Option<&mut diesel_async::AsyncPgConnection>,
+    ) -> (NewTask, Option<NewOutbox>) {
         let Ready {
             position,
-            message,
+            mut message,
             started,
             enqueued_at,
             ..
@@ -1142,10 +1255,14 @@ impl Shared {
             .registry
             .retry_policy(&message.entrypoint)
             .unwrap_or(self.retry);
-        let run = self
-            .registry
-            .run(ctx, message.params)
-            .instrument(span.clone());
+        let params_object = std::mem::take(&mut message.params);
+        let run = async move {
+            match conn {
+                Some(conn) => self.registry.run_in(ctx, params_object, conn).await,
+                None => self.registry.run(ctx, params_object).await,
+            }
+        }
+        .instrument(span.clone());
         let result = match policy.timeout {
             None => run.await,
             Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
@@ -1265,6 +1382,7 @@ impl Shared {
             let mut positions = Vec::with_capacity(batch.len());
             let mut originals = HashMap::with_capacity(batch.len());
             let mut done_lanes = Vec::new();
+            let mut committed = Vec::new();
             for Finished {
                 position,
                 row,
@@ -1285,6 +1403,8 @@ impl Shared {
                 // Two invalid records with one uuid: the first one wins.
                 if !seen.insert(row.uuid.clone()) {
                     Counters::add(&self.counters.skipped, 1);
+                } else if kind == Outcome::Committed {
+                    committed.push(row);
                 } else if let Some(message) = resend {
                     retries.push(Retry {
                         row,
@@ -1350,7 +1470,7 @@ impl Shared {
                 })
             });
             self.dead_letter_later(dead);
-            let rows = by_kind.iter().flat_map(|(_, rows)| rows);
+            let rows = by_kind.iter().flat_map(|(_, rows)| rows).chain(&committed);
             let succeeded = rows
                 .clone()
                 .filter(|row| row.status == TaskStatus::Success.as_str())
@@ -1471,6 +1591,7 @@ impl Shared {
             Outcome::Rejected | Outcome::Retry => {
                 self.store.finish_tasks(rows).await.map(|_| Vec::new())
             }
+            Outcome::Committed => Ok(Vec::new()),
         }
     }
 
@@ -1545,6 +1666,32 @@ impl Shared {
         self.in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What became of a transactional task.
+enum Transacted {
+    /// It failed (its writes rolled back): record this row, or retry.
+    Ran(NewTask, Option<NewOutbox>),
+    /// It succeeded: its writes and its SUCCESS are committed; the
+    /// operation its step ended, if any.
+    Committed(NewTask, Option<FinishedOperation>),
+    /// A newer attempt owns the task (or it is final): rolled back.
+    Fenced(String),
+    /// The worker gave up waiting for the database at shutdown.
+    Stop,
+}
+
+/// Why a transactional task's transaction rolled back.
+enum TxAbort {
+    Ran(Box<NewTask>, Option<NewOutbox>),
+    Fenced,
+    Store(StoreError, Option<Box<NewTask>>),
+}
+
+impl From<diesel::result::Error> for TxAbort {
+    fn from(err: diesel::result::Error) -> Self {
+        Self::Store(StoreError::Query(err), None)
     }
 }
 
