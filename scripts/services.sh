@@ -9,6 +9,7 @@
 #                     Apache Kafka (scripts/kafka.sh) on free ports, or tansu
 #                     where KSER_BROKER=tansu or Java is missing
 #   kser_python_up    sets KSER_TEST_PYTHON to a venv with Python kser 0.8.27
+#                     and kser-crypto 0.1.13 (with libsodium23)
 #
 # Nothing is downloaded but packages from the registries; everything is
 # cached under ~/.cache/kser and checked before use.
@@ -207,6 +208,21 @@ kser_python_up() {
     # kser 0.8.27 needs marshmallow < 3.13 (it passes `default=` to fields).
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
       kser==0.8.27 cdumay-result==0.1.12 marshmallow==3.12.2
+  fi
+  # kser-crypto (encrypted messages) calls libsodium through pysodium, which
+  # loads Debian's libsodium23 when imported.
+  if ! dpkg -s libsodium23 >/dev/null 2>&1; then
+    log "installing libsodium23 for Python kser-crypto"
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "please install: libsodium23 (apt-get install)" >&2
+      return 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsodium23 >/dev/null
+  fi
+  if ! "$venv/bin/python" -c 'import kser_crypto.schemas' 2>/dev/null; then
+    log "installing Python kser-crypto 0.1.13 for the interoperability tests"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      kser-crypto==0.1.13 pysodium==0.7.18 marshmallow==3.12.2
   fi
   KSER_TEST_PYTHON="$venv/bin/python"
   export KSER_TEST_PYTHON

@@ -47,6 +47,7 @@
 //! - [`retry`]: retry policies: attempts, backoff, timeouts.
 //! - [`worker`]: consume, record, run, commit; offsets and shutdown.
 //! - [`producer`]: publishing messages.
+//! - [`crypto`]: kser-crypto's encrypted envelope (secretbox).
 //! - [`store`]: the Postgres schema, migrations and queries.
 //! - [`config`]: Kafka client settings.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
@@ -56,6 +57,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod dead_letter;
 pub mod message;
 pub mod operation;
@@ -67,6 +69,7 @@ pub mod task;
 pub mod worker;
 
 pub use config::KafkaConfig;
+pub use crypto::SecretBox;
 pub use message::{ErrorKind, JsonObject, Message, TaskResult};
 pub use operation::{Operation, OperationContext, Step};
 pub use producer::Producer;

@@ -1,11 +1,13 @@
-//! Publishing kser messages.
+//! Publishing kser messages, plain or encrypted (see [`crate::crypto`]).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
 use crate::config::{ClientRole, KafkaConfig};
+use crate::crypto::{self, KeyError, SecretBox};
 use crate::message::Message;
 
 /// How long a message may wait in the local queue and for the broker's
@@ -18,6 +20,9 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ProducerError {
     #[error("could not create the Kafka producer: {0}")]
     Create(#[source] KafkaError),
+    /// `KSER_SECRETBOX_KEY` is set but is not a key.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("could not send message {uuid} to topic '{topic}': {reason}")]
     Send {
         uuid: String,
@@ -37,15 +42,29 @@ pub enum ProducerError {
 /// moved, a broker restarted) neither lose, duplicate nor reorder records of
 /// a partition. Every record kser writes goes through it: `send`, the outbox
 /// relay (next steps, retries, delayed sends) and dead letters.
+///
+/// With a [`SecretBox`] key, messages are written encrypted as Python
+/// kser-crypto writes them, and a worker built on this producer reads
+/// encrypted messages too. Raw sends ([`send_raw`](Self::send_raw),
+/// dead letters) are written as given.
 #[derive(Clone)]
 pub struct Producer {
     inner: FutureProducer,
+    secretbox: Option<SecretBox>,
 }
 
 impl Producer {
     /// A producer for the cluster in `kafka`; no connection is made until
     /// the first send.
+    ///
+    /// When `KSER_SECRETBOX_KEY` is set (as for Python kser-crypto), the
+    /// producer takes that key: it encrypts what it sends, and a worker
+    /// decrypts what it reads with it. A value that is not the base64 of 32
+    /// bytes is a [`ProducerError::Key`] naming the variable (never the
+    /// value). [`with_secretbox`](Self::with_secretbox) and
+    /// [`without_secretbox`](Self::without_secretbox) decide otherwise.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, ProducerError> {
+        let secretbox = SecretBox::from_env()?;
         let inner = kafka
             .client_config(
                 ClientRole::Producer,
@@ -58,11 +77,50 @@ impl Producer {
             )
             .create()
             .map_err(ProducerError::Create)?;
-        Ok(Self { inner })
+        Ok(Self { inner, secretbox })
     }
 
-    /// Publishes one message and returns its partition and offset once the
-    /// broker has it.
+    /// Encrypts the messages this producer sends with `secretbox`.
+    pub fn with_secretbox(mut self, secretbox: SecretBox) -> Self {
+        self.secretbox = Some(secretbox);
+        self
+    }
+
+    /// Sends messages in plain JSON, whatever `KSER_SECRETBOX_KEY` says.
+    pub fn without_secretbox(mut self) -> Self {
+        self.secretbox = None;
+        self
+    }
+
+    /// The key messages are encrypted with, if any.
+    pub fn secretbox(&self) -> Option<&SecretBox> {
+        self.secretbox.as_ref()
+    }
+
+    /// The record value of `message` as this producer writes it: its JSON,
+    /// encrypted when the producer has a key.
+    pub fn payload(&self, message: &Message) -> Vec<u8> {
+        let json = message.to_bytes();
+        match &self.secretbox {
+            Some(secretbox) => secretbox.seal(&json),
+            None => json,
+        }
+    }
+
+    /// A record value already serialized (an outbox row) as this producer
+    /// writes it: encrypted when the producer has a key and the value is
+    /// not encrypted yet; as given otherwise.
+    pub fn seal<'a>(&self, payload: &'a [u8]) -> Cow<'a, [u8]> {
+        match &self.secretbox {
+            Some(secretbox) if !crypto::is_encrypted(payload) => {
+                Cow::Owned(secretbox.seal(payload))
+            }
+            _ => Cow::Borrowed(payload),
+        }
+    }
+
+    /// Publishes one message (encrypted when the producer has a key) and
+    /// returns its partition and offset once the broker has it.
     pub async fn send(&self, topic: &str, message: &Message) -> Result<(i32, i64), ProducerError> {
         self.send_keyed(topic, message.uuid.as_bytes(), message)
             .await
@@ -77,7 +135,7 @@ impl Producer {
         key: &[u8],
         message: &Message,
     ) -> Result<(i32, i64), ProducerError> {
-        let payload = message.to_bytes();
+        let payload = self.payload(message);
         let record = FutureRecord::to(topic).key(key).payload(&payload);
         match self.inner.send(record, DELIVERY_TIMEOUT).await {
             Ok(delivery) => Ok((delivery.partition, delivery.offset)),

@@ -1,18 +1,25 @@
-//! Wire compatibility with Python kser 0.8.27, in both directions, using the
-//! real Python library (`KSER_TEST_PYTHON`, set up by `scripts/test`).
+//! Wire compatibility with Python kser 0.8.27 and kser-crypto 0.1.13, in
+//! both directions, using the real Python libraries (`KSER_TEST_PYTHON`, set
+//! up by `scripts/test`).
 
 mod common;
 
-use std::process::Command;
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{TestEnv, text};
+use common::{TestEnv, WorkerProcess, example_path, text};
 use kser::{KafkaConfig, Producer};
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::{Value, json};
 
 fn python(script: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
+    python_with(script, args, stdin, &[])
+}
+
+fn python_with(script: &str, args: &[&str], stdin: Option<&[u8]>, vars: &[(&str, &str)]) -> String {
     let interpreter = std::env::var("KSER_TEST_PYTHON").expect(
         "KSER_TEST_PYTHON is not set: run the tests with scripts/test, which installs Python kser",
     );
@@ -20,6 +27,7 @@ fn python(script: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
     command
         .args(["-W", "ignore", "-c", script])
         .args(args)
+        .envs(vars.iter().copied())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -129,4 +137,133 @@ async fn a_message_from_our_cli_is_read_by_python_kser() {
     assert_eq!(read["params"], json!({"text": "to python", "n": [1, 2]}));
     assert_eq!(read["metadata"], json!({"trace": "abc"}));
     assert_eq!(read["retcode"], 0);
+}
+
+/// The key of the encrypted tests, as `KSER_SECRETBOX_KEY` holds it.
+const SECRETBOX_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+/// kser-crypto's producer (`CryptoProducer._send`) writes exactly this.
+const PYTHON_CRYPTO_PRODUCE: &str = r#"
+import sys
+from kser.schemas import Message
+from kser_crypto.schemas import CryptoSchema
+message = Message(
+    uuid=sys.argv[1],
+    entrypoint="showcase.Echo",
+    params={"text": "from python, encrypted " + "x" * 100},
+    metadata={"origin": "kser-crypto"},
+)
+sys.stdout.write(CryptoSchema(context={}).encode(message))
+"#;
+
+/// kser-crypto's consumer (`CryptoController.run`) reads with this.
+const PYTHON_CRYPTO_READ: &str = r#"
+import json, sys
+from kser_crypto.schemas import CryptoMessage
+message = CryptoMessage.loads(sys.stdin.read())
+print(json.dumps({
+    "uuid": message.uuid,
+    "entrypoint": message.entrypoint,
+    "params": message.params,
+    "metadata": message.metadata,
+}))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_message_from_python_kser_crypto_runs_on_our_worker() {
+    let env = TestEnv::new();
+    let log = env.dir.path().join("worker-crypto.log");
+    let mut command = env.command(&example_path("showcase"));
+    command
+        .arg("worker")
+        .env("KSER_SECRETBOX_KEY", SECRETBOX_KEY)
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("log file"));
+    let mut worker = WorkerProcess::spawn(&mut command, log);
+    worker.wait_assigned();
+
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let payload = python_with(
+        PYTHON_CRYPTO_PRODUCE,
+        &[&uuid],
+        None,
+        &[("KSER_SECRETBOX_KEY", SECRETBOX_KEY)],
+    );
+    let record: Value = serde_json::from_str(&payload).expect("JSON");
+    assert!(
+        record["data"].as_str().expect("data").contains('\n'),
+        "Python breaks its base64 into lines: {payload}"
+    );
+    assert!(!payload.contains("from python"), "{payload}");
+    let producer = Producer::new(&KafkaConfig::new(env.brokers.clone())).expect("producer");
+    producer
+        .send_raw(&env.topic, None, Some(payload.as_bytes()))
+        .await
+        .expect("send");
+
+    let status = env.wait_final(&uuid);
+    assert_eq!(status["status"], "SUCCESS", "{status:#}");
+    assert_eq!(
+        status["result"]["stdout"],
+        format!("from python, encrypted {}", "x".repeat(100))
+    );
+    assert_eq!(status["metadata"], json!({"origin": "kser-crypto"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_message_from_our_cli_is_read_by_python_kser_crypto() {
+    let env = TestEnv::new();
+    let out = env
+        .command(Path::new(env!("CARGO_BIN_EXE_kser")))
+        .args([
+            "send",
+            "--encrypt",
+            "showcase.Echo",
+            "--params",
+            r#"{"text": "to python, encrypted", "n": [1, 2]}"#,
+            "--metadata",
+            r#"{"trace": "abc"}"#,
+        ])
+        .env("KSER_SECRETBOX_KEY", SECRETBOX_KEY)
+        .output()
+        .expect("kser");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let uuid = text(&out.stdout).trim().to_owned();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}-reader", env.group))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[env.topic.as_str()])
+        .expect("subscribe");
+    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("a record within a minute")
+        .expect("a record");
+    assert_eq!(record.key(), Some(uuid.as_bytes()), "keyed by uuid");
+    let payload = record.payload().expect("a value").to_vec();
+    assert!(
+        !text(&payload).contains("to python"),
+        "encrypted: {}",
+        text(&payload)
+    );
+
+    let read = python_with(
+        PYTHON_CRYPTO_READ,
+        &[],
+        Some(&payload),
+        &[("KSER_SECRETBOX_KEY", SECRETBOX_KEY)],
+    );
+    let read: Value = serde_json::from_str(&read).expect("JSON");
+    assert_eq!(read["uuid"], uuid.as_str());
+    assert_eq!(read["entrypoint"], "showcase.Echo");
+    assert_eq!(
+        read["params"],
+        json!({"text": "to python, encrypted", "n": [1, 2]})
+    );
+    assert_eq!(read["metadata"], json!({"trace": "abc"}));
 }

@@ -247,6 +247,8 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                     "no tasks are registered in this binary; build a worker with your tasks (see examples/dice.rs)"
                 );
             }
+            // A bad KSER_SECRETBOX_KEY stops the worker before it joins anything.
+            crate::crypto::SecretBox::from_env()?;
             // The pipeline's batched writes need a few connections; each
             // running transactional task holds one more.
             let store =

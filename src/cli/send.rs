@@ -63,6 +63,11 @@ pub(super) struct SendArgs {
     /// Partitions of the topic if it has to be created.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
+    /// Encrypt the messages as Python kser-crypto does, with the key in
+    /// KSER_SECRETBOX_KEY (the base64 of 32 bytes); workers need the same
+    /// key. Without it, messages go in plain JSON.
+    #[arg(long)]
+    encrypt: bool,
 }
 
 /// One line of `--batch` input.
@@ -111,8 +116,18 @@ pub(super) async fn send(
     if due.is_some() && store.is_none() {
         bail!("--delay and --at need a database (DATABASE_URL): the message waits there until due");
     }
-    admin::ensure_topics(kafka, std::slice::from_ref(&args.topic), layout).await?;
     let producer = Producer::new(kafka)?;
+    let producer = if !args.encrypt {
+        producer.without_secretbox()
+    } else if producer.secretbox().is_some() {
+        producer
+    } else {
+        bail!(
+            "--encrypt needs the key in {} (the base64 of 32 bytes)",
+            crate::crypto::KEY_VARIABLE
+        );
+    };
+    admin::ensure_topics(kafka, std::slice::from_ref(&args.topic), layout).await?;
     let target = Target {
         topic: &args.topic,
         producer: &producer,
@@ -288,7 +303,7 @@ struct Published {
 async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
     let (topic, producer, store) = (target.topic, target.producer, target.store);
     if let (Some(due), Some(store)) = (target.due, store) {
-        return schedule(outgoing, topic, store, due).await;
+        return schedule(outgoing, topic, producer, store, due).await;
     }
     let keys: Vec<Vec<u8>> = outgoing
         .iter()
@@ -347,10 +362,12 @@ fn progress_bar() -> ProgressBar {
 }
 
 /// Records messages to publish at `due`: PENDING rows and outbox messages,
-/// which a worker's relay publishes when due.
+/// which a worker's relay publishes when due. With `--encrypt`, the outbox
+/// holds them encrypted already.
 async fn schedule(
     outgoing: Vec<Outgoing>,
     topic: &str,
+    producer: &Producer,
     store: &Store,
     due: DateTime<Utc>,
 ) -> Published {
@@ -359,7 +376,7 @@ async fn schedule(
         .map(|o| NewOutbox {
             topic: topic.to_owned(),
             message_key: Some(o.key().to_owned()),
-            payload: String::from_utf8_lossy(&o.message.to_bytes()).into_owned(),
+            payload: String::from_utf8_lossy(&producer.payload(&o.message)).into_owned(),
             operation_uuid: None,
             available_at: Some(due),
         })

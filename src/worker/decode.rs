@@ -1,7 +1,13 @@
 //! Record value -> kser [`Message`], or a precise reason why not.
+//!
+//! A value encrypted by kser-crypto (`{"data", "nonce"}`) is decrypted first
+//! with the worker's key; one that cannot be is invalid, without a uuid, so
+//! it is dead-lettered as it came, and its error says "cannot decrypt" and
+//! nothing of its content.
 
 use serde_json::Value;
 
+use crate::crypto::{DecryptError, Envelope, SecretBox};
 use crate::message::Message;
 
 /// What a record turned out to be.
@@ -18,32 +24,58 @@ pub enum Decoded {
     },
 }
 
-/// Decodes a record value.
-pub fn decode(payload: Option<&[u8]>) -> Decoded {
-    let invalid = |uuid, entrypoint, error: String| Decoded::Invalid {
+/// Decodes a record value, plain or encrypted for `secretbox`.
+pub fn decode(payload: Option<&[u8]>, secretbox: Option<&SecretBox>) -> Decoded {
+    let value = match parse(payload) {
+        Ok(value) => value,
+        Err(error) => return invalid(None, None, error),
+    };
+    let Some(envelope) = Envelope::from_json(&value) else {
+        return message(value, false);
+    };
+    let opened = match secretbox {
+        Some(secretbox) => secretbox.open(&envelope),
+        None => Err(DecryptError::NoKey),
+    };
+    let plaintext = match opened {
+        Ok(plaintext) => plaintext,
+        Err(err) => return invalid(None, None, err.to_string()),
+    };
+    match parse(Some(&plaintext)) {
+        Ok(value) => message(value, true),
+        Err(error) => invalid(None, None, format!("decrypted, but {error}")),
+    }
+}
+
+fn invalid(uuid: Option<String>, entrypoint: Option<String>, error: String) -> Decoded {
+    Decoded::Invalid {
         uuid,
         entrypoint,
         error,
-    };
+    }
+}
+
+/// The record value as JSON.
+fn parse(payload: Option<&[u8]>) -> Result<Value, String> {
     let bytes = match payload {
         Some(bytes) if !bytes.is_empty() => bytes,
-        _ => return invalid(None, None, "record has an empty value".into()),
+        _ => return Err("record has an empty value".into()),
     };
-    let text = match std::str::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(err) => {
-            return invalid(
-                None,
-                None,
-                format!("record value is not valid UTF-8: {err}"),
-            );
-        }
-    };
-    let value: Value = match serde_json::from_str(text) {
-        Ok(value) => value,
-        Err(err) => {
-            return invalid(None, None, format!("record value is not valid JSON: {err}"));
-        }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|err| format!("record value is not valid UTF-8: {err}"))?;
+    serde_json::from_str(text).map_err(|err| format!("record value is not valid JSON: {err}"))
+}
+
+/// A parsed record value as a kser message. For a message that was
+/// `encrypted`, errors name the faulty field but quote none of its content.
+fn message(value: Value, encrypted: bool) -> Decoded {
+    let invalid = |uuid, entrypoint, error: String| {
+        let error = if encrypted {
+            format!("decrypted, but {error}")
+        } else {
+            error
+        };
+        invalid(uuid, entrypoint, error)
     };
     let Value::Object(object) = &value else {
         return invalid(
@@ -82,6 +114,8 @@ pub fn decode(payload: Option<&[u8]>) -> Decoded {
             let path = err.path().to_string();
             let error = if path == "." {
                 format!("not a kser message: {}", err.inner())
+            } else if encrypted {
+                format!("not a kser message: {path}: wrong type or value (not shown)")
             } else {
                 format!("not a kser message: {path}: {}", err.inner())
             };
@@ -106,7 +140,7 @@ mod tests {
     use super::*;
 
     fn error_of(payload: &[u8]) -> (Option<String>, String) {
-        match decode(Some(payload)) {
+        match decode(Some(payload), None) {
             Decoded::Invalid { uuid, error, .. } => (uuid, error),
             Decoded::Message(m) => panic!("decoded {m:?}"),
         }
@@ -114,13 +148,16 @@ mod tests {
 
     #[test]
     fn decodes_a_message() {
-        let decoded = decode(Some(br#"{"uuid":"u","entrypoint":"e","params":{"a":1}}"#));
+        let decoded = decode(
+            Some(br#"{"uuid":"u","entrypoint":"e","params":{"a":1}}"#),
+            None,
+        );
         assert!(matches!(decoded, Decoded::Message(m) if m.params["a"] == 1));
     }
 
     #[test]
     fn says_precisely_what_is_wrong() {
-        assert!(matches!(decode(None), Decoded::Invalid { .. }));
+        assert!(matches!(decode(None, None), Decoded::Invalid { .. }));
         assert!(error_of(b"\xff\xfe").1.contains("UTF-8"));
         assert!(error_of(b"{\"uuid\":").1.contains("not valid JSON"));
         assert!(error_of(b"[1,2]").1.contains("found an array"));
@@ -131,5 +168,64 @@ mod tests {
         let (uuid, error) = error_of(br#"{"uuid":"u2","entrypoint":"e","params":[1]}"#);
         assert_eq!(uuid.as_deref(), Some("u2"));
         assert!(error.contains("params"), "{error}");
+    }
+
+    fn encrypted_error(payload: &[u8], secretbox: Option<&SecretBox>) -> (Option<String>, String) {
+        match decode(Some(payload), secretbox) {
+            Decoded::Invalid { uuid, error, .. } => (uuid, error),
+            Decoded::Message(m) => panic!("decoded {m:?}"),
+        }
+    }
+
+    #[test]
+    fn decrypts_with_the_key_and_reads_plain_messages_too() {
+        let secretbox = SecretBox::new([3; 32]);
+        let plain = br#"{"uuid":"u","entrypoint":"e","params":{"secret":"s3"}}"#;
+        let sealed = secretbox.seal(plain);
+        for payload in [&plain[..], &sealed[..]] {
+            match decode(Some(payload), Some(&secretbox)) {
+                Decoded::Message(m) => assert_eq!(m.params["secret"], "s3"),
+                Decoded::Invalid { error, .. } => panic!("{error}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_undecryptable_record_is_invalid_without_a_uuid() {
+        let secretbox = SecretBox::new([3; 32]);
+        let sealed = secretbox.seal(br#"{"uuid":"u","entrypoint":"e","params":{"secret":"s3"}}"#);
+        let other = SecretBox::new([4; 32]);
+        for key in [Some(&other), None] {
+            let (uuid, error) = encrypted_error(&sealed, key);
+            assert_eq!(uuid, None, "dead-lettered as is");
+            assert!(error.starts_with("cannot decrypt"), "{error}");
+        }
+        let mut tampered: Value = serde_json::from_slice(&sealed).expect("JSON");
+        tampered["nonce"] = Value::from("AAECAwQFBgcICQoLDA0ODxAREhMUFRYX");
+        let (_, error) = encrypted_error(tampered.to_string().as_bytes(), Some(&secretbox));
+        assert_eq!(
+            error,
+            "cannot decrypt: wrong key, or the record was altered"
+        );
+    }
+
+    #[test]
+    fn a_decrypted_bad_message_keeps_its_content_out_of_the_error() {
+        let secretbox = SecretBox::new([3; 32]);
+        let sealed = secretbox.seal(br#"{"uuid":"u9","entrypoint":"e","params":"s3cret"}"#);
+        let (uuid, error) = encrypted_error(&sealed, Some(&secretbox));
+        assert_eq!(uuid.as_deref(), Some("u9"));
+        assert!(
+            error.starts_with("decrypted, but not a kser message: params"),
+            "{error}"
+        );
+        assert!(!error.contains("s3cret"), "{error}");
+        let (uuid, error) = encrypted_error(&secretbox.seal(b"s3cret"), Some(&secretbox));
+        assert_eq!(uuid, None);
+        assert!(
+            error.starts_with("decrypted, but record value is not valid JSON"),
+            "{error}"
+        );
+        assert!(!error.contains("s3cret"), "{error}");
     }
 }

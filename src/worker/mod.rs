@@ -867,7 +867,9 @@ impl Shared {
                     };
                     let Ok(next) = next else { return };
                     permit = Some(next);
-                    let Decoded::Message(message) = decode(Some(again.payload.as_bytes())) else {
+                    let Decoded::Message(message) =
+                        decode(Some(again.payload.as_bytes()), self.producer.secretbox())
+                    else {
                         return;
                     };
                     let candidate = Candidate {
@@ -1030,7 +1032,10 @@ impl Shared {
         let mut dead = Vec::new();
         let mut seen = HashSet::new();
         for received in batch {
-            match decode(received.original.payload.as_deref()) {
+            match decode(
+                received.original.payload.as_deref(),
+                self.producer.secretbox(),
+            ) {
                 Decoded::Message(message) => {
                     let duplicate = !seen.insert(message.uuid.clone())
                         || self.lock_in_flight().contains(&message.uuid);

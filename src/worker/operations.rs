@@ -1,6 +1,6 @@
 //! The worker's side of operations: recording an operation when its message
 //! arrives, running its finish hook, and relaying the outbox (the next step
-//! messages) to Kafka.
+//! messages) to Kafka, encrypted when the worker has a key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,11 +215,18 @@ impl Shared {
                 }
                 continue;
             }
-            let sends = claimed.iter().map(|row| {
+            // Rows hold plain messages (and `send --delay --encrypt`'s
+            // encrypted ones): with a key, the worker publishes them all
+            // encrypted.
+            let payloads: Vec<_> = claimed
+                .iter()
+                .map(|row| self.producer.seal(row.payload.as_bytes()))
+                .collect();
+            let sends = claimed.iter().zip(&payloads).map(|(row, payload)| {
                 self.producer.send_raw(
                     &row.topic,
                     row.message_key.as_deref().map(str::as_bytes),
-                    Some(row.payload.as_bytes()),
+                    Some(payload),
                 )
             });
             let outcomes = futures::future::join_all(sends).await;
