@@ -73,7 +73,7 @@ const REFUSED_FOR_GOOD: &[RDKafkaErrorCode] = &[
 ];
 
 /// Whether a send failed in a way no retry can fix (see
-/// [`REFUSED_FOR_GOOD`]): the record is too large for the producer or the
+/// `REFUSED_FOR_GOOD`): the record is too large for the producer or the
 /// topic, invalid, or the topic may not be written.
 ///
 /// Decided by librdkafka's error code; an error without one is transient.

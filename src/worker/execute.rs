@@ -1,0 +1,365 @@
+//! Running a task: user code with its timeout, the row that records the
+//! attempt, retries in place under an ordering, and transactional tasks whose
+//! writes commit with their state.
+
+use super::*;
+
+impl Shared {
+    /// Runs a task and hands its outcome to the finisher. Under an ordering
+    /// a failed attempt is retried here, in place, after its backoff: the
+    /// records behind it in its lane wait, and its offset stays uncommitted.
+    /// (Without one, retries go through the outbox and block nothing.)
+    pub(super) async fn run_task(
+        self: Arc<Self>,
+        mut task: Ready,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        semaphore: Arc<Semaphore>,
+        finish_tx: mpsc::Sender<Finished>,
+        shutdown: CancellationToken,
+    ) {
+        let mut permit = Some(permit);
+        loop {
+            let position = task.position.clone();
+            let original = Arc::clone(&task.original);
+            let lane = task.lane.clone();
+            let enqueued_at = task.enqueued_at;
+            let (mut row, resend) = if self.registry.is_transactional(&task.message.entrypoint) {
+                match self.execute_transactional(task).await {
+                    Transacted::Ran(row, resend) => (row, resend),
+                    Transacted::Committed(row, operation) => {
+                        drop(permit.take());
+                        if let Some(operation) = operation {
+                            self.relay_wakeup.notify_one();
+                            self.operation_finished(operation);
+                        }
+                        let finished = Finished {
+                            position,
+                            row,
+                            kind: Outcome::Committed,
+                            resend: None,
+                            original,
+                            lane,
+                        };
+                        let _ = finish_tx.send(finished).await;
+                        return;
+                    }
+                    Transacted::Fenced(uuid) => {
+                        tracing::info!(task.uuid = %uuid, "a newer attempt owns the task; this one rolled back");
+                        Counters::add(&self.counters.skipped, 1);
+                        self.lock_in_flight().remove(&uuid);
+                        self.release(&[position]);
+                        if let Some(lane) = lane {
+                            self.lane_done(lane);
+                        }
+                        return;
+                    }
+                    Transacted::Stop => return,
+                }
+            } else {
+                self.execute(task, None).await
+            };
+            drop(permit.take());
+            let kind = match &resend {
+                Some(_) if self.ordering == Ordering::None => Outcome::Retry,
+                None if row.operation_uuid.is_some() => Outcome::Step,
+                None => Outcome::Ran,
+                Some(again) => {
+                    match self.retry_in_place(&mut row, &shutdown).await {
+                        InPlace::Due => {}
+                        InPlace::Final => {
+                            let kind = if row.operation_uuid.is_some() {
+                                Outcome::Step
+                            } else {
+                                Outcome::Ran
+                            };
+                            let finished = Finished {
+                                position,
+                                row,
+                                kind,
+                                resend: None,
+                                original,
+                                lane,
+                            };
+                            let _ = finish_tx.send(finished).await;
+                            return;
+                        }
+                        InPlace::Fenced => {
+                            self.release(&[position]);
+                            if let Some(lane) = lane {
+                                self.lane_done(lane);
+                            }
+                            return;
+                        }
+                        InPlace::Stop => return,
+                    }
+                    let next = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        permit = Arc::clone(&semaphore).acquire_owned() => permit,
+                    };
+                    let Ok(next) = next else { return };
+                    permit = Some(next);
+                    let Decoded::Message(message) =
+                        decode(Some(again.payload.as_bytes()), self.producer.secretbox())
+                    else {
+                        return;
+                    };
+                    let candidate = Candidate {
+                        position: position.clone(),
+                        message,
+                        enqueued_at,
+                        original,
+                        lane,
+                    };
+                    if !self.is_current(&position) {
+                        if let Some(lane) = candidate.lane {
+                            self.lane_done(lane);
+                        }
+                        return;
+                    }
+                    let mut started = self.start_group(vec![candidate], &finish_tx).await;
+                    match started.pop() {
+                        Some(next) => {
+                            task = next;
+                            continue;
+                        }
+                        None => return,
+                    }
+                }
+            };
+            let finished = Finished {
+                position,
+                row,
+                kind,
+                resend,
+                original,
+                lane,
+            };
+            let _ = finish_tx.send(finished).await;
+            return;
+        }
+    }
+
+    /// Runs a transactional task in a transaction on kser's database that
+    /// also records its SUCCESS, fenced by its attempt: its writes and its
+    /// final state commit together. A failed run rolls back and comes back
+    /// to be recorded (or retried) like any task's; a lost connection runs
+    /// the attempt again once the database is back.
+    pub(super) async fn execute_transactional(&self, task: Ready) -> Transacted {
+        let mut delay = Duration::from_millis(100);
+        let mut failures = 0;
+        let Ok(_slot) = self.transactions.acquire().await else {
+            return Transacted::Stop;
+        };
+        loop {
+            let attempt = task.clone();
+            let outcome = match self.store.conn().await {
+                Ok(mut conn) => {
+                    use diesel_async::AsyncConnection as _;
+                    conn.transaction::<_, TxAbort, _>(async move |conn| {
+                        let (row, resend) = self.execute(attempt, Some(&mut *conn)).await;
+                        if resend.is_some() || row.status != TaskStatus::Success.as_str() {
+                            return Err(TxAbort::Ran(Box::new(row), resend));
+                        }
+                        match Store::complete_in(conn, &row).await {
+                            Ok(Some(operation)) => Ok((row, operation)),
+                            Ok(None) => Err(TxAbort::Fenced),
+                            Err(err) => Err(TxAbort::Store(err, Some(Box::new(row)))),
+                        }
+                    })
+                    .await
+                }
+                Err(err) => Err(TxAbort::Store(err, None)),
+            };
+            let err = match outcome {
+                Ok((row, operation)) => return Transacted::Committed(row, operation),
+                Err(TxAbort::Ran(row, resend)) => return Transacted::Ran(*row, resend),
+                Err(TxAbort::Fenced) => return Transacted::Fenced(task.message.uuid),
+                Err(TxAbort::Store(err, Some(row))) if !err.is_connection_error() => {
+                    // The run succeeded but its state could not be stored:
+                    // its writes rolled back; record why, without them.
+                    let mut row = *row;
+                    unstorable(&mut row, &err);
+                    return Transacted::Ran(row, None);
+                }
+                Err(TxAbort::Store(err, _)) => err,
+            };
+            failures += usize::from(!err.is_connection_error());
+            if failures >= 5 {
+                let mut row = NewTask::new(
+                    task.message.uuid.clone(),
+                    task.message.entrypoint.clone(),
+                    TaskStatus::Failed,
+                );
+                row.attempts = task.started.attempts;
+                row.operation_uuid = task.started.operation_uuid.clone();
+                row.position = task.started.position;
+                unstorable(&mut row, &err);
+                return Transacted::Ran(row, None);
+            }
+            tracing::warn!(task.uuid = %task.message.uuid, error = %err, retry_in_ms = delay.as_millis() as u64, "the task's transaction failed; running it again");
+            tokio::select! {
+                () = self.abandon.cancelled() => return Transacted::Stop,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Records a failed attempt of an ordered task and waits out its
+    /// backoff. `Final` when the task cannot be retried after all (the row
+    /// then says FAILED, or the attempt was fenced), `Stop` on shutdown.
+    pub(super) async fn retry_in_place(
+        &self,
+        row: &mut NewTask,
+        shutdown: &CancellationToken,
+    ) -> InPlace {
+        let retry = Retry {
+            row: row.clone(),
+            message: None,
+        };
+        let single = std::slice::from_ref(&retry);
+        match self
+            .retry_db("record a retry", || self.store.retry_tasks(single))
+            .await
+        {
+            None => return InPlace::Stop,
+            // A newer attempt runs elsewhere: this one has nothing to record.
+            Some(Ok(0)) => return InPlace::Fenced,
+            Some(Ok(_)) => {}
+            Some(Err(err)) => {
+                tracing::warn!(task.uuid = %row.uuid, error = %err, "could not record the retry; the task fails");
+                row.status = TaskStatus::Failed.as_str();
+                row.next_attempt_at = None;
+                return InPlace::Final;
+            }
+        }
+        Counters::add(&self.counters.retried, 1);
+        let wait = row
+            .next_attempt_at
+            .map(|due| (due - Utc::now()).to_std().unwrap_or_default())
+            .unwrap_or_default();
+        tokio::select! {
+            () = shutdown.cancelled() => InPlace::Stop,
+            () = tokio::time::sleep(wait) => InPlace::Due,
+        }
+    }
+
+    /// Runs one task and returns its row after the attempt, and the message
+    /// to send again if the attempt failed and will be retried.
+    pub(super) async fn execute(
+        &self,
+        task: Ready,
+        conn: Option<&mut diesel_async::AsyncPgConnection>,
+    ) -> (NewTask, Option<NewOutbox>) {
+        let Ready {
+            position,
+            mut message,
+            started,
+            enqueued_at,
+            ..
+        } = task;
+        let position = &position;
+        let attempt = started.attempts;
+        let forwarded = message.result.clone();
+        let span = tracing::info_span!("task", task.uuid = %message.uuid, entrypoint = %message.entrypoint, attempt);
+        let started_at = Utc::now();
+        let ctx = TaskContext {
+            uuid: message.uuid.clone(),
+            entrypoint: message.entrypoint.clone(),
+            attempt: u32::try_from(attempt).unwrap_or(1),
+            metadata: message.metadata.clone(),
+            forwarded: forwarded.clone(),
+            topic: position.topic.to_string(),
+            partition: position.partition,
+            offset: position.offset,
+            worker: self.worker_id.clone(),
+            operation: started.operation_uuid.clone().zip(started.position),
+        };
+        let params = Value::Object(message.params.clone());
+        let policy = self
+            .registry
+            .retry_policy(&message.entrypoint)
+            .unwrap_or(self.retry);
+        let params_object = std::mem::take(&mut message.params);
+        let run = async move {
+            match conn {
+                Some(conn) => self.registry.run_in(ctx, params_object, conn).await,
+                None => self.registry.run(ctx, params_object).await,
+            }
+        }
+        .instrument(span.clone());
+        let result = match policy.timeout {
+            None => run.await,
+            Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+                TaskResult::error(
+                    504,
+                    ErrorKind::Timeout,
+                    format!("timed out after {:.3}s", limit.as_secs_f64()),
+                    Value::Null,
+                )
+            }),
+        };
+        let status = if result.is_success() {
+            TaskStatus::Success
+        } else {
+            TaskStatus::Failed
+        };
+        let mut row = NewTask::new(message.uuid, message.entrypoint, status);
+        row.error = result.failure_message();
+        match &row.error {
+            None => tracing::debug!(parent: &span, "task succeeded"),
+            Some(error) => tracing::warn!(parent: &span, error = %error, "task failed"),
+        }
+        row.params = params;
+        row.metadata = Value::Object(message.metadata);
+        row.result = serde_json::to_value(&result).ok();
+        row.attempts = attempt;
+        self.locate(&mut row, position, enqueued_at);
+        row.started_at = Some(started_at);
+        row.finished_at = Some(Utc::now());
+        row.operation_uuid = started.operation_uuid;
+        row.position = started.position;
+        let attempt_number = u32::try_from(attempt).unwrap_or(u32::MAX);
+        if !policy.should_retry(attempt_number, result.error_kind()) {
+            return (row, None);
+        }
+        let wait = policy.backoff(attempt_number);
+        let due = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+        tracing::info!(parent: &span, retry_in_ms = wait.as_millis() as u64, "will retry");
+        row.status = TaskStatus::Pending.as_str();
+        row.next_attempt_at = Some(due);
+        let again = Message {
+            uuid: row.uuid.clone(),
+            entrypoint: row.entrypoint.clone(),
+            params: row.params.as_object().cloned().unwrap_or_default(),
+            result: forwarded,
+            metadata: row.metadata.as_object().cloned().unwrap_or_default(),
+        };
+        let resend = NewOutbox {
+            topic: position.topic.to_string(),
+            // Steps stay keyed by their operation, tasks by their uuid.
+            message_key: Some(
+                row.operation_uuid
+                    .clone()
+                    .unwrap_or_else(|| row.uuid.clone()),
+            ),
+            payload: String::from_utf8_lossy(&again.to_bytes()).into_owned(),
+            operation_uuid: row.operation_uuid.clone(),
+            available_at: Some(due),
+        };
+        (row, Some(resend))
+    }
+
+    pub(super) fn locate(
+        &self,
+        row: &mut NewTask,
+        position: &Position,
+        enqueued_at: Option<DateTime<Utc>>,
+    ) {
+        row.worker = Some(self.worker_id.clone());
+        row.topic = Some(position.topic.to_string());
+        row.kafka_partition = Some(position.partition);
+        row.kafka_offset = Some(position.offset);
+        row.enqueued_at = enqueued_at;
+    }
+}

@@ -1,0 +1,233 @@
+//! Stage 3, finish: writes final states in batches, then releases their
+//! offsets and lanes and hands failures to the dead-letter topic.
+
+use super::*;
+
+impl Shared {
+    /// Stage 3: writes final states in batches, then releases their offsets.
+    pub(super) async fn finisher(self: Arc<Self>, mut finish_rx: mpsc::Receiver<Finished>) {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while finish_rx.recv_many(&mut batch, self.batch_size).await > 0 {
+            let mut seen = HashSet::new();
+            let mut by_kind: [(Outcome, Vec<NewTask>); 3] = [
+                (Outcome::Ran, Vec::new()),
+                (Outcome::Step, Vec::new()),
+                (Outcome::Rejected, Vec::new()),
+            ];
+            let mut retries = Vec::new();
+            let mut positions = Vec::with_capacity(batch.len());
+            let mut originals = HashMap::with_capacity(batch.len());
+            let mut done_lanes = Vec::new();
+            let mut committed = Vec::new();
+            for Finished {
+                position,
+                row,
+                kind,
+                resend,
+                original,
+                lane,
+            } in batch.drain(..)
+            {
+                done_lanes.extend(lane);
+                // Only failures are dead-lettered; keep their records.
+                if row.status == TaskStatus::Failed.as_str() || kind == Outcome::Retry {
+                    originals
+                        .entry(row.uuid.clone())
+                        .or_insert_with(|| (position.clone(), original));
+                }
+                positions.push(position);
+                // Two invalid records with one uuid: the first one wins.
+                if !seen.insert(row.uuid.clone()) {
+                    Counters::add(&self.counters.skipped, 1);
+                } else if kind == Outcome::Committed {
+                    committed.push(row);
+                } else if let Some(message) = resend {
+                    retries.push(Retry {
+                        row,
+                        message: Some(message),
+                    });
+                } else if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
+                    rows.push(row);
+                }
+            }
+            // A retry Postgres refuses is recorded as a final failure instead.
+            let Some(unretried) = self.write_retries(&retries).await else {
+                return;
+            };
+            for mut row in unretried {
+                row.status = TaskStatus::Failed.as_str();
+                row.next_attempt_at = None;
+                let kind = if row.operation_uuid.is_some() {
+                    Outcome::Step
+                } else {
+                    Outcome::Ran
+                };
+                if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
+                    rows.push(row);
+                }
+            }
+            let mut finished_operations = Vec::new();
+            for (kind, rows) in &by_kind {
+                let Some(finished) = self.write_finished(rows, *kind).await else {
+                    return;
+                };
+                finished_operations.extend(finished);
+            }
+            if !by_kind[1].1.is_empty() {
+                self.relay_wakeup.notify_one();
+            }
+            for operation in finished_operations {
+                self.operation_finished(operation);
+            }
+            // FAILED messages go to the dead-letter topic, and their offsets
+            // move only once it has them (steps excepted: `resume` runs those
+            // again). The other offsets of the batch move now.
+            let dead: Vec<DeadLetter> = [&by_kind[0].1, &by_kind[2].1]
+                .into_iter()
+                .flatten()
+                .filter(|row| row.status == TaskStatus::Failed.as_str())
+                .filter_map(|row| {
+                    let (position, original) = originals.get(&row.uuid)?;
+                    Some(DeadLetter {
+                        position: position.clone(),
+                        original: Arc::clone(original),
+                        kind: failure_kind(row),
+                        error: row.error.clone().unwrap_or_default(),
+                        attempts: row.attempts,
+                        uuid: Some(row.uuid.clone()),
+                    })
+                })
+                .collect();
+            positions.retain(|position| {
+                !dead.iter().any(|d| {
+                    d.position.offset == position.offset
+                        && d.position.partition == position.partition
+                        && d.position.topic == position.topic
+                })
+            });
+            self.dead_letter_later(dead);
+            let rows = by_kind.iter().flat_map(|(_, rows)| rows).chain(&committed);
+            let succeeded = rows
+                .clone()
+                .filter(|row| row.status == TaskStatus::Success.as_str())
+                .count();
+            Counters::add(&self.counters.succeeded, succeeded);
+            Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
+            {
+                let mut in_flight = self.lock_in_flight();
+                for row in rows.chain(retries.iter().map(|r| &r.row)) {
+                    in_flight.remove(&row.uuid);
+                }
+            }
+            self.release(&positions);
+            for lane in done_lanes {
+                self.lane_done(lane);
+            }
+        }
+    }
+
+    /// Records failed attempts that will be retried, waiting out database
+    /// outages. Returns the rows Postgres refused (to record as final
+    /// failures), or `None` when the shutdown deadline passed.
+    pub(super) async fn write_retries(&self, retries: &[Retry]) -> Option<Vec<NewTask>> {
+        if retries.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut refused = Vec::new();
+        match self
+            .retry_db("record retries", || self.store.retry_tasks(retries))
+            .await?
+        {
+            Ok(_) => {}
+            Err(_) => {
+                for retry in retries {
+                    let single = std::slice::from_ref(retry);
+                    if let Err(err) = self
+                        .retry_db("record a retry", || self.store.retry_tasks(single))
+                        .await?
+                    {
+                        tracing::warn!(task.uuid = %retry.row.uuid, error = %err, "could not record the retry; the task fails");
+                        refused.push(retry.row.clone());
+                    }
+                }
+            }
+        }
+        Counters::add(&self.counters.retried, retries.len() - refused.len());
+        Some(refused)
+    }
+
+    /// Writes final rows, waiting out database outages; a row Postgres
+    /// refuses is stored without the offending values. Returns the
+    /// operations that finished, or `None` when the shutdown deadline passed
+    /// before the write.
+    pub(super) async fn write_finished(
+        &self,
+        rows: &[NewTask],
+        kind: Outcome,
+    ) -> Option<Vec<FinishedOperation>> {
+        if rows.is_empty() {
+            return Some(Vec::new());
+        }
+        if let Ok(finished) = self
+            .retry_db("record finished tasks", || self.write_outcomes(rows, kind))
+            .await?
+        {
+            return Some(finished);
+        }
+        let mut finished = Vec::new();
+        for row in rows {
+            let single = std::slice::from_ref(row);
+            let err = match self
+                .retry_db("record a finished task", || {
+                    self.write_outcomes(single, kind)
+                })
+                .await?
+            {
+                Ok(done) => {
+                    finished.extend(done);
+                    continue;
+                }
+                Err(err) => err,
+            };
+            let mut stripped = row.clone();
+            unstorable(&mut stripped, &err);
+            let single = std::slice::from_ref(&stripped);
+            // A step still moves its operation along (to FAILED).
+            let kind = if kind == Outcome::Step {
+                Outcome::Step
+            } else {
+                Outcome::Rejected
+            };
+            match self
+                .retry_db("record an unstorable task", || {
+                    self.write_outcomes(single, kind)
+                })
+                .await?
+            {
+                Ok(done) => {
+                    finished.extend(done);
+                    tracing::warn!(task.uuid = %row.uuid, error = %err, "stored the task without values Postgres refused");
+                }
+                Err(err) => {
+                    tracing::error!(task.uuid = %row.uuid, error = %err, "Postgres refused the task's state; it is only in this log");
+                }
+            }
+        }
+        Some(finished)
+    }
+
+    pub(super) async fn write_outcomes(
+        &self,
+        rows: &[NewTask],
+        kind: Outcome,
+    ) -> Result<Vec<FinishedOperation>, StoreError> {
+        match kind {
+            Outcome::Ran => self.store.complete_tasks(rows).await.map(|_| Vec::new()),
+            Outcome::Step => self.store.complete_steps(rows).await,
+            Outcome::Rejected | Outcome::Retry => {
+                self.store.finish_tasks(rows).await.map(|_| Vec::new())
+            }
+            Outcome::Committed => Ok(Vec::new()),
+        }
+    }
+}

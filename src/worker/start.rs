@@ -1,0 +1,361 @@
+//! Stage 2, start: decodes batches, records what cannot run, waits for each
+//! record's turn in its lane, and marks the tasks that got a concurrency slot
+//! RUNNING in one statement before they run.
+
+use super::*;
+
+impl Shared {
+    /// Stage 2: decodes batches, then starts their tasks in order and as
+    /// concurrency slots free up. A record waits while an earlier record of
+    /// its lane (its key, or its partition, per [`Ordering`]) has no final
+    /// state. Each group of tasks that got a slot is marked RUNNING, its
+    /// attempt counted, in one statement, and only then runs. So `attempts` counts runs,
+    /// and a task waiting for a slot or for its turn is not shown as RUNNING.
+    ///
+    /// Records of a partition revoked meanwhile, and every record not started
+    /// once the worker is stopping, are dropped from the pipeline
+    /// unfinished: their offsets are not committed, so they are delivered
+    /// again to whoever owns the partition next.
+    pub(super) async fn starter(
+        self: Arc<Self>,
+        mut intake_rx: mpsc::Receiver<Received>,
+        mut lane_done_rx: mpsc::UnboundedReceiver<Lane>,
+        finish_tx: mpsc::Sender<Finished>,
+        semaphore: Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) {
+        let mut running = JoinSet::new();
+        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut lanes: Lanes<Candidate> = Lanes::new();
+        let mut ready: VecDeque<Candidate> = VecDeque::new();
+        // Records waiting for their lane are held here, not in librdkafka:
+        // past this many, stop reading until lanes move.
+        let max_waiting = self.batch_size * 4;
+        loop {
+            while let Ok(lane) = lane_done_rx.try_recv() {
+                ready.extend(lanes.release(&lane));
+            }
+            if shutdown.is_cancelled() {
+                ready.clear();
+                lanes.clear();
+            }
+            if ready.is_empty() {
+                tokio::select! {
+                    received = intake_rx.recv_many(&mut batch, self.batch_size),
+                        if lanes.waiting() < max_waiting =>
+                    {
+                        if received == 0 {
+                            break;
+                        }
+                        while running.try_join_next().is_some() {}
+                        if shutdown.is_cancelled() {
+                            batch.clear();
+                            continue;
+                        }
+                        for candidate in self.prepare_batch(batch.drain(..), &finish_tx).await {
+                            let lane = candidate.lane.clone();
+                            ready.extend(lanes.admit(lane.as_ref(), candidate));
+                        }
+                    }
+                    lane = lane_done_rx.recv() => match lane {
+                        Some(lane) => ready.extend(lanes.release(&lane)),
+                        None => break,
+                    },
+                    () = shutdown.cancelled(), if !lanes.is_empty() => {}
+                }
+                continue;
+            }
+            let first = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => continue,
+                permit = Arc::clone(&semaphore).acquire_owned() => permit,
+            };
+            let Ok(first) = first else { return };
+            let mut permits = vec![first];
+            while permits.len() < ready.len() {
+                match Arc::clone(&semaphore).try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let mut group = Vec::with_capacity(permits.len());
+            for candidate in ready.drain(..permits.len()) {
+                if self.is_current(&candidate.position) {
+                    group.push(candidate);
+                } else if let Some(lane) = candidate.lane {
+                    // Its partition was revoked: the lane's next record
+                    // (dropped in turn) may be of a partition still ours.
+                    self.lane_done(lane);
+                }
+            }
+            let started = self.start_group(group, &finish_tx).await;
+            for (task, permit) in started.into_iter().zip(permits) {
+                let shared = Arc::clone(&self);
+                let finish_tx = finish_tx.clone();
+                let semaphore = Arc::clone(&semaphore);
+                let shutdown = shutdown.clone();
+                running.spawn(async move {
+                    shared
+                        .run_task(task, permit, semaphore, finish_tx, shutdown)
+                        .await;
+                });
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Tells the starter that the record holding `lane` is done with it.
+    pub(super) fn lane_done(&self, lane: Lane) {
+        let _ = self.lane_done.send(lane);
+    }
+
+    /// Whether a record's partition is still this worker's, as it was when
+    /// the record arrived.
+    pub(super) fn is_current(&self, position: &Position) -> bool {
+        self.tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_current(position)
+    }
+
+    /// Decodes a batch: records invalid messages, starts operations, skips
+    /// duplicates, and returns the tasks that may run.
+    pub(super) async fn prepare_batch(
+        self: &Arc<Self>,
+        batch: impl Iterator<Item = Received>,
+        finish_tx: &mpsc::Sender<Finished>,
+    ) -> Vec<Candidate> {
+        let now = Utc::now();
+        let mut candidates = Vec::new();
+        let mut release = Vec::new();
+        let mut operations = Vec::new();
+        let mut dead = Vec::new();
+        let mut seen = HashSet::new();
+        for received in batch {
+            match decode(
+                received.original.payload.as_deref(),
+                self.producer.secretbox(),
+            ) {
+                Decoded::Message(message) => {
+                    let duplicate = !seen.insert(message.uuid.clone())
+                        || self.lock_in_flight().contains(&message.uuid);
+                    if duplicate {
+                        tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
+                        Counters::add(&self.counters.skipped, 1);
+                        release.push(received.position);
+                        continue;
+                    }
+                    if self.registry.is_operation(&message.entrypoint) {
+                        operations.push((received, message));
+                        continue;
+                    }
+                    let lane = ordering::lane(
+                        self.ordering,
+                        &received.position,
+                        received.original.key.as_deref(),
+                    );
+                    candidates.push(Candidate {
+                        position: received.position,
+                        message,
+                        enqueued_at: received.timestamp,
+                        original: received.original,
+                        lane,
+                    });
+                }
+                Decoded::Invalid {
+                    uuid: Some(uuid),
+                    entrypoint,
+                    error,
+                } => {
+                    let position = &received.position;
+                    tracing::warn!(
+                        task.uuid = %uuid, topic = %position.topic, partition = position.partition,
+                        offset = position.offset, error = %error, "invalid message"
+                    );
+                    let row = self.invalid_row(uuid, entrypoint, error, &received, now);
+                    let finished = Finished {
+                        position: received.position,
+                        row,
+                        kind: Outcome::Rejected,
+                        resend: None,
+                        original: received.original,
+                        lane: None,
+                    };
+                    if finish_tx.send(finished).await.is_err() {
+                        return Vec::new();
+                    }
+                }
+                Decoded::Invalid {
+                    uuid: None, error, ..
+                } => {
+                    let position = received.position;
+                    tracing::warn!(
+                        topic = %position.topic, partition = position.partition,
+                        offset = position.offset, error = %error,
+                        "rejected a record that is not a kser message and has no uuid"
+                    );
+                    Counters::add(&self.counters.rejected, 1);
+                    dead.push(DeadLetter {
+                        position,
+                        original: received.original,
+                        kind: ErrorKind::InvalidMessage.as_str(),
+                        error,
+                        attempts: 1,
+                        uuid: None,
+                    });
+                }
+            }
+        }
+        self.release(&release);
+        // Records without a uuid exist nowhere but in the dead-letter topic:
+        // their offsets move only once it has them.
+        self.dead_letter_later(dead);
+        if !operations.is_empty() && !self.start_operations(operations, now).await {
+            return Vec::new();
+        }
+        candidates
+    }
+
+    /// Marks a group of tasks that got a concurrency slot RUNNING in one
+    /// statement, and returns those to run: not those already final.
+    pub(super) async fn start_group(
+        &self,
+        group: Vec<Candidate>,
+        finish_tx: &mpsc::Sender<Finished>,
+    ) -> Vec<Ready> {
+        if group.is_empty() {
+            return Vec::new();
+        }
+        let now = Utc::now();
+        let rows = group
+            .iter()
+            .map(|candidate| self.running_row(candidate, now))
+            .collect();
+        let Some(mut started) = self.write_started(rows).await else {
+            return Vec::new();
+        };
+        let mut ready = Vec::with_capacity(started.len());
+        let mut already_final = Vec::new();
+        for Candidate {
+            position,
+            message,
+            enqueued_at,
+            original,
+            lane,
+        } in group
+        {
+            match started.remove(&message.uuid) {
+                Some(Start::Run(started)) => {
+                    self.lock_in_flight().insert(message.uuid.clone());
+                    ready.push(Ready {
+                        position,
+                        message,
+                        started: *started,
+                        enqueued_at,
+                        original,
+                        lane,
+                    });
+                }
+                Some(Start::Refused(row)) => {
+                    let finished = Finished {
+                        position,
+                        row: *row,
+                        kind: Outcome::Rejected,
+                        resend: None,
+                        original,
+                        lane,
+                    };
+                    if finish_tx.send(finished).await.is_err() {
+                        return Vec::new();
+                    }
+                }
+                None => {
+                    tracing::info!(task.uuid = %message.uuid, "task already finished; not run again");
+                    already_final.push(position);
+                    if let Some(lane) = lane {
+                        self.lane_done(lane);
+                    }
+                }
+            }
+        }
+        Counters::add(&self.counters.skipped, already_final.len());
+        self.release(&already_final);
+        ready
+    }
+
+    /// Writes RUNNING rows, waiting out database outages. A row Postgres
+    /// refuses (a value it cannot store) comes back as a FAILED row to record
+    /// instead of running. `None` when the shutdown deadline passed.
+    pub(super) async fn write_started(&self, rows: Vec<NewTask>) -> Option<HashMap<String, Start>> {
+        let batch = self
+            .retry_db("record started tasks", || self.store.start_tasks(&rows))
+            .await?;
+        let mut started = HashMap::new();
+        match batch {
+            Ok(attempts) => {
+                started.extend(
+                    attempts
+                        .into_iter()
+                        .map(|(uuid, n)| (uuid, Start::Run(Box::new(n)))),
+                );
+            }
+            Err(_) => {
+                for row in rows {
+                    let single = std::slice::from_ref(&row);
+                    match self
+                        .retry_db("record a started task", || self.store.start_tasks(single))
+                        .await?
+                    {
+                        Ok(attempts) => started.extend(
+                            attempts
+                                .into_iter()
+                                .map(|(uuid, n)| (uuid, Start::Run(Box::new(n)))),
+                        ),
+                        Err(err) => {
+                            tracing::warn!(task.uuid = %row.uuid, error = %err, "Postgres refused the task; recording it as FAILED");
+                            let mut failed = row;
+                            unstorable(&mut failed, &err);
+                            started.insert(failed.uuid.clone(), Start::Refused(Box::new(failed)));
+                        }
+                    }
+                }
+            }
+        }
+        Some(started)
+    }
+
+    pub(super) fn running_row(&self, candidate: &Candidate, now: DateTime<Utc>) -> NewTask {
+        let message = &candidate.message;
+        let mut row = NewTask::new(
+            message.uuid.clone(),
+            message.entrypoint.clone(),
+            TaskStatus::Running,
+        );
+        row.params = Value::Object(message.params.clone());
+        row.metadata = Value::Object(message.metadata.clone());
+        row.attempts = 1;
+        self.locate(&mut row, &candidate.position, candidate.enqueued_at);
+        row.started_at = Some(now);
+        row.updated_at = now;
+        row
+    }
+
+    pub(super) fn invalid_row(
+        &self,
+        uuid: String,
+        entrypoint: Option<String>,
+        error: String,
+        received: &Received,
+        now: DateTime<Utc>,
+    ) -> NewTask {
+        let result = TaskResult::error(400, ErrorKind::InvalidMessage, error.clone(), Value::Null);
+        let mut row = NewTask::new(uuid, entrypoint.unwrap_or_default(), TaskStatus::Failed);
+        row.result = serde_json::to_value(&result).ok();
+        row.error = Some(error);
+        row.attempts = 1;
+        self.locate(&mut row, &received.position, received.timestamp);
+        row.started_at = Some(now);
+        row.finished_at = Some(now);
+        row
+    }
+}
