@@ -85,7 +85,14 @@ kafka_configure() {
     kafka_free_port > "$dir/node-$n/controller-port"
     voters+="${voters:+,}$n@127.0.0.1:$(cat "$dir/node-$n/controller-port")"
   done
-  cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+  # A cluster id starting with '-' would read as an option: draw another.
+  cluster_id=$(python3 -c '
+import base64, uuid
+while True:
+    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not cid.startswith("-"):
+        print(cid)
+        break')
   for n in $(seq 1 "$nodes"); do
     local port controller
     port=$(cat "$dir/node-$n/port") controller=$(cat "$dir/node-$n/controller-port")

@@ -11,12 +11,36 @@ impl Shared {
     /// (Without one, retries go through the outbox and block nothing.)
     pub(super) async fn run_task(
         self: Arc<Self>,
-        mut task: Ready,
+        task: Ready,
         permit: tokio::sync::OwnedSemaphorePermit,
         semaphore: Arc<Semaphore>,
         finish_tx: mpsc::Sender<Finished>,
         shutdown: CancellationToken,
     ) {
+        let uuid = task.message.uuid.clone();
+        match self
+            .run_attempts(task, permit, semaphore, finish_tx, shutdown)
+            .await
+        {
+            // The finisher forgets it once its state is written.
+            Handed::ToFinisher => {}
+            // Final, or a newer attempt runs elsewhere: the copies that came
+            // meanwhile are done with too.
+            Handed::Done => self.forget_in_flight(&uuid, true),
+            // Stopping: the copies will be delivered again.
+            Handed::Abandoned => self.forget_in_flight(&uuid, false),
+        }
+    }
+
+    /// Runs a task's attempts; says who finishes it.
+    async fn run_attempts(
+        &self,
+        mut task: Ready,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        semaphore: Arc<Semaphore>,
+        finish_tx: mpsc::Sender<Finished>,
+        shutdown: CancellationToken,
+    ) -> Handed {
         let mut permit = Some(permit);
         loop {
             let position = task.position.clone();
@@ -41,19 +65,18 @@ impl Shared {
                             lane,
                         };
                         let _ = finish_tx.send(finished).await;
-                        return;
+                        return Handed::ToFinisher;
                     }
                     Transacted::Fenced(uuid) => {
                         tracing::info!(task.uuid = %uuid, "a newer attempt owns the task; this one rolled back");
                         Counters::add(&self.counters.skipped, 1);
-                        self.lock_in_flight().remove(&uuid);
                         self.release(&[position]);
                         if let Some(lane) = lane {
                             self.lane_done(lane);
                         }
-                        return;
+                        return Handed::Done;
                     }
-                    Transacted::Stop => return,
+                    Transacted::Stop => return Handed::Abandoned,
                 }
             } else {
                 self.execute(task, None).await
@@ -81,48 +104,50 @@ impl Shared {
                                 lane,
                             };
                             let _ = finish_tx.send(finished).await;
-                            return;
+                            return Handed::ToFinisher;
                         }
                         InPlace::Fenced => {
                             self.release(&[position]);
                             if let Some(lane) = lane {
                                 self.lane_done(lane);
                             }
-                            return;
+                            return Handed::Done;
                         }
-                        InPlace::Stop => return,
+                        InPlace::Stop => return Handed::Abandoned,
                     }
                     let next = tokio::select! {
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => return Handed::Abandoned,
                         permit = Arc::clone(&semaphore).acquire_owned() => permit,
                     };
-                    let Ok(next) = next else { return };
+                    let Ok(next) = next else {
+                        return Handed::Abandoned;
+                    };
                     permit = Some(next);
                     let Decoded::Message(message) =
                         decode(Some(again.payload.as_bytes()), self.producer.secretbox())
                     else {
-                        return;
+                        return Handed::Abandoned;
                     };
+                    // Even if its partition was revoked meanwhile, the retry
+                    // goes on here: the task is PENDING and only this worker
+                    // knows it is due. (A copy delivered to the partition's
+                    // new owner runs there too; the attempt fence keeps one
+                    // outcome.)
                     let candidate = Candidate {
-                        position: position.clone(),
+                        position,
                         message,
                         enqueued_at,
                         original,
                         lane,
                     };
-                    if !self.is_current(&position) {
-                        if let Some(lane) = candidate.lane {
-                            self.lane_done(lane);
-                        }
-                        return;
-                    }
                     let mut started = self.start_group(vec![candidate], &finish_tx).await;
                     match started.pop() {
                         Some(next) => {
                             task = next;
                             continue;
                         }
-                        None => return,
+                        // Final already, or refused and handed over.
+                        None => return Handed::Done,
                     }
                 }
             };
@@ -135,7 +160,7 @@ impl Shared {
                 lane,
             };
             let _ = finish_tx.send(finished).await;
-            return;
+            return Handed::ToFinisher;
         }
     }
 

@@ -116,7 +116,7 @@ impl Shared {
             {
                 let mut in_flight = self.lock_in_flight();
                 for row in rows.chain(retries.iter().map(|r| &r.row)) {
-                    in_flight.remove(&row.uuid);
+                    positions.extend(in_flight.remove(&row.uuid).unwrap_or_default());
                 }
             }
             self.release(&positions);

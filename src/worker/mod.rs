@@ -294,7 +294,11 @@ struct Shared {
     store: Store,
     registry: Arc<Registry>,
     counters: Counters,
-    in_flight: Mutex<HashSet<String>>,
+    /// Tasks started and not yet recorded final, each with the positions of
+    /// copies of its message that arrived meanwhile: those are released when
+    /// it ends, never before, so a copy skipped now is not lost if this run
+    /// is abandoned.
+    in_flight: Mutex<HashMap<String, Vec<Position>>>,
     worker_id: String,
     batch_size: usize,
     /// Cancelled when the shutdown deadline passes: stop waiting for the
@@ -376,7 +380,7 @@ impl Worker {
             store: self.store,
             registry: self.registry,
             counters: Counters::default(),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             worker_id: config.worker_id.clone(),
             batch_size: config.batch_size.max(1),
             abandon: CancellationToken::new(),
@@ -539,11 +543,31 @@ impl Shared {
         }
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    /// A task is no longer in flight: releases the copies of its message that
+    /// arrived meanwhile (`release_copies`), or leaves them unreleased to be
+    /// delivered again (at shutdown).
+    fn forget_in_flight(&self, uuid: &str, release_copies: bool) {
+        let copies = self.lock_in_flight().remove(uuid).unwrap_or_default();
+        if release_copies {
+            self.release(&copies);
+        }
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Position>>> {
         self.in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Who finishes a task once its run ends.
+enum Handed {
+    /// The finisher got its outcome.
+    ToFinisher,
+    /// Nothing to write: it is final, or a newer attempt runs elsewhere.
+    Done,
+    /// The worker is stopping; it will be delivered again.
+    Abandoned,
 }
 
 /// What became of a transactional task.

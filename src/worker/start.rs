@@ -137,12 +137,17 @@ impl Shared {
                 self.producer.secretbox(),
             ) {
                 Decoded::Message(message) => {
-                    let duplicate = !seen.insert(message.uuid.clone())
-                        || self.lock_in_flight().contains(&message.uuid);
-                    if duplicate {
-                        tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
+                    if !seen.insert(message.uuid.clone()) {
+                        tracing::info!(task.uuid = %message.uuid, "duplicate in one batch; skipped");
                         Counters::add(&self.counters.skipped, 1);
                         release.push(received.position);
+                        continue;
+                    }
+                    if let Some(copies) = self.lock_in_flight().get_mut(&message.uuid) {
+                        // Its offset moves when the running copy ends.
+                        tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
+                        Counters::add(&self.counters.skipped, 1);
+                        copies.push(received.position);
                         continue;
                     }
                     if self.registry.is_operation(&message.entrypoint) {
@@ -246,7 +251,9 @@ impl Shared {
         {
             match started.remove(&message.uuid) {
                 Some(Start::Run(started)) => {
-                    self.lock_in_flight().insert(message.uuid.clone());
+                    self.lock_in_flight()
+                        .entry(message.uuid.clone())
+                        .or_default();
                     ready.push(Ready {
                         position,
                         message,
