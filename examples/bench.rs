@@ -273,6 +273,12 @@ async fn run_worker(
     );
     config.concurrency = 256;
     config.ordering = ordering;
+    // Every run starts from an empty table, so none pays for the rows of
+    // the runs before it.
+    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    diesel::sql_query("TRUNCATE kser.tasks, kser.task_attempts")
+        .execute(&mut conn)
+        .await?;
     let shutdown = CancellationToken::new();
     // Reset the peak-memory mark: what is measured below is the worker's
     // peak while it works through the whole backlog.
@@ -280,7 +286,6 @@ async fn run_worker(
     let rss_before = memory_kib("VmRSS");
     let wall = Instant::now();
     let worker = tokio::spawn(Worker::new(config, registry, store.clone()).run(shutdown.clone()));
-    let mut conn = AsyncPgConnection::establish(database_url).await?;
     let window = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let window: Window = diesel::sql_query(
