@@ -11,29 +11,6 @@ use std::time::Duration;
 
 use common::{TestEnv, WorkerProcess};
 
-fn send_batch(env: &TestEnv, input: &str) {
-    let out = env.run(
-        Path::new(env!("CARGO_BIN_EXE_kser")),
-        &["send", "--batch", "-"],
-        Some(input),
-    );
-    assert!(out.status.success(), "{}", common::text(&out.stderr));
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("KSER_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    println!("KSER_TEST_SEED={seed}");
-    seed
-}
-
 fn start(env: &TestEnv, journal: &Path) -> WorkerProcess {
     let n = std::fs::read_dir(env.dir.path())
         .map(|d| d.count())
@@ -62,7 +39,7 @@ fn soak(env: &TestEnv, entrypoint: &str, tasks: usize, seed: u64) -> usize {
         worker.wait_assigned();
     }
     let line = format!("{{\"entrypoint\": \"{entrypoint}\", \"params\": {{\"ms\": 40}}}}\n");
-    send_batch(env, &line.repeat(tasks));
+    env.send_batch(&line.repeat(tasks));
     common::wait_until("work to start", Duration::from_secs(60), || {
         env.sql("SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'")
             .parse::<usize>()
@@ -102,7 +79,7 @@ fn soak(env: &TestEnv, entrypoint: &str, tasks: usize, seed: u64) -> usize {
 
 #[test]
 fn a_transactional_task_writes_exactly_one_row_per_message_through_kills() {
-    let seed = seed();
+    let seed = common::seed();
     let env = TestEnv::new();
     env.sql("CREATE TABLE showcase_effects (uuid text NOT NULL, attempt int NOT NULL)");
     let tasks = 1500;
@@ -134,7 +111,7 @@ fn a_transactional_task_writes_exactly_one_row_per_message_through_kills() {
 
 #[test]
 fn a_plain_task_under_the_same_soak_can_run_its_effects_twice() {
-    let seed = seed();
+    let seed = common::seed();
     let env = TestEnv::new();
     let tasks = 1500;
     let twice = soak(&env, "showcase.Sleep", tasks, seed);

@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use common::{TestEnv, WorkerProcess};
@@ -181,15 +180,6 @@ fn sleep_line(ms: u64) -> String {
     format!("{{\"entrypoint\": \"showcase.Sleep\", \"params\": {{\"ms\": {ms}}}}}\n")
 }
 
-fn send_batch(env: &TestEnv, input: &str) {
-    let out = env.run(
-        Path::new(env!("CARGO_BIN_EXE_kser")),
-        &["send", "--batch", "-"],
-        Some(input),
-    );
-    assert!(out.status.success(), "{}", common::text(&out.stderr));
-}
-
 fn count(env: &TestEnv, query: &str) -> i64 {
     env.sql(query).parse().expect("a count")
 }
@@ -215,21 +205,6 @@ fn progress_gap(env: &TestEnv, since: f64) -> f64 {
     .expect("seconds")
 }
 
-/// The seed of a randomized test: `KSER_TEST_SEED` to replay one.
-fn seed() -> u64 {
-    let seed = std::env::var("KSER_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    println!("KSER_TEST_SEED={seed}");
-    seed
-}
-
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -249,7 +224,7 @@ fn restart_after_sigkill(membership: Membership) {
         worker.wait_assigned();
     }
     let tasks = 1500;
-    send_batch(&env, &sleep_line(30).repeat(tasks));
+    env.send_batch(&sleep_line(30).repeat(tasks));
     common::wait_until("work to start", Duration::from_secs(60), || {
         count(
             &env,
@@ -321,7 +296,7 @@ fn consumer_static_restart() {
 fn storm(membership: Membership) {
     use rand::{Rng, SeedableRng};
 
-    let seed = seed();
+    let seed = common::seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = TestEnv::new();
     let mut group = Group::new(&env, membership, 8);
@@ -342,7 +317,7 @@ fn storm(membership: Membership) {
             "{\"entrypoint\": \"showcase.Chain\", \"params\": {\"count\": 5, \"ms\": 20}}\n",
         );
     }
-    send_batch(&env, &input);
+    env.send_batch(&input);
     common::wait_until("work to start", Duration::from_secs(60), || {
         count(
             &env,

@@ -4,19 +4,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::TestEnv;
-
-fn send_batch(env: &TestEnv, input: &str) {
-    let out = env.run(
-        Path::new(env!("CARGO_BIN_EXE_kser")),
-        &["send", "--batch", "-"],
-        Some(input),
-    );
-    assert!(out.status.success(), "{}", common::text(&out.stderr));
-}
 
 /// `keys` keys x `per_key` Sleep records, interleaved, keyed by their key.
 fn keyed_sleeps(keys: usize, per_key: usize, ms: u64) -> String {
@@ -65,7 +55,7 @@ fn run_two_workers(env: &TestEnv, ordering: &str, input: &str, total: i64) {
     let mut second = env.start_worker("showcase", &args);
     first.wait_assigned();
     second.wait_assigned();
-    send_batch(env, input);
+    env.send_batch(input);
     env.wait_count(
         "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
         total,
@@ -136,7 +126,7 @@ fn a_retried_record_holds_back_the_later_records_of_its_key() {
              \"params\": {{\"ms\": 5, \"key\": \"k\", \"seq\": {seq}}}}}\n"
         ));
     }
-    send_batch(&env, &input);
+    env.send_batch(&input);
     env.wait_count(
         "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
         6,

@@ -13,15 +13,6 @@ fn sleep_batch(count: usize, ms: u64) -> String {
         .collect()
 }
 
-fn send_batch(env: &TestEnv, input: &str) {
-    let out = env.run(
-        std::path::Path::new(env!("CARGO_BIN_EXE_kser")),
-        &["send", "--batch", "-"],
-        Some(input),
-    );
-    assert!(out.status.success(), "{}", common::text(&out.stderr));
-}
-
 fn count(env: &TestEnv, filter: &str) -> i64 {
     env.sql(&format!("SELECT count(*) FROM kser.tasks WHERE {filter}"))
         .parse()
@@ -34,7 +25,7 @@ fn a_worker_killed_with_sigkill_finishes_the_rest_after_restart() {
     env.kser(&["migrate"]);
     let mut worker = env.start_worker("showcase", &["--concurrency", "8"]);
     worker.wait_assigned();
-    send_batch(&env, &sleep_batch(300, 40));
+    env.send_batch(&sleep_batch(300, 40));
 
     common::wait_until("some tasks to finish", Duration::from_secs(60), || {
         count(&env, "status = 'SUCCESS'") >= 40
@@ -78,7 +69,7 @@ fn two_workers_split_the_partitions_and_run_each_message_once() {
             format!("{{\"entrypoint\": \"showcase.Echo\", \"params\": {{\"text\": \"{i}\"}}}}\n")
         })
         .collect();
-    send_batch(&env, &input);
+    env.send_batch(&input);
     env.wait_count(
         "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
         200,
@@ -102,7 +93,7 @@ fn sigterm_finishes_running_tasks_and_leaves_queued_ones_to_the_next_owner() {
     env.kser(&["migrate"]);
     let mut worker = env.start_worker("showcase", &["--concurrency", "4"]);
     worker.wait_assigned();
-    send_batch(&env, &sleep_batch(8, 1500));
+    env.send_batch(&sleep_batch(8, 1500));
     common::wait_until("tasks to start", Duration::from_secs(30), || {
         count(&env, "status = 'RUNNING'") >= 4
     });
@@ -146,7 +137,7 @@ fn the_shutdown_deadline_abandons_work_that_is_then_redelivered() {
     env.kser(&["migrate"]);
     let mut worker = env.start_worker("showcase", &["--shutdown-timeout", "1"]);
     worker.wait_assigned();
-    send_batch(&env, &sleep_batch(3, 8000));
+    env.send_batch(&sleep_batch(3, 8000));
     common::wait_until("tasks to start", Duration::from_secs(30), || {
         count(&env, "status = 'RUNNING'") == 3
     });
@@ -170,7 +161,7 @@ fn a_database_outage_delays_work_but_fails_nothing() {
     env.kser(&["migrate"]);
     let mut worker = env.start_worker("showcase", &["--concurrency", "16"]);
     worker.wait_assigned();
-    send_batch(&env, &sleep_batch(600, 30));
+    env.send_batch(&sleep_batch(600, 30));
     common::wait_until("some tasks to finish", Duration::from_secs(60), || {
         count(&env, "status = 'SUCCESS'") >= 50
     });
@@ -195,27 +186,11 @@ fn a_database_outage_delays_work_but_fails_nothing() {
     );
 }
 
-/// The seed of a randomized test: `KSER_TEST_SEED` to replay one, printed
-/// either way.
-fn seed() -> u64 {
-    let seed = std::env::var("KSER_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    println!("KSER_TEST_SEED={seed}");
-    seed
-}
-
 #[test]
 fn repeated_sigkills_at_random_moments_lose_nothing_and_double_nothing() {
     use rand::{Rng, SeedableRng};
 
-    let seed = seed();
+    let seed = common::seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = TestEnv::new();
     env.kser(&["migrate"]);
@@ -225,7 +200,7 @@ fn repeated_sigkills_at_random_moments_lose_nothing_and_double_nothing() {
             "{\"entrypoint\": \"showcase.Chain\", \"params\": {\"count\": 3, \"ms\": 30}}\n",
         );
     }
-    send_batch(&env, &input);
+    env.send_batch(&input);
 
     // KSER_SOAK_ROUNDS=30 for a longer soak; CI runs three.
     let rounds: u32 = std::env::var("KSER_SOAK_ROUNDS")
@@ -279,7 +254,7 @@ fn rebalances_under_load_double_nothing() {
             "{\"entrypoint\": \"showcase.Chain\", \"params\": {\"count\": 3, \"ms\": 50}}\n",
         );
     }
-    send_batch(&env, &input);
+    env.send_batch(&input);
     common::wait_until("work to start", Duration::from_secs(60), || {
         count(&env, "status = 'SUCCESS'") >= 40
     });
@@ -320,7 +295,7 @@ fn a_long_database_outage_keeps_the_worker_in_its_group() {
     // Small batches: the pipeline fills up quickly while Postgres is away.
     let mut worker = env.start_worker("showcase", &["--batch-size", "5", "--concurrency", "2"]);
     worker.wait_assigned();
-    send_batch(&env, &sleep_batch(200, 5));
+    env.send_batch(&sleep_batch(200, 5));
     common::wait_until("some tasks to finish", Duration::from_secs(60), || {
         count(&env, "status = 'SUCCESS'") >= 10
     });

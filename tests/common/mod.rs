@@ -158,6 +158,17 @@ impl TestEnv {
         last
     }
 
+    /// `kser send --batch -` with `input` (newline-delimited messages); the
+    /// send must succeed.
+    pub fn send_batch(&self, input: &str) {
+        let out = self.run(
+            Path::new(env!("CARGO_BIN_EXE_kser")),
+            &["send", "--batch", "-"],
+            Some(input),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
     /// Runs SQL in this test's database and returns psql's unaligned output.
     pub fn sql(&self, query: &str) -> String {
         psql(&self.database_url, query)
@@ -213,6 +224,22 @@ fn psql(url: &str, query: &str) -> String {
         .expect("psql is installed");
     assert!(out.status.success(), "psql {query}: {}", text(&out.stderr));
     text(&out.stdout).trim().to_owned()
+}
+
+/// The seed of a randomized test: `KSER_TEST_SEED` to replay one, printed
+/// either way.
+pub fn seed() -> u64 {
+    let seed = std::env::var("KSER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    println!("KSER_TEST_SEED={seed}");
+    seed
 }
 
 pub fn text(bytes: &[u8]) -> String {
