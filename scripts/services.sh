@@ -44,19 +44,24 @@ trap kser_cleanup EXIT
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# Installs Debian packages (as root), or asks the user to: WHY PKG...
+kser_apt_install() {
+  local why=$1; shift
+  [ $# -gt 0 ] || return 0
+  log "installing $* $why"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "please install: $* (apt-get install)" >&2
+    return 1
+  fi
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 kser_build_deps() {
   local missing=()
   for pkg in libssl-dev zlib1g-dev pkg-config make gcc postgresql-client; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing build dependencies: ${missing[*]}"
-    if [ "$(id -u)" -ne 0 ]; then
-      echo "please install: ${missing[*]} (apt-get install)" >&2
-      return 1
-    fi
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
+  kser_apt_install "(build dependencies)" "${missing[@]}"
 }
 
 # Java and Maven for Apache Kafka (the tests need them; the demo falls back to
@@ -65,14 +70,7 @@ kser_java_deps() {
   local missing=()
   command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]} for Apache Kafka"
-    if [ "$(id -u)" -ne 0 ]; then
-      echo "please install: ${missing[*]} (apt-get install)" >&2
-      return 1
-    fi
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
+  kser_apt_install "for Apache Kafka" "${missing[@]}"
 }
 
 pg_bin() {
@@ -212,12 +210,7 @@ kser_python_up() {
   # kser-crypto (encrypted messages) calls libsodium through pysodium, which
   # loads Debian's libsodium23 when imported.
   if ! dpkg -s libsodium23 >/dev/null 2>&1; then
-    log "installing libsodium23 for Python kser-crypto"
-    if [ "$(id -u)" -ne 0 ]; then
-      echo "please install: libsodium23 (apt-get install)" >&2
-      return 1
-    fi
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsodium23 >/dev/null
+    kser_apt_install "for Python kser-crypto" libsodium23
   fi
   if ! "$venv/bin/python" -c 'import kser_crypto.schemas' 2>/dev/null; then
     log "installing Python kser-crypto 0.1.13 for the interoperability tests"

@@ -84,21 +84,15 @@ impl Shared {
             drop(permit.take());
             let kind = match &resend {
                 Some(_) if self.ordering == Ordering::None => Outcome::Retry,
-                None if row.operation_uuid.is_some() => Outcome::Step,
-                None => Outcome::Ran,
+                None => Outcome::of_run(&row),
                 Some(again) => {
                     match self.retry_in_place(&mut row, &shutdown).await {
                         InPlace::Due => {}
                         InPlace::Final => {
-                            let kind = if row.operation_uuid.is_some() {
-                                Outcome::Step
-                            } else {
-                                Outcome::Ran
-                            };
                             let finished = Finished {
+                                kind: Outcome::of_run(&row),
                                 position,
                                 row,
-                                kind,
                                 resend: None,
                                 original,
                                 lane,

@@ -57,11 +57,7 @@ impl Shared {
             for mut row in unretried {
                 row.status = TaskStatus::Failed.as_str();
                 row.next_attempt_at = None;
-                let kind = if row.operation_uuid.is_some() {
-                    Outcome::Step
-                } else {
-                    Outcome::Ran
-                };
+                let kind = Outcome::of_run(&row);
                 if let Some((_, rows)) = by_kind.iter_mut().find(|(k, _)| *k == kind) {
                     rows.push(row);
                 }

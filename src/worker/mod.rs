@@ -257,6 +257,18 @@ enum Outcome {
     Committed,
 }
 
+impl Outcome {
+    /// How the final state of a task that ran is written: with its
+    /// operation's follow-up for a step, alone otherwise.
+    fn of_run(row: &NewTask) -> Self {
+        if row.operation_uuid.is_some() {
+            Self::Step
+        } else {
+            Self::Ran
+        }
+    }
+}
+
 /// A decoded message of a registered task, waiting for its turn and a
 /// concurrency slot.
 struct Candidate {
