@@ -93,7 +93,8 @@ fn sigterm_finishes_running_tasks_and_leaves_queued_ones_to_the_next_owner() {
     env.kser(&["migrate"]);
     let mut worker = env.start_worker("showcase", &["--concurrency", "4"]);
     worker.wait_assigned();
-    env.send_batch(&sleep_batch(8, 1500));
+    // Long enough to be written RUNNING (after 1 s) well before they end.
+    env.send_batch(&sleep_batch(8, 3000));
     common::wait_until("tasks to start", Duration::from_secs(30), || {
         count(&env, "status = 'RUNNING'") >= 4
     });

@@ -173,40 +173,62 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
     let env = TestEnv::new();
     let store = Store::connect(&env.database_url, 2).await.expect("store");
     store.migrate().await.expect("migrate");
-    let mut row = NewTask::new("fenced".into(), "showcase.Echo".into(), TaskStatus::Running);
-    row.started_at = Some(Utc::now());
-    // Two workers start the same message: the second start is attempt 2.
-    store
-        .start_tasks(std::slice::from_ref(&row))
+    // Two workers claim the same message before either records anything:
+    // both would run attempt 1.
+    let uuids = ["fenced".to_owned()];
+    let first = store.claim_tasks(&uuids).await.expect("claim");
+    let second = store.claim_tasks(&uuids).await.expect("claim again");
+    assert_eq!(first["fenced"].attempts, 1);
+    assert_eq!(second["fenced"].attempts, 1);
+    let attempt = |worker: &str, status: TaskStatus| {
+        let mut row = NewTask::new("fenced".into(), "showcase.Echo".into(), status);
+        row.attempts = 1;
+        row.worker = Some(worker.into());
+        row.started_at = Some(Utc::now());
+        if status.is_final() {
+            row.finished_at = Some(Utc::now());
+        }
+        row
+    };
+    // The second runs long and is written RUNNING first: it owns attempt 1.
+    let marked = store
+        .mark_running(&[attempt("worker-b", TaskStatus::Running)])
         .await
-        .expect("start");
-    let started = store
-        .start_tasks(std::slice::from_ref(&row))
-        .await
-        .expect("start again");
-    assert_eq!(started["fenced"].attempts, 2);
-
-    let mut done = row.clone();
-    done.status = TaskStatus::Failed.as_str();
-    done.error = Some("the zombie's outcome".into());
-    done.finished_at = Some(Utc::now());
-    done.attempts = 1;
+        .expect("mark");
+    assert_eq!(marked, ["fenced"]);
+    assert!(
+        store
+            .mark_running(&[attempt("worker-a", TaskStatus::Running)])
+            .await
+            .expect("mark")
+            .is_empty(),
+        "the other attempt cannot mark it too"
+    );
+    let mut zombie = attempt("worker-a", TaskStatus::Failed);
+    zombie.error = Some("the zombie's outcome".into());
     assert_eq!(
         store
-            .complete_tasks(std::slice::from_ref(&done))
+            .complete_tasks(std::slice::from_ref(&zombie))
             .await
             .expect("complete"),
         0
     );
-    done.status = TaskStatus::Success.as_str();
-    done.error = None;
-    done.attempts = 2;
+    let done = attempt("worker-b", TaskStatus::Success);
     assert_eq!(
         store
             .complete_tasks(std::slice::from_ref(&done))
             .await
             .expect("complete"),
         1
+    );
+    // Final: it is not claimed again, nor recorded again.
+    assert!(store.claim_tasks(&uuids).await.expect("claim").is_empty());
+    assert_eq!(
+        store
+            .complete_tasks(std::slice::from_ref(&done))
+            .await
+            .expect("complete"),
+        0
     );
     let task = store.task("fenced").await.expect("task").expect("row");
     assert_eq!(task.status, "SUCCESS");

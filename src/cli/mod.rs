@@ -198,6 +198,10 @@ struct WorkerArgs {
     /// time), or `none`.
     #[arg(long, env = "KSER_ORDERING", default_value = "key")]
     ordering: Ordering,
+    /// How long a task runs before it is written RUNNING (e.g. 1s, 200ms).
+    /// A task that ends sooner is written once, with its outcome.
+    #[arg(long, env = "KSER_RUNNING_AFTER", value_parser = humantime::parse_duration, default_value = "1s")]
+    running_after: Duration,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -259,6 +263,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.batch_size = args.batch_size;
             config.group_protocol = args.group_protocol;
             config.ordering = args.ordering;
+            config.running_after = args.running_after;
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout.max(0.0));
             config.layout = TopicLayout {

@@ -107,12 +107,13 @@ pub struct TaskFilter {
     pub standalone: bool,
 }
 
-/// A task the worker may run, as [`Store::start_tasks`] recorded it.
+/// A task the worker may run, as [`Store::claim_tasks`] read it.
 #[derive(Debug, Clone, QueryableByName)]
 pub struct StartedTask {
     #[diesel(sql_type = diesel::sql_types::Text)]
     pub uuid: String,
-    /// 1 for the first start, more after redeliveries and resumes.
+    /// The attempt about to start: 1 for the first, more after
+    /// redeliveries, retries and resumes.
     #[diesel(sql_type = diesel::sql_types::Int4)]
     pub attempts: i32,
     /// The operation the task is a step of, if any.
@@ -237,44 +238,76 @@ impl Store {
         .await?)
     }
 
-    /// Marks a batch of received messages RUNNING and returns, for each one
-    /// that should run, its attempt number. Messages already in a final
-    /// state (a redelivery after their state was committed, a duplicate
-    /// send) are left out: they must not run again.
+    /// Reads the tasks of a batch about to run and returns, for each one
+    /// that may run, the number of the attempt it starts: one more than
+    /// Postgres has counted (1 for a message it has no row of). Tasks already
+    /// in a final state (a redelivery after their state was committed, a
+    /// duplicate send, a step of a cancelled operation) are left out: they
+    /// must not run again.
     ///
-    /// One statement for the whole batch, each column bound as one array, so
-    /// Postgres parses a constant-size query whatever the batch size. Each
-    /// uuid may appear only once in `rows`.
-    pub async fn start_tasks(
+    /// Nothing is written: a task is recorded when it ends, or as RUNNING
+    /// by [`mark_running`](Self::mark_running) if it runs long. Every later
+    /// write of the attempt is fenced on the count read here, so if another
+    /// worker starts the same message meanwhile, one outcome is recorded.
+    pub async fn claim_tasks(
         &self,
-        rows: &[NewTask],
+        uuids: &[String],
     ) -> Result<HashMap<String, StartedTask>, StoreError> {
+        use diesel::sql_types::{Array, Text};
+
+        if uuids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let query = diesel::sql_query(
+            "SELECT u.uuid, coalesce(t.attempts, 0) + 1 AS attempts, t.operation_uuid, t.position \
+             FROM unnest($1::text[]) AS u(uuid) LEFT JOIN kser.tasks AS t ON t.uuid = u.uuid \
+             WHERE t.uuid IS NULL OR t.status IN ('PENDING', 'RUNNING')",
+        )
+        .bind::<Array<Text>, _>(uuids);
+        let mut conn = self.conn().await?;
+        let started: Vec<StartedTask> = query.load(&mut conn).await?;
+        Ok(started.into_iter().map(|s| (s.uuid.clone(), s)).collect())
+    }
+
+    /// Records tasks that have been running for a while as RUNNING, so
+    /// `status` shows them, and returns the uuids recorded. Each row carries
+    /// the attempt [`claim_tasks`](Self::claim_tasks) gave it; a task that
+    /// another worker started meanwhile, or that is final, is left alone
+    /// (and left out of the result).
+    pub async fn mark_running(&self, rows: &[NewTask]) -> Result<Vec<String>, StoreError> {
         use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
 
+        #[derive(QueryableByName)]
+        struct Marked {
+            #[diesel(sql_type = Text)]
+            uuid: String,
+        }
+
         if rows.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Vec::new());
         }
         let query = diesel::sql_query(
             "INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, attempts, \
                  worker, topic, kafka_partition, kafka_offset, enqueued_at, started_at, updated_at) \
-             SELECT v.uuid, v.entrypoint, 'RUNNING', v.params, v.metadata, 1, \
-                 v.worker, v.topic, v.kafka_partition, v.kafka_offset, v.enqueued_at, v.started_at, v.started_at \
-             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::text[], \
-                 $7::int4[], $8::int8[], $9::timestamptz[], $10::timestamptz[]) \
-                 AS v(uuid, entrypoint, params, metadata, worker, topic, kafka_partition, \
+             SELECT v.uuid, v.entrypoint, 'RUNNING', v.params, v.metadata, v.attempts, \
+                 v.worker, v.topic, v.kafka_partition, v.kafka_offset, v.enqueued_at, v.started_at, now() \
+             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::int4[], $6::text[], \
+                 $7::text[], $8::int4[], $9::int8[], $10::timestamptz[], $11::timestamptz[]) \
+                 AS v(uuid, entrypoint, params, metadata, attempts, worker, topic, kafka_partition, \
                       kafka_offset, enqueued_at, started_at) \
-             ON CONFLICT (uuid) DO UPDATE SET status = 'RUNNING', attempts = t.attempts + 1, \
+             ON CONFLICT (uuid) DO UPDATE SET status = 'RUNNING', attempts = excluded.attempts, \
                  worker = excluded.worker, topic = excluded.topic, \
                  kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset, \
                  enqueued_at = excluded.enqueued_at, started_at = excluded.started_at, \
                  updated_at = excluded.updated_at \
-             WHERE t.status IN ('PENDING', 'RUNNING') \
-             RETURNING t.uuid, t.attempts, t.operation_uuid, t.position",
+             WHERE t.status IN ('PENDING', 'RUNNING') AND t.attempts = excluded.attempts - 1 \
+             RETURNING t.uuid",
         )
         .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
         .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.clone()))
         .bind::<Array<Jsonb>, _>(column(rows, |r| r.params.clone()))
         .bind::<Array<Jsonb>, _>(column(rows, |r| r.metadata.clone()))
+        .bind::<Array<Int4>, _>(column(rows, |r| r.attempts))
         .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.clone()))
         .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.clone()))
         .bind::<Array<Nullable<Int4>>, _>(column(rows, |r| r.kafka_partition))
@@ -282,13 +315,14 @@ impl Store {
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.enqueued_at))
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.started_at));
         let mut conn = self.conn().await?;
-        let started: Vec<StartedTask> = query.load(&mut conn).await?;
-        Ok(started.into_iter().map(|s| (s.uuid.clone(), s)).collect())
+        let marked: Vec<Marked> = query.load(&mut conn).await?;
+        Ok(marked.into_iter().map(|m| m.uuid).collect())
     }
 
-    /// Records the final state of tasks that [`start_tasks`](Self::start_tasks)
-    /// started: only the columns that change are sent, one array each.
-    /// Rows already final are not touched; returns how many were updated.
+    /// Records the outcome of attempts that [`claim_tasks`](Self::claim_tasks)
+    /// started: the whole row, inserted if Postgres has none yet. Fenced by
+    /// attempt: rows already final, and tasks another worker started
+    /// meanwhile, are not touched. Returns how many were recorded.
     ///
     /// Each uuid may appear only once in `rows`.
     pub async fn complete_tasks(&self, rows: &[NewTask]) -> Result<usize, StoreError> {
@@ -296,7 +330,7 @@ impl Store {
             return Ok(0);
         }
         let mut conn = self.conn().await?;
-        Ok(complete_query(rows, false).execute(&mut conn).await?)
+        Ok(outcome_query(rows, false).execute(&mut conn).await?)
     }
 
     /// Records the final state of tasks whose row may not exist yet (a
@@ -358,35 +392,64 @@ impl Store {
     }
 }
 
-/// The UPDATE that records outcomes of started tasks, one array per column;
-/// with `returning`, it returns the uuids it moved out of PENDING/RUNNING.
+/// The upsert that records the outcome of attempts, one array per column;
+/// with `returning`, it returns the uuids it recorded. The row's status says
+/// which outcome: final (SUCCESS, FAILED), or PENDING for an attempt that
+/// will be retried at `next_attempt_at`.
 ///
-/// Fenced by attempt number: if the task was started again meanwhile (a
-/// redelivery to another worker after a rebalance), the older attempt's
-/// outcome is not recorded.
-fn complete_query(
+/// Fenced by attempt (see [`Store::claim_tasks`]): an attempt is recorded
+/// only if no other attempt started since it was claimed, that is, the
+/// stored count is still the one before it, or it is this attempt's own
+/// RUNNING mark (same count, same worker).
+pub(crate) fn outcome_query(
     rows: &[NewTask],
     returning: bool,
 ) -> diesel::query_builder::BoxedSqlQuery<'static, diesel::pg::Pg, diesel::query_builder::SqlQuery>
 {
-    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
+    use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
 
     let sql = format!(
-        "UPDATE kser.tasks AS t SET status = v.status, result = v.result, error = v.error, \
-             finished_at = v.finished_at, updated_at = v.finished_at \
-         FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], \
-             $6::int4[]) AS v(uuid, status, result, error, finished_at, attempts) \
-         WHERE t.uuid = v.uuid AND t.status IN ('PENDING', 'RUNNING') AND t.attempts = v.attempts{}",
+        "INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, result, error, \
+             attempts, worker, topic, kafka_partition, kafka_offset, enqueued_at, started_at, \
+             finished_at, next_attempt_at, updated_at) \
+         SELECT v.uuid, v.entrypoint, v.status, v.params, v.metadata, v.result, v.error, \
+             v.attempts, v.worker, v.topic, v.kafka_partition, v.kafka_offset, v.enqueued_at, \
+             v.started_at, v.finished_at, v.next_attempt_at, coalesce(v.finished_at, now()) \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::jsonb[], \
+             $7::text[], $8::int4[], $9::text[], $10::text[], $11::int4[], $12::int8[], \
+             $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[]) \
+             AS v(uuid, entrypoint, status, params, metadata, result, error, attempts, worker, \
+                  topic, kafka_partition, kafka_offset, enqueued_at, started_at, finished_at, \
+                  next_attempt_at) \
+         ON CONFLICT (uuid) DO UPDATE SET status = excluded.status, result = excluded.result, \
+             error = excluded.error, attempts = excluded.attempts, worker = excluded.worker, \
+             topic = excluded.topic, kafka_partition = excluded.kafka_partition, \
+             kafka_offset = excluded.kafka_offset, enqueued_at = excluded.enqueued_at, \
+             started_at = excluded.started_at, finished_at = excluded.finished_at, \
+             next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at \
+         WHERE t.status IN ('PENDING', 'RUNNING') AND (t.attempts = excluded.attempts - 1 \
+             OR (t.attempts = excluded.attempts AND t.status = 'RUNNING' \
+                 AND t.worker IS NOT DISTINCT FROM excluded.worker)){}",
         if returning { " RETURNING t.uuid" } else { "" }
     );
     diesel::sql_query(sql)
         .into_boxed()
         .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.clone()))
         .bind::<Array<Text>, _>(column(rows, |r| r.status.to_owned()))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| r.params.clone()))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| r.metadata.clone()))
         .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.clone()))
         .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.clone()))
+        .bind::<Array<Int4>, _>(column(rows, |r| r.attempts))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.clone()))
+        .bind::<Array<Nullable<Int4>>, _>(column(rows, |r| r.kafka_partition))
+        .bind::<Array<Nullable<Int8>>, _>(column(rows, |r| r.kafka_offset))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.enqueued_at))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.started_at))
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.finished_at))
-        .bind::<Array<diesel::sql_types::Int4>, _>(column(rows, |r| r.attempts))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.next_attempt_at))
 }
 
 /// One field of every row, to bind as a Postgres array.

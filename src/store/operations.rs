@@ -132,7 +132,7 @@ impl Store {
         }
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let updated = super::complete_query(rows, true)
+            let updated = super::outcome_query(rows, true)
                 .load::<Completed>(conn)
                 .await?;
             let mut finished = Vec::new();
@@ -159,7 +159,7 @@ impl Store {
         row: &NewTask,
     ) -> Result<Option<Option<FinishedOperation>>, StoreError> {
         let rows = std::slice::from_ref(row);
-        let updated = super::complete_query(rows, true)
+        let updated = super::outcome_query(rows, true)
             .load::<Completed>(conn)
             .await?;
         if updated.is_empty() {

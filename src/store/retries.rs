@@ -7,7 +7,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::models::{AttemptRow, NewOutbox, NewTask};
 use super::schema::kser::{outbox, task_attempts, tasks};
-use super::{Store, StoreError, column};
+use super::{Store, StoreError, outcome_query};
 
 /// A failed attempt to retry: the task row as the attempt left it (its
 /// `next_attempt_at` says when the next one is due) and the message to send
@@ -23,38 +23,29 @@ impl Store {
     /// Records failed attempts that will be retried: each task goes back to
     /// PENDING with the error and `next_attempt_at`, the attempt is added to
     /// `kser.task_attempts`, and the message waits in the outbox until due.
-    /// Fenced like completions: an attempt that is no longer the task's
-    /// latest changes nothing. Returns how many were recorded.
+    /// Fenced like completions (see [`Store::claim_tasks`]): an attempt
+    /// that is no longer the task's latest changes nothing. Returns how many were recorded.
     pub async fn retry_tasks(&self, retries: &[Retry]) -> Result<usize, StoreError> {
-        use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz};
-
         #[derive(QueryableByName)]
         struct Updated {
-            #[diesel(sql_type = Text)]
+            #[diesel(sql_type = diesel::sql_types::Text)]
             uuid: String,
         }
 
         if retries.is_empty() {
             return Ok(0);
         }
-        let rows: Vec<NewTask> = retries.iter().map(|r| r.row.clone()).collect();
+        // The task row waits for its next attempt: not finished.
+        let rows: Vec<NewTask> = retries
+            .iter()
+            .map(|r| NewTask {
+                finished_at: None,
+                ..r.row.clone()
+            })
+            .collect();
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let updated: Vec<Updated> = diesel::sql_query(
-                "UPDATE kser.tasks AS t SET status = 'PENDING', result = v.result, error = v.error, \
-                     next_attempt_at = v.next_attempt_at, updated_at = now() \
-                 FROM unnest($1::text[], $2::int4[], $3::jsonb[], $4::text[], $5::timestamptz[]) \
-                     AS v(uuid, attempts, result, error, next_attempt_at) \
-                 WHERE t.uuid = v.uuid AND t.status = 'RUNNING' AND t.attempts = v.attempts \
-                 RETURNING t.uuid",
-            )
-            .bind::<Array<Text>, _>(column(&rows, |r| r.uuid.clone()))
-            .bind::<Array<Int4>, _>(column(&rows, |r| r.attempts))
-            .bind::<Array<Nullable<Jsonb>>, _>(column(&rows, |r| r.result.clone()))
-            .bind::<Array<Nullable<Text>>, _>(column(&rows, |r| r.error.clone()))
-            .bind::<Array<Nullable<Timestamptz>>, _>(column(&rows, |r| r.next_attempt_at))
-            .load(conn)
-            .await?;
+            let updated: Vec<Updated> = outcome_query(&rows, true).load(conn).await?;
             let kept: Vec<&Retry> = retries
                 .iter()
                 .filter(|r| updated.iter().any(|u| u.uuid == r.row.uuid))

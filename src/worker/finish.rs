@@ -112,7 +112,9 @@ impl Shared {
             {
                 let mut in_flight = self.lock_in_flight();
                 for row in rows.chain(retries.iter().map(|r| &r.row)) {
-                    positions.extend(in_flight.remove(&row.uuid).unwrap_or_default());
+                    if let Some(task) = in_flight.remove(&row.uuid) {
+                        positions.extend(task.copies);
+                    }
                 }
             }
             self.release(&positions);

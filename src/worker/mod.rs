@@ -111,6 +111,10 @@ pub struct WorkerConfig {
     pub instance_id: Option<String>,
     /// In what order the records of a partition run.
     pub ordering: Ordering,
+    /// How long a task runs before it is written RUNNING. A task that ends
+    /// sooner is written once, with its outcome, which is what makes short
+    /// tasks cheap; `status` shows a longer one as RUNNING from then on.
+    pub running_after: Duration,
 }
 
 impl WorkerConfig {
@@ -130,6 +134,7 @@ impl WorkerConfig {
             group_protocol: GroupProtocol::default(),
             instance_id: None,
             ordering: Ordering::default(),
+            running_after: Duration::from_secs(1),
         }
     }
 }
@@ -306,11 +311,10 @@ struct Shared {
     store: Store,
     registry: Arc<Registry>,
     counters: Counters,
-    /// Tasks started and not yet recorded final, each with the positions of
-    /// copies of its message that arrived meanwhile: those are released when
-    /// it ends, never before, so a copy skipped now is not lost if this run
-    /// is abandoned.
-    in_flight: Mutex<HashMap<String, Vec<Position>>>,
+    /// Tasks started and not yet recorded final, by uuid.
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    /// How long a task runs before the marker writes it RUNNING.
+    running_after: Duration,
     worker_id: String,
     batch_size: usize,
     /// Cancelled when the shutdown deadline passes: stop waiting for the
@@ -385,6 +389,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             transactions: Semaphore::new(transaction_slots),
             ordering: config.ordering,
+            running_after: config.running_after,
             lane_done,
             consumer: RwLock::new(Arc::new(consumer)),
             spec,
@@ -418,6 +423,7 @@ impl Worker {
             shutdown.clone(),
         ));
         let reporter = tokio::spawn(Arc::clone(&shared).reporter());
+        let marker = tokio::spawn(Arc::clone(&shared).marker());
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(Arc::clone(&shared).relay(relay_stop.clone()));
         let stop_polling = CancellationToken::new();
@@ -449,6 +455,7 @@ impl Worker {
         })
         .await;
         reporter.abort();
+        marker.abort();
         let mut stats = shared.counters.snapshot();
         if drained.is_err() {
             shared.abandon.cancel();
@@ -559,17 +566,38 @@ impl Shared {
     /// arrived meanwhile (`release_copies`), or leaves them unreleased to be
     /// delivered again (at shutdown).
     fn forget_in_flight(&self, uuid: &str, release_copies: bool) {
-        let copies = self.lock_in_flight().remove(uuid).unwrap_or_default();
+        let copies = self
+            .lock_in_flight()
+            .remove(uuid)
+            .map(|task| task.copies)
+            .unwrap_or_default();
         if release_copies {
             self.release(&copies);
         }
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Position>>> {
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
         self.in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A task started and not yet recorded final.
+#[derive(Default)]
+struct InFlight {
+    /// The positions of copies of its message that arrived meanwhile: they
+    /// are released when it ends, never before, so a copy skipped now is not
+    /// lost if this run is abandoned.
+    copies: Vec<Position>,
+    /// Its RUNNING row, until the marker writes it.
+    mark: Option<Mark>,
+}
+
+/// When and what to write for a task that runs long.
+struct Mark {
+    at: tokio::time::Instant,
+    row: NewTask,
 }
 
 /// Who finishes a task once its run ends.
@@ -618,14 +646,6 @@ enum InPlace {
     Fenced,
     /// The worker is stopping: leave it for redelivery.
     Stop,
-}
-
-/// What became of a message the starter recorded.
-enum Start {
-    /// Run it: its attempt number and operation.
-    Run(Box<StartedTask>),
-    /// Postgres refused the row; record this FAILED row instead.
-    Refused(Box<NewTask>),
 }
 
 /// The error kind of a failed row, as its result says.

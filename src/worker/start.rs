@@ -143,11 +143,11 @@ impl Shared {
                         release.push(received.position);
                         continue;
                     }
-                    if let Some(copies) = self.lock_in_flight().get_mut(&message.uuid) {
+                    if let Some(task) = self.lock_in_flight().get_mut(&message.uuid) {
                         // Its offset moves when the running copy ends.
                         tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
                         Counters::add(&self.counters.skipped, 1);
-                        copies.push(received.position);
+                        task.copies.push(received.position);
                         continue;
                     }
                     if self.registry.is_operation(&message.entrypoint) {
@@ -221,8 +221,10 @@ impl Shared {
         candidates
     }
 
-    /// Marks a group of tasks that got a concurrency slot RUNNING in one
-    /// statement, and returns those to run: not those already final.
+    /// Claims a group of tasks that got a concurrency slot, in one read,
+    /// and returns those to run: not those already final. A task is written
+    /// RUNNING only if it is still running after `running_after` (the
+    /// marker's job), so a short task costs one write, its outcome.
     pub(super) async fn start_group(
         &self,
         group: Vec<Candidate>,
@@ -231,55 +233,59 @@ impl Shared {
         if group.is_empty() {
             return Vec::new();
         }
-        let now = Utc::now();
-        let rows = group
-            .iter()
-            .map(|candidate| self.running_row(candidate, now))
-            .collect();
-        let Some(mut started) = self.write_started(rows).await else {
+        let uuids: Vec<String> = group.iter().map(|c| c.message.uuid.clone()).collect();
+        let Some(mut started) = self.claim(&uuids).await else {
             return Vec::new();
         };
+        let now = Utc::now();
+        let mark_at = tokio::time::Instant::now() + self.running_after;
         let mut ready = Vec::with_capacity(started.len());
         let mut already_final = Vec::new();
-        for Candidate {
-            position,
-            message,
-            enqueued_at,
-            original,
-            lane,
-        } in group
-        {
-            match started.remove(&message.uuid) {
-                Some(Start::Run(started)) => {
+        for candidate in group {
+            match started.remove(&candidate.message.uuid) {
+                Some(Ok(started)) => {
+                    let mut running = self.running_row(&candidate, now);
+                    running.attempts = started.attempts;
+                    let Candidate {
+                        position,
+                        message,
+                        enqueued_at,
+                        original,
+                        lane,
+                    } = candidate;
                     self.lock_in_flight()
                         .entry(message.uuid.clone())
-                        .or_default();
+                        .or_default()
+                        .mark = Some(Mark {
+                        at: mark_at,
+                        row: running,
+                    });
                     ready.push(Ready {
                         position,
                         message,
-                        started: *started,
+                        started,
                         enqueued_at,
                         original,
                         lane,
                     });
                 }
-                Some(Start::Refused(row)) => {
+                Some(Err(row)) => {
                     let finished = Finished {
-                        position,
+                        position: candidate.position,
                         row: *row,
                         kind: Outcome::Rejected,
                         resend: None,
-                        original,
-                        lane,
+                        original: candidate.original,
+                        lane: candidate.lane,
                     };
                     if finish_tx.send(finished).await.is_err() {
                         return Vec::new();
                     }
                 }
                 None => {
-                    tracing::info!(task.uuid = %message.uuid, "task already finished; not run again");
-                    already_final.push(position);
-                    if let Some(lane) = lane {
+                    tracing::info!(task.uuid = %candidate.message.uuid, "task already finished; not run again");
+                    already_final.push(candidate.position);
+                    if let Some(lane) = candidate.lane {
                         self.lane_done(lane);
                     }
                 }
@@ -290,47 +296,80 @@ impl Shared {
         ready
     }
 
-    /// Writes RUNNING rows, waiting out database outages. A row Postgres
-    /// refuses (a value it cannot store) comes back as a FAILED row to record
-    /// instead of running. `None` when the shutdown deadline passed.
-    pub(super) async fn write_started(&self, rows: Vec<NewTask>) -> Option<HashMap<String, Start>> {
-        let batch = self
-            .retry_db("record started tasks", || self.store.start_tasks(&rows))
+    /// Claims tasks, waiting out database outages: the attempt each one
+    /// may start, or the FAILED row to record for one Postgres cannot even
+    /// look up. Tasks already final are left out. `None` when the shutdown
+    /// deadline passed.
+    async fn claim(
+        &self,
+        uuids: &[String],
+    ) -> Option<HashMap<String, Result<StartedTask, Box<NewTask>>>> {
+        let claimed = self
+            .retry_db("look up started tasks", || self.store.claim_tasks(uuids))
             .await?;
+        if let Ok(claimed) = claimed {
+            return Some(claimed.into_iter().map(|(u, s)| (u, Ok(s))).collect());
+        }
         let mut started = HashMap::new();
-        match batch {
-            Ok(attempts) => {
-                started.extend(
-                    attempts
-                        .into_iter()
-                        .map(|(uuid, n)| (uuid, Start::Run(Box::new(n)))),
-                );
-            }
-            Err(_) => {
-                for row in rows {
-                    let single = std::slice::from_ref(&row);
-                    match self
-                        .retry_db("record a started task", || self.store.start_tasks(single))
-                        .await?
-                    {
-                        Ok(attempts) => started.extend(
-                            attempts
-                                .into_iter()
-                                .map(|(uuid, n)| (uuid, Start::Run(Box::new(n)))),
-                        ),
-                        Err(err) => {
-                            tracing::warn!(task.uuid = %row.uuid, error = %err, "Postgres refused the task; recording it as FAILED");
-                            let mut failed = row;
-                            unstorable(&mut failed, &err);
-                            started.insert(failed.uuid.clone(), Start::Refused(Box::new(failed)));
-                        }
-                    }
+        for uuid in uuids {
+            let single = std::slice::from_ref(uuid);
+            match self
+                .retry_db("look up a started task", || self.store.claim_tasks(single))
+                .await?
+            {
+                Ok(claimed) => started.extend(claimed.into_iter().map(|(u, s)| (u, Ok(s)))),
+                Err(err) => {
+                    tracing::warn!(task.uuid = %uuid, error = %err, "Postgres refused the task; recording it as FAILED");
+                    let mut failed = NewTask::new(uuid.clone(), String::new(), TaskStatus::Failed);
+                    failed.attempts = 1;
+                    unstorable(&mut failed, &err);
+                    started.insert(uuid.clone(), Err(Box::new(failed)));
                 }
             }
         }
         Some(started)
     }
 
+    /// Writes RUNNING the tasks still running past their mark time, every
+    /// tick until the worker stops: `status` then shows long tasks as
+    /// RUNNING, while a task that ends sooner is written once, final.
+    pub(super) async fn marker(self: Arc<Self>) {
+        let tick =
+            (self.running_after / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let now = tokio::time::Instant::now();
+            let due: Vec<NewTask> = self
+                .lock_in_flight()
+                .values_mut()
+                .filter(|task| task.mark.as_ref().is_some_and(|mark| mark.at <= now))
+                .filter_map(|task| task.mark.take().map(|mark| mark.row))
+                .collect();
+            for rows in due.chunks(self.batch_size) {
+                let Some(marked) = self
+                    .retry_db("record running tasks", || self.store.mark_running(rows))
+                    .await
+                else {
+                    return;
+                };
+                match marked {
+                    Ok(marked) if marked.len() < rows.len() => {
+                        for row in rows.iter().filter(|row| !marked.contains(&row.uuid)) {
+                            tracing::info!(task.uuid = %row.uuid, attempt = row.attempts, "the task was started again elsewhere or is final; this attempt's outcome will not be recorded");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not record running tasks; they are recorded when they end")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The RUNNING row of a task about to run, written if it runs long.
     pub(super) fn running_row(&self, candidate: &Candidate, now: DateTime<Utc>) -> NewTask {
         let message = &candidate.message;
         let mut row = NewTask::new(
