@@ -303,13 +303,13 @@ impl Store {
              WHERE t.status IN ('PENDING', 'RUNNING') AND t.attempts = excluded.attempts - 1 \
              RETURNING t.uuid",
         )
-        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
-        .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.clone()))
-        .bind::<Array<Jsonb>, _>(column(rows, |r| r.params.clone()))
-        .bind::<Array<Jsonb>, _>(column(rows, |r| r.metadata.clone()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.as_str()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.as_str()))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| &r.params))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| &r.metadata))
         .bind::<Array<Int4>, _>(column(rows, |r| r.attempts))
-        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.clone()))
-        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.as_deref()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.as_deref()))
         .bind::<Array<Nullable<Int4>>, _>(column(rows, |r| r.kafka_partition))
         .bind::<Array<Nullable<Int8>>, _>(column(rows, |r| r.kafka_offset))
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.enqueued_at))
@@ -404,8 +404,7 @@ impl Store {
 pub(crate) fn outcome_query(
     rows: &[NewTask],
     returning: bool,
-) -> diesel::query_builder::BoxedSqlQuery<'static, diesel::pg::Pg, diesel::query_builder::SqlQuery>
-{
+) -> diesel::query_builder::BoxedSqlQuery<'_, diesel::pg::Pg, diesel::query_builder::SqlQuery> {
     use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
 
     let sql = format!(
@@ -434,16 +433,16 @@ pub(crate) fn outcome_query(
     );
     diesel::sql_query(sql)
         .into_boxed()
-        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.clone()))
-        .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.clone()))
-        .bind::<Array<Text>, _>(column(rows, |r| r.status.to_owned()))
-        .bind::<Array<Jsonb>, _>(column(rows, |r| r.params.clone()))
-        .bind::<Array<Jsonb>, _>(column(rows, |r| r.metadata.clone()))
-        .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.clone()))
-        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.clone()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.uuid.as_str()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.entrypoint.as_str()))
+        .bind::<Array<Text>, _>(column(rows, |r| r.status))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| &r.params))
+        .bind::<Array<Jsonb>, _>(column(rows, |r| &r.metadata))
+        .bind::<Array<Nullable<Jsonb>>, _>(column(rows, |r| r.result.as_ref()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error.as_deref()))
         .bind::<Array<Int4>, _>(column(rows, |r| r.attempts))
-        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.clone()))
-        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.clone()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.worker.as_deref()))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.topic.as_deref()))
         .bind::<Array<Nullable<Int4>>, _>(column(rows, |r| r.kafka_partition))
         .bind::<Array<Nullable<Int8>>, _>(column(rows, |r| r.kafka_offset))
         .bind::<Array<Nullable<Timestamptz>>, _>(column(rows, |r| r.enqueued_at))
@@ -453,7 +452,7 @@ pub(crate) fn outcome_query(
 }
 
 /// One field of every row, to bind as a Postgres array.
-fn column<T>(rows: &[NewTask], field: impl Fn(&NewTask) -> T) -> Vec<T> {
+fn column<'a, T>(rows: &'a [NewTask], field: impl Fn(&'a NewTask) -> T) -> Vec<T> {
     rows.iter().map(field).collect()
 }
 

@@ -48,10 +48,9 @@ impl Shared {
             let lane = task.lane.clone();
             let enqueued_at = task.enqueued_at;
             let (mut row, resend) = if self.registry.is_transactional(&task.message.entrypoint) {
-                match self.execute_transactional(task).await {
+                match Box::pin(self.execute_transactional(task)).await {
                     Transacted::Ran(row, resend) => (row, resend),
                     Transacted::Committed(row, operation) => {
-                        drop(permit.take());
                         if let Some(operation) = operation {
                             self.relay_wakeup.notify_one();
                             self.operation_finished(operation);
@@ -79,14 +78,22 @@ impl Shared {
                     Transacted::Stop => return Handed::Abandoned,
                 }
             } else {
-                self.execute(task, None).await
+                Box::pin(self.execute(task, None)).await
             };
-            drop(permit.take());
+            // It ran: the outcome is written next, no RUNNING row before it.
+            // (The slot is held until the finisher has the outcome, so tasks
+            // never pile up waiting for a slow finisher: memory stays bounded
+            // by the concurrency, not by the backlog.)
+            if let Some(task) = self.lock_in_flight().get_mut(&row.uuid) {
+                task.mark = None;
+            }
             let kind = match &resend {
                 Some(_) if self.ordering == Ordering::None => Outcome::Retry,
                 None => Outcome::of_run(&row),
                 Some(again) => {
-                    match self.retry_in_place(&mut row, &shutdown).await {
+                    // Nothing runs during the backoff: free the slot.
+                    drop(permit.take());
+                    match Box::pin(self.retry_in_place(&mut row, &shutdown)).await {
                         InPlace::Due => {}
                         InPlace::Final => {
                             let finished = Finished {
@@ -134,7 +141,7 @@ impl Shared {
                         original,
                         lane,
                     };
-                    let mut started = self.start_group(vec![candidate], &finish_tx).await;
+                    let mut started = Box::pin(self.start_group(vec![candidate], &finish_tx)).await;
                     match started.pop() {
                         Some(next) => {
                             task = next;

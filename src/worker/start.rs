@@ -94,11 +94,12 @@ impl Shared {
                 let finish_tx = finish_tx.clone();
                 let semaphore = Arc::clone(&semaphore);
                 let shutdown = shutdown.clone();
-                running.spawn(async move {
+                let fut = async move {
                     shared
                         .run_task(task, permit, semaphore, finish_tx, shutdown)
                         .await;
-                });
+                };
+                running.spawn(Box::pin(fut));
             }
         }
         while running.join_next().await.is_some() {}
