@@ -50,6 +50,7 @@
 //! - [`crypto`]: kser-crypto's encrypted envelope (secretbox).
 //! - [`store`]: the Postgres schema, migrations and queries.
 //! - [`config`]: Kafka client settings.
+//! - [`redact`]: printable forms of settings that hold secrets.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
 //! - [`cli`]: the command line shared by `kser` and user binaries.
@@ -62,6 +63,7 @@ pub mod dead_letter;
 pub mod message;
 pub mod operation;
 pub mod producer;
+pub mod redact;
 pub mod registry;
 pub mod retry;
 pub mod store;

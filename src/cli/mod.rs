@@ -235,9 +235,13 @@ fn init_tracing() {
 async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     let kafka = || -> anyhow::Result<KafkaConfig> {
-        Ok(KafkaConfig::new(global.brokers.clone())
+        let kafka = KafkaConfig::new(global.brokers.clone())
             .with_env()
-            .with_properties(&global.kafka_properties)?)
+            .with_properties(&global.kafka_properties)?;
+        // librdkafka's own errors quote refused values: check them here,
+        // where secrets are masked, before any client is built.
+        kafka.check()?;
+        Ok(kafka)
     };
     match cli.command {
         Command::Worker(args) => {

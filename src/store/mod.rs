@@ -138,7 +138,7 @@ impl Store {
             .max_size(max_connections.max(1))
             .build()
             .map_err(|err| StoreError::Connect {
-                url: redact_url(url),
+                url: crate::redact::database_url(url),
                 reason: err.to_string(),
             })?;
         let store = Self {
@@ -157,7 +157,7 @@ impl Store {
     /// A connection from the pool, or an error naming the database.
     pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         let unreachable = |reason: String| StoreError::Connect {
-            url: redact_url(&self.url),
+            url: crate::redact::database_url(&self.url),
             reason,
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get()).await {
@@ -178,7 +178,7 @@ impl Store {
         use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 
         let url = self.url.clone();
-        let redacted = redact_url(&self.url);
+        let redacted = crate::redact::database_url(&self.url);
         let applied =
             tokio::task::spawn_blocking(move || {
                 let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
@@ -406,46 +406,4 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     parts.join(": ")
-}
-
-/// The URL with its password replaced by `***`, safe to print.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact_url("postgres://kser:s3cret@db:5432/kser"),
-            "postgres://kser:***@db:5432/kser"
-        );
-        assert_eq!(
-            redact_url("postgres://kser@db/kser"),
-            "postgres://kser@db/kser"
-        );
-        assert_eq!(
-            redact_url("postgres://127.0.0.1/kser"),
-            "postgres://127.0.0.1/kser"
-        );
-    }
 }

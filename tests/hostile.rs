@@ -1,0 +1,201 @@
+//! Bad input on the command side: secrets in settings, records that would
+//! drive a terminal, a database never migrated, batch files with a BOM or
+//! duplicate uuids, numbers and topic names that make no sense. Each gets a
+//! clear error, or is shown harmlessly, and loses nothing.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{TestEnv, example_path, text};
+
+const SECRET: &str = "KNOWNSECRET-7f3a";
+
+/// A local port nothing listens on.
+fn dead_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+fn kser_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kser"))
+}
+
+/// Runs `program ARGS` with this test's settings, `envs` on top.
+fn run_with(env: &TestEnv, program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command: Command = env.command(program);
+    command
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command.output().expect("run")
+}
+
+/// Everything a run printed.
+fn printed(out: &Output) -> String {
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}
+
+/// A command line to run: program, arguments, environment on top of the
+/// test's.
+struct Run {
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Run {
+    fn new(program: &Path, args: &[&str]) -> Self {
+        Self {
+            program: program.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            envs: Vec::new(),
+        }
+    }
+
+    fn env(mut self, name: &str, value: &str) -> Self {
+        self.envs.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn label(&self) -> String {
+        let envs: Vec<String> = self.envs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "{} {} {}",
+            envs.join(" "),
+            self.program.display(),
+            self.args.join(" ")
+        )
+    }
+}
+
+/// Runs them all at once (the ones that wait for a broker take seconds each).
+fn run_all(env: &TestEnv, runs: &[Run]) -> Vec<Output> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|run| {
+                scope.spawn(move || {
+                    let args: Vec<&str> = run.args.iter().map(String::as_str).collect();
+                    let envs: Vec<(&str, &str)> = run
+                        .envs
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    run_with(env, &run.program, &args, &envs)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("run"))
+            .collect()
+    })
+}
+
+/// Every command, against Postgres settings holding a password in each form
+/// Postgres reads (URL, `?password=`, key=value) at a port nothing listens
+/// on, and against a broker with SASL secrets in `-X` and `KSER_KAFKA_*`:
+/// each fails, says why, and prints no secret, at any log level.
+#[test]
+fn no_command_prints_a_secret() {
+    let env = TestEnv::new();
+    let port = dead_port();
+    let database_urls = [
+        format!("postgres://kser:{SECRET}@127.0.0.1:{port}/kser"),
+        format!("postgres://kser@127.0.0.1:{port}/kser?password={SECRET}"),
+        format!("host=127.0.0.1 port={port} user=kser password={SECRET} dbname=kser"),
+    ];
+    let kser = kser_path();
+    let showcase = example_path("showcase");
+    let uuid = "00000000-0000-4000-8000-000000000000";
+    let mut runs = Vec::new();
+    // Commands that need the database; the broker is the test's own.
+    for url in &database_urls {
+        for (program, args) in [
+            (&kser, vec!["status", uuid]),
+            (&kser, vec!["status", uuid, "--json"]),
+            (&kser, vec!["list"]),
+            (&kser, vec!["watch", uuid, "--timeout", "1"]),
+            (&kser, vec!["resume", uuid]),
+            (&kser, vec!["cancel", uuid]),
+            (&kser, vec!["migrate"]),
+            (&kser, vec!["dlq", "list"]),
+            (&kser, vec!["dlq", "replay", "--all"]),
+            (&kser, vec!["send", "showcase.Echo", "--params", "{}"]),
+            (&showcase, vec!["worker"]),
+        ] {
+            runs.push(
+                Run::new(program, &args)
+                    .env("DATABASE_URL", url)
+                    .env("RUST_LOG", "debug"),
+            );
+        }
+        runs.push(Run::new(&kser, &["--database-url", url, "list"]).env("RUST_LOG", "debug"));
+    }
+    // A broker that does not answer, with SASL secrets to hand it: the
+    // commands that reach Kafka time out, with librdkafka's debug output
+    // (its configuration dump among it) in the log.
+    let brokers = format!("127.0.0.1:{}", dead_port());
+    let password = format!("sasl.password={SECRET}");
+    let sasl = [
+        "-X",
+        "security.protocol=SASL_PLAINTEXT",
+        "-X",
+        "sasl.mechanism=PLAIN",
+        "-X",
+        "sasl.username=kser",
+        "-X",
+        &password,
+    ];
+    for (program, args) in [
+        (&kser, vec!["send", "showcase.Echo", "--params", "{}"]),
+        (&kser, vec!["dlq", "list"]),
+        (&kser, vec!["dlq", "replay", "--all"]),
+        (&showcase, vec!["worker"]),
+        (&kser, vec!["-X", "debug=conf,security,broker", "send", "e"]),
+    ] {
+        let all: Vec<&str> = sasl.iter().copied().chain(args).collect();
+        runs.push(
+            Run::new(program, &all)
+                .env("KSER_BROKERS", &brokers)
+                .env("KSER_KAFKA_SSL_KEY_PASSWORD", SECRET)
+                .env("RUST_LOG", "debug"),
+        );
+    }
+    // Properties librdkafka refuses, or that are not key=value.
+    let unknown = format!("my.secret.option={SECRET}");
+    let colon = format!("sasl.password:{SECRET}");
+    let pem = format!("ssl.key.pem={SECRET}");
+    for args in [
+        vec!["-X", &unknown, "send", "e"],
+        vec!["-X", &colon, "send", "e"],
+        vec!["-X", &pem, "-X", "security.protocol=SSL", "send", "e"],
+    ] {
+        runs.push(Run::new(&kser, &args).env("RUST_LOG", "debug"));
+    }
+
+    let outputs = run_all(&env, &runs);
+    for (run, out) in runs.iter().zip(&outputs) {
+        let all = printed(out);
+        let label = run.label();
+        assert!(!out.status.success(), "{label} succeeded:\n{all}");
+        assert!(!all.contains(SECRET), "{label} printed the secret:\n{all}");
+        assert!(all.contains("error"), "{label} said no error:\n{all}");
+        assert!(!all.contains("panicked"), "{label} panicked:\n{all}");
+    }
+    // The unreachable database is named, without its password.
+    let status = printed(&outputs[0]);
+    assert!(
+        status.contains(&format!("postgres://kser@127.0.0.1:{port}/kser")),
+        "{status}"
+    );
+    let key_value = printed(&outputs[2 * 12]);
+    assert!(
+        key_value.contains(&format!("postgres://kser@127.0.0.1:{port}/kser")),
+        "{key_value}"
+    );
+}
