@@ -51,6 +51,7 @@
 //! - [`store`]: the Postgres schema, migrations and queries.
 //! - [`config`]: Kafka client settings.
 //! - [`redact`]: printable forms of settings that hold secrets.
+//! - [`report`]: errors and their causes on one line, each said once.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
 //! - [`cli`]: the command line shared by `kser` and user binaries.
@@ -65,6 +66,7 @@ pub mod operation;
 pub mod producer;
 pub mod redact;
 pub mod registry;
+pub mod report;
 pub mod retry;
 pub mod store;
 pub mod task;

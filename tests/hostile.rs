@@ -199,3 +199,79 @@ fn no_command_prints_a_secret() {
         "{key_value}"
     );
 }
+
+/// A database nobody migrated: every command that reads kser's tables says
+/// to run `kser migrate`, naming the cause once; `migrate` then fixes it.
+#[test]
+fn a_database_never_migrated_asks_for_migrate() {
+    let env = TestEnv::new();
+    let kser = kser_path();
+    let uuid = "00000000-0000-4000-8000-000000000001";
+    let runs: Vec<Run> = [
+        vec!["status", uuid],
+        vec!["status", uuid, "--json"],
+        vec!["list"],
+        vec!["list", "--json"],
+        vec!["watch", uuid, "--timeout", "5"],
+        vec!["resume", uuid],
+        vec!["cancel", uuid],
+        vec!["dlq", "list"],
+        vec!["send", "showcase.Echo", "--params", "{}"],
+    ]
+    .iter()
+    .map(|args| Run::new(&kser, args))
+    .collect();
+    for (run, out) in runs.iter().zip(run_all(&env, &runs)) {
+        let label = run.label();
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{label} succeeded");
+        assert!(
+            stderr.contains("not migrated") && stderr.contains("run `kser migrate`"),
+            "{label}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{label} said more: {stderr}");
+    }
+    // Nothing was sent while the database could not record it.
+    let out = env.kser(&["migrate"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(env.sql("SELECT count(*) FROM kser.tasks"), "0");
+    let out = env.kser(&["list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `watch` exit codes: 0 SUCCESS, 1 FAILED or CANCELLED, 2 an error,
+/// 124 a timeout.
+#[test]
+fn watch_exit_codes_tell_outcomes_apart() {
+    let env = TestEnv::new();
+    let out = env.kser(&["migrate"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.sql(
+        "INSERT INTO kser.tasks (uuid, entrypoint, status, error) VALUES \
+         ('w-success', 'e', 'SUCCESS', NULL), ('w-failed', 'e', 'FAILED', 'no'), \
+         ('w-pending', 'e', 'PENDING', NULL); \
+         INSERT INTO kser.operations (uuid, entrypoint, status) VALUES ('w-cancelled', 'op', 'CANCELLED')",
+    );
+    let code = |args: &[&str]| env.kser(args).status.code();
+    assert_eq!(code(&["watch", "w-success"]), Some(0));
+    assert_eq!(code(&["watch", "w-failed"]), Some(1));
+    assert_eq!(code(&["watch", "w-cancelled"]), Some(1));
+    assert_eq!(code(&["watch", "w-pending", "--timeout", "0.3"]), Some(124));
+    assert_eq!(
+        code(&["watch", "w-never-sent", "--timeout", "0.3"]),
+        Some(124)
+    );
+    // Errors: the database unreachable, bad arguments.
+    let dead = format!("postgres://kser@127.0.0.1:{}/kser", dead_port());
+    let out = run_with(
+        &env,
+        &kser_path(),
+        &["watch", "w-failed"],
+        &[("DATABASE_URL", &dead)],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(code(&["watch", "w-failed", "--interval", "soon"]), Some(2));
+    // The codes are in --help.
+    let help = text(&env.kser(&["watch", "--help"]).stdout);
+    assert!(help.contains("124") && help.contains("CANCELLED"), "{help}");
+}

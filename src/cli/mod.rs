@@ -87,14 +87,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Follow a task or operation until it ends; exit 1 unless it succeeded.
+    /// Follow a task or operation until it ends.
+    ///
+    /// Exit codes: 0 SUCCESS; 1 FAILED or CANCELLED; 2 an error (bad
+    /// arguments, the database unreachable or not migrated); 124 --timeout
+    /// passed first (as timeout(1) does).
     Watch {
         /// The task or operation uuid.
         uuid: String,
         /// Seconds between two looks at the database.
         #[arg(long, default_value_t = 0.5)]
         interval: f64,
-        /// Give up (exit 2) after this many seconds.
+        /// Give up (exit 124) after this many seconds.
         #[arg(long)]
         timeout: Option<f64>,
     },
@@ -215,10 +219,15 @@ pub fn run(registry: Registry) -> ExitCode {
     match runtime.block_on(execute(cli, registry)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            print_error(&err);
             ExitCode::FAILURE
         }
     }
+}
+
+/// `error: ` and the error with its causes, each said once.
+fn print_error(err: &anyhow::Error) {
+    eprintln!("error: {}", crate::report::error_chain(err.as_ref()));
 }
 
 fn init_tracing() {
@@ -310,10 +319,18 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             interval,
             timeout,
         } => {
-            let store = connect(&global.database_url).await?;
             let interval = Duration::from_secs_f64(interval.max(0.05));
             let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
-            watch::watch(&store, &uuid, interval, timeout).await
+            let watched = async {
+                let store = connect(&global.database_url).await?;
+                watch::watch(&store, &uuid, interval, timeout).await
+            };
+            // An error has a code of its own, so a script can tell it from
+            // a task that failed.
+            Ok(watched.await.unwrap_or_else(|err| {
+                print_error(&err);
+                ExitCode::from(watch::EXIT_ERROR)
+            }))
         }
         Command::Resume { uuid } => {
             let store = connect(&global.database_url).await?;
@@ -375,7 +392,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             dlq::run(args, &kafka()?, store.as_ref()).await
         }
         Command::Migrate => {
-            let store = connect(&global.database_url).await?;
+            let store = connect_sized(&global.database_url, 1).await?;
             let applied = store.migrate().await?;
             if applied.is_empty() {
                 outln!("the database is up to date");
@@ -399,8 +416,12 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A store for a command that reads or writes kser's tables: it must be
+/// migrated, else the error says to run `kser migrate`.
 async fn connect(database_url: &Option<String>) -> anyhow::Result<Store> {
-    connect_sized(database_url, 8).await
+    let store = connect_sized(database_url, 8).await?;
+    store.check_migrated().await?;
+    Ok(store)
 }
 
 async fn connect_sized(database_url: &Option<String>, connections: usize) -> anyhow::Result<Store> {

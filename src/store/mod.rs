@@ -38,19 +38,39 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors from the store.
+///
+/// Each says its cause in its own message and does not return it again as
+/// its `source()`, so a printed chain names the cause once, and a log line
+/// with `%err` still has it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     #[error("could not connect to Postgres at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(diesel::result::Error),
     #[error("could not apply migrations: {0}")]
     Migration(String),
+    /// The database lacks some of this binary's migrations (or all: it was
+    /// never migrated), so kser's tables are missing or out of date.
+    #[error(
+        "the database at {url} is not migrated ({pending} of {total} kser migrations not applied): run `kser migrate` (a worker also migrates at start)"
+    )]
+    NotMigrated {
+        url: String,
+        pending: usize,
+        total: usize,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(err: diesel::result::Error) -> Self {
+        Self::Query(err)
+    }
 }
 
 impl StoreError {
@@ -162,7 +182,7 @@ impl Store {
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get()).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(err)) => Err(unreachable(error_chain(&err))),
+            Ok(Err(err)) => Err(unreachable(crate::report::error_chain(&err))),
             Err(_) => Err(unreachable(format!(
                 "no connection within {}s",
                 CONNECT_TIMEOUT.as_secs()
@@ -203,6 +223,52 @@ impl Store {
             .await
             .map_err(|err| StoreError::Migration(err.to_string()))??;
         Ok(applied)
+    }
+
+    /// Fails with [`StoreError::NotMigrated`] unless every embedded migration
+    /// is applied. Commands that read kser's tables call it first: diesel
+    /// does not pass Postgres's SQLSTATE on, so a missing table (42P01)
+    /// would otherwise surface as a bare "relation does not exist".
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        use diesel::migration::MigrationSource;
+        use diesel::sql_types::{Bool, Text};
+
+        #[derive(QueryableByName)]
+        struct Applied {
+            #[diesel(sql_type = Text)]
+            version: String,
+        }
+
+        let embedded: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+            .map_err(|err| StoreError::Migration(err.to_string()))?
+            .iter()
+            .map(|m| m.name().version().to_string())
+            .collect();
+        let mut conn = self.conn().await?;
+        let has_table: bool = diesel::select(diesel::dsl::sql::<Bool>(
+            "to_regclass('__diesel_schema_migrations') IS NOT NULL",
+        ))
+        .get_result(&mut conn)
+        .await?;
+        let applied: Vec<String> = if has_table {
+            diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+                .load::<Applied>(&mut conn)
+                .await?
+                .into_iter()
+                .map(|a| a.version)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let pending = embedded.iter().filter(|v| !applied.contains(v)).count();
+        if pending == 0 {
+            return Ok(());
+        }
+        Err(StoreError::NotMigrated {
+            url: crate::redact::database_url(&self.url),
+            pending,
+            total: embedded.len(),
+        })
     }
 
     /// Records messages a producer is about to send, as PENDING, and
@@ -392,18 +458,4 @@ fn complete_query(
 /// One field of every row, to bind as a Postgres array.
 fn column<T>(rows: &[NewTask], field: impl Fn(&NewTask) -> T) -> Vec<T> {
     rows.iter().map(field).collect()
-}
-
-/// An error and its causes on one line: deadpool's own message says little.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
