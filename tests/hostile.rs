@@ -275,3 +275,64 @@ fn watch_exit_codes_tell_outcomes_apart() {
     let help = text(&env.kser(&["watch", "--help"]).stdout);
     assert!(help.contains("124") && help.contains("CANCELLED"), "{help}");
 }
+
+/// Terminal control sequences in what records carry (entrypoint, uuid,
+/// params, error, stdout): `status`, `list`, `watch`, `dlq list`, `send`
+/// and the worker's log show them escaped, never raw.
+#[test]
+fn records_cannot_drive_the_terminal() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    // Retitle the window, ring, turn red, clear the screen, overwrite the line.
+    let hostile = "\x1b]0;owned\x07\x1b[31mred\x1b[2J\rover\u{9b}1m";
+    let send = |args: &[&str]| {
+        let out = env.example_cmd("showcase", args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    let echo_params = serde_json::json!({ "text": hostile }).to_string();
+    let fail_params = serde_json::json!({ "reason": hostile }).to_string();
+    let evil_uuid = format!("uuid-{hostile}");
+    let printed_uuid = send(&[
+        "send",
+        "showcase.Echo",
+        "--params",
+        &echo_params,
+        "--uuid",
+        &evil_uuid,
+    ]);
+    assert!(printed_uuid.contains("\\u{1b}"), "{printed_uuid}");
+    let failed = send(&["send", "showcase.Fail", "--params", &fail_params]);
+    let unknown = send(&["send", &format!("showcase.{hostile}")]);
+    let mut outputs = Vec::new();
+    for uuid in [evil_uuid.as_str(), &failed, &unknown] {
+        env.wait_final(uuid);
+        outputs.push(env.kser(&["status", uuid]));
+        outputs.push(env.kser(&["watch", uuid]));
+    }
+    outputs.push(env.kser(&["list"]));
+    common::wait_until(
+        "two dead letters",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = env.kser(&["dlq", "list", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().map(Vec::len))
+                == Some(2)
+        },
+    );
+    outputs.push(env.kser(&["dlq", "list"]));
+    let mut all = String::new();
+    for out in &outputs {
+        all.push_str(&printed(out));
+    }
+    all.push_str(&worker.log());
+    for raw in ['\x1b', '\x07', '\r', '\u{9b}'] {
+        assert!(!all.contains(raw), "{raw:?} printed raw:\n{all}");
+    }
+    // Shown, not dropped: the escaped text is there.
+    assert!(all.contains("\\u{1b}]0;owned\\u{7}\\u{1b}[31mred"), "{all}");
+    assert!(all.contains("\\rover\\u{9b}1m"), "{all}");
+}

@@ -225,16 +225,33 @@ pub fn run(registry: Registry) -> ExitCode {
     }
 }
 
-/// `error: ` and the error with its causes, each said once.
+/// `error: ` and the error with its causes, each said once, escaped like
+/// all output (an error may quote a record).
 fn print_error(err: &anyhow::Error) {
-    eprintln!("error: {}", crate::report::error_chain(err.as_ref()));
+    let line = crate::report::error_chain(err.as_ref());
+    eprintln!("error: {}", output::printable(&line));
 }
 
 fn init_tracing() {
+    use tracing_subscriber::field::MakeExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
     });
+    // Field values come from records (entrypoints, errors): each goes
+    // through the one escaping function all output uses, so a log line
+    // cannot drive a terminal either.
+    let fields = tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let value = format!("{value:?}");
+        let value = output::printable(&value);
+        match field.name() {
+            "message" => write!(writer, "{value}"),
+            name => write!(writer, "{}={value}", name.trim_start_matches("r#")),
+        }
+    })
+    .delimited(" ");
     tracing_subscriber::fmt()
+        .fmt_fields(fields)
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -336,16 +353,17 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             let store = connect(&global.database_url).await?;
             let resumed = store.resume_operation(&uuid).await?;
             outln!(
-                "resumed operation {uuid} from step {} ({})",
+                "resumed operation {} from step {} ({})",
+                output::printable(&uuid),
                 resumed.step,
-                resumed.entrypoint
+                output::printable(&resumed.entrypoint)
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { uuid } => {
             let store = connect(&global.database_url).await?;
             store.cancel_operation(&uuid).await?;
-            outln!("cancelled operation {uuid}");
+            outln!("cancelled operation {}", output::printable(&uuid));
             Ok(ExitCode::SUCCESS)
         }
         Command::List {

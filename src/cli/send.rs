@@ -144,7 +144,7 @@ pub(super) async fn send(
             if let Some((_, err)) = outcome.failed.into_iter().next() {
                 bail!("{err}");
             }
-            outln!("{uuid}");
+            outln!("{}", super::output::printable(&uuid));
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -260,7 +260,13 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
                 }
                 Err(err) => {
                     rejected += 1;
-                    progress.suspend(|| eprintln!("line {line_number}: not sent: {err:#}"));
+                    let err = crate::report::error_chain(err.as_ref());
+                    progress.suspend(|| {
+                        eprintln!(
+                            "line {line_number}: not sent: {}",
+                            super::output::printable(&err)
+                        )
+                    });
                 }
             }
         }
@@ -269,12 +275,18 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
         progress.inc(outcome.sent.len() as u64);
         progress.suspend(|| {
             for uuid in &outcome.sent {
-                outln!("{uuid}");
+                outln!("{}", super::output::printable(uuid));
             }
         });
         for (uuid, err) in outcome.failed {
             failed += 1;
-            progress.suspend(|| eprintln!("{uuid} not sent: {err:#}"));
+            progress.suspend(|| {
+                eprintln!(
+                    "{} not sent: {}",
+                    super::output::printable(&uuid),
+                    super::output::printable(&err)
+                )
+            });
         }
     }
     let _ = producer.flush(Duration::from_secs(10));

@@ -137,7 +137,10 @@ pub(super) async fn watch(
         let text = match &found {
             Some(found) if terminal => found.details(),
             Some(found) => found.summary(),
-            None => format!("waiting for {uuid} (not received by a worker yet)"),
+            None => format!(
+                "waiting for {} (not received by a worker yet)",
+                output::printable(uuid)
+            ),
         };
         if text != last {
             let mut out = std::io::stdout().lock();
@@ -149,7 +152,13 @@ pub(super) async fn watch(
                 drawn_lines = text.trim_end().lines().count();
                 let _ = writeln!(out, "{}", text.trim_end());
             } else {
-                let _ = writeln!(out, "{} {uuid} {text}", Utc::now().format("%H:%M:%S%.3f"));
+                let _ = writeln!(
+                    out,
+                    "{} {} {}",
+                    Utc::now().format("%H:%M:%S%.3f"),
+                    output::printable(uuid),
+                    output::printable(&text)
+                );
             }
             let _ = out.flush();
             last = text;
@@ -162,7 +171,7 @@ pub(super) async fn watch(
             }
         }
         if timeout.is_some_and(|timeout| started.elapsed() >= timeout) {
-            eprintln!("error: {uuid} did not finish in time");
+            eprintln!("error: {} did not finish in time", output::printable(uuid));
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
         tokio::time::sleep(interval).await;
