@@ -336,3 +336,70 @@ fn records_cannot_drive_the_terminal() {
     assert!(all.contains("\\u{1b}]0;owned\\u{7}\\u{1b}[31mred"), "{all}");
     assert!(all.contains("\\rover\\u{9b}1m"), "{all}");
 }
+
+/// `send --batch`: a byte-order mark before the first line is skipped; a
+/// uuid used twice in the input is an error, not printed as sent twice. A
+/// uuid sent again with other content is refused; the same message again
+/// is a resend.
+#[test]
+fn send_refuses_reused_uuids_and_accepts_a_bom() {
+    let env = TestEnv::new();
+    assert!(env.kser(&["migrate"]).status.success());
+    let input = "\u{feff}{\"entrypoint\": \"showcase.Echo\", \"uuid\": \"dup-1\", \"params\": {\"text\": \"first\"}}\n\
+                 {\"entrypoint\": \"showcase.Echo\", \"uuid\": \"dup-2\", \"params\": {\"text\": \"b\"}}\n\
+                 {\"entrypoint\": \"showcase.Echo\", \"uuid\": \"dup-1\", \"params\": {\"text\": \"second\"}}\n";
+    let out = env.run(&kser_path(), &["send", "--batch", "-"], Some(input));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["dup-1", "dup-2"],
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 3: not sent: uuid dup-1 is already used on line 1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("sent 2 messages"), "{stderr}");
+    assert_eq!(
+        env.sql("SELECT params->>'text' FROM kser.tasks WHERE uuid = 'dup-1'"),
+        "first"
+    );
+
+    // Another message under a known uuid: refused, in --batch and alone.
+    let other = r#"{"entrypoint": "showcase.Echo", "uuid": "dup-2", "params": {"text": "other"}}"#;
+    let out = env.run(&kser_path(), &["send", "--batch", "-"], Some(other));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("exists with another entrypoint"),
+        "{}",
+        text(&out.stderr)
+    );
+    let send = |params: &str| {
+        env.kser(&[
+            "send",
+            "showcase.Echo",
+            "--uuid",
+            "dup-1",
+            "--params",
+            params,
+        ])
+    };
+    let out = send(r#"{"text": "second"}"#);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("dup-1") && text(&out.stderr).contains("use a new uuid"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The same message again is a resend, as before.
+    let out = send(r#"{"text": "first"}"#);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "dup-1");
+    assert_eq!(
+        env.sql("SELECT params->>'text' FROM kser.tasks WHERE uuid = 'dup-1'"),
+        "first"
+    );
+}

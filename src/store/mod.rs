@@ -287,6 +287,29 @@ impl Store {
             .await?)
     }
 
+    /// What was asked of existing tasks (uuid, entrypoint, params,
+    /// metadata), so `send` can tell a resend of the same message from a
+    /// different one that reuses a uuid.
+    pub async fn task_contents(
+        &self,
+        uuids: &[String],
+    ) -> Result<Vec<(String, String, serde_json::Value, serde_json::Value)>, StoreError> {
+        if uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        Ok(tasks::table
+            .filter(tasks::uuid.eq_any(uuids))
+            .select((
+                tasks::uuid,
+                tasks::entrypoint,
+                tasks::params,
+                tasks::metadata,
+            ))
+            .load(&mut conn)
+            .await?)
+    }
+
     /// Removes PENDING rows of messages that could not be sent after all.
     pub async fn forget_pending(&self, uuids: &[String]) -> Result<usize, StoreError> {
         if uuids.is_empty() {
