@@ -41,6 +41,7 @@ fn printed(out: &Output) -> String {
 
 /// A command line to run: program, arguments, environment on top of the
 /// test's.
+#[derive(Clone)]
 struct Run {
     program: PathBuf,
     args: Vec<String>,
@@ -402,4 +403,109 @@ fn send_refuses_reused_uuids_and_accepts_a_bom() {
         env.sql("SELECT params->>'text' FROM kser.tasks WHERE uuid = 'dup-1'"),
         "first"
     );
+}
+
+/// Absurd numbers and topic names, from flags or the environment: a clear
+/// error naming the setting, before anything runs; no panic, no clamp.
+#[test]
+fn absurd_settings_are_refused_up_front() {
+    let env = TestEnv::new();
+    let showcase = example_path("showcase");
+    let kser = kser_path();
+    let topic = env.topic.clone();
+    let cases: Vec<(Run, &str)> = vec![
+        (
+            Run::new(&showcase, &["worker", "--shutdown-timeout", "inf"]),
+            "--shutdown-timeout",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--shutdown-timeout", "1e300"]),
+            "--shutdown-timeout",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--concurrency", "99999999999"]),
+            "--concurrency",
+        ),
+        (
+            Run::new(&showcase, &["worker"]).env("KSER_CONCURRENCY", "0"),
+            "--concurrency",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--batch-size", "0"]),
+            "--batch-size",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--partitions=-3"]),
+            "--partitions",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--max-attempts", "0"]),
+            "--max-attempts",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--task-timeout", "1e300"]),
+            "--task-timeout",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--retry-backoff", "99999999y"]),
+            "--retry-backoff",
+        ),
+        (
+            Run::new(&showcase, &["worker"]).env("KSER_TOPIC", ""),
+            "--topics",
+        ),
+        (
+            Run::new(&showcase, &["worker", "--topics", "^kser-test-.*"]),
+            "regular expression",
+        ),
+        (
+            Run::new(&kser, &["watch", "x", "--timeout", "1e300"]),
+            "--timeout",
+        ),
+        (
+            Run::new(&kser, &["watch", "x", "--interval=-1"]),
+            "--interval",
+        ),
+        (Run::new(&kser, &["list", "--limit", "0"]), "--limit"),
+        (
+            Run::new(&kser, &["send", "showcase.Echo", "--delay", "300000y"]),
+            "--delay",
+        ),
+        (
+            Run::new(
+                &kser,
+                &["send", "showcase.Echo", "--at", "+200000-01-01T00:00:00Z"],
+            ),
+            "--at",
+        ),
+        (
+            Run::new(&kser, &["send", "showcase.Echo", "--partitions", "0"]),
+            "--partitions",
+        ),
+        (
+            Run::new(&kser, &["dlq", "list", "--dlq-topic", ""]),
+            "--dlq-topic",
+        ),
+    ];
+    let runs: Vec<Run> = cases.iter().map(|(run, _)| run.clone()).collect();
+    for ((run, needle), out) in cases.iter().zip(run_all(&env, &runs)) {
+        let (label, stderr) = (run.label(), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{label}: {stderr}");
+        assert!(stderr.contains(needle), "{label}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{label}: {stderr}");
+    }
+    // A dead-letter topic that is also consumed: refused at start.
+    let dlq = format!("{topic}.dlq");
+    for args in [
+        vec!["worker", "--topics", &topic, "--topics", &dlq],
+        vec!["worker", "--dlq-topic", &topic],
+    ] {
+        let out = env.example_cmd("showcase", &args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("dead-letter topic"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("worker started"), "{args:?}: {stderr}");
+    }
+    // Nothing was sent or scheduled by any of them.
+    assert_eq!(env.sql("SELECT count(*) FROM kser.tasks"), "0");
 }

@@ -26,10 +26,10 @@ pub(super) struct DlqArgs {
     #[command(subcommand)]
     command: DlqCommand,
     /// The topic whose dead letters to read.
-    #[arg(long, env = "KSER_TOPIC", default_value = "kser", global = true)]
+    #[arg(long, env = "KSER_TOPIC", default_value = "kser", global = true, value_parser = super::values::topic)]
     topic: String,
     /// The dead-letter topic itself (default: <topic>.dlq).
-    #[arg(long, env = "KSER_DLQ_TOPIC", global = true)]
+    #[arg(long, env = "KSER_DLQ_TOPIC", global = true, value_parser = super::values::topic)]
     dlq_topic: Option<String>,
 }
 

@@ -28,7 +28,7 @@ const CHUNK_WAIT: Duration = Duration::from_millis(50);
 #[derive(Debug, Args)]
 pub(super) struct SendArgs {
     /// The entrypoint to run, e.g. dice.DiceRoll (not with --batch).
-    #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+    #[arg(required_unless_present = "batch", conflicts_with = "batch", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     entrypoint: Option<String>,
     /// Parameters as a JSON object.
     #[arg(long, conflicts_with = "params_file")]
@@ -48,7 +48,7 @@ pub(super) struct SendArgs {
     #[arg(long, conflicts_with = "batch")]
     key: Option<String>,
     /// Topic to publish to.
-    #[arg(long, env = "KSER_TOPIC", default_value = "kser")]
+    #[arg(long, env = "KSER_TOPIC", default_value = "kser", value_parser = super::values::topic)]
     topic: String,
     /// Read newline-delimited JSON messages from FILE ("-" for stdin); each
     /// line is {"entrypoint": ..., "params": {...}} with optional "uuid",
@@ -57,16 +57,17 @@ pub(super) struct SendArgs {
     /// uuid whose task has other content.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["params", "params_file", "metadata"])]
     batch: Option<String>,
-    /// Run later: the message is published after this long (e.g. 30s, 5m).
-    /// It waits in Postgres meanwhile, so DATABASE_URL is needed, and a
-    /// running worker publishes it when due.
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "at")]
+    /// Run later: the message is published after this long (e.g. 30s, 5m;
+    /// at most 10 years). It waits in Postgres meanwhile, so DATABASE_URL
+    /// is needed, and a running worker publishes it when due.
+    #[arg(long, conflicts_with = "at", value_parser = super::values::duration(Duration::ZERO, super::values::FURTHEST))]
     delay: Option<Duration>,
-    /// Run at this time (RFC 3339, e.g. 2026-11-24T18:00:00Z); like --delay.
-    #[arg(long, value_parser = parse_time)]
+    /// Run at this time (RFC 3339, e.g. 2026-11-24T18:00:00Z; at most 10
+    /// years ahead); like --delay.
+    #[arg(long, value_parser = super::values::time)]
     at: Option<DateTime<Utc>>,
-    /// Partitions of the topic if it has to be created.
-    #[arg(long, default_value_t = 6)]
+    /// Partitions of the topic if it has to be created (1 to 100000).
+    #[arg(long, default_value = "6", value_parser = super::values::count::<i32>(1, 100_000))]
     partitions: i32,
     /// Encrypt the messages as Python kser-crypto does, with the key in
     /// KSER_SECRETBOX_KEY (the base64 of 32 bytes); workers need the same
@@ -230,12 +231,6 @@ struct Target<'a> {
     store: Option<&'a Store>,
     /// Send later: schedule in the outbox instead of publishing now.
     due: Option<DateTime<Utc>>,
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|err| format!("expected an RFC 3339 time like 2026-11-24T18:00:00Z: {err}"))
 }
 
 async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCode> {
