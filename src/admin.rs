@@ -20,7 +20,15 @@ pub enum AdminError {
     #[error("could not create topic '{topic}': {reason}")]
     CreateTopic { topic: String, reason: String },
     #[error("Kafka client error: {0}")]
-    Client(#[from] KafkaError),
+    Client(KafkaError),
+}
+
+// By hand, not `#[from]`: that would also make the error its `source()`,
+// and a printed chain would say it twice.
+impl From<KafkaError> for AdminError {
+    fn from(err: KafkaError) -> Self {
+        Self::Client(err)
+    }
 }
 
 /// How topics that kser creates are laid out.

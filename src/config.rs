@@ -17,8 +17,13 @@ pub const ENV_PREFIX: &str = "KSER_KAFKA_";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// A `-X` argument without `=`; shown only when it names no secret.
     #[error("invalid Kafka property '{0}': expected key=value")]
     InvalidProperty(String),
+    /// librdkafka refused a property (an unknown name, a value out of
+    /// range); the reason has every secret value masked.
+    #[error("Kafka property '{key}' refused: {reason}")]
+    Refused { key: String, reason: String },
 }
 
 /// Which kind of client a configuration is for.
@@ -118,6 +123,43 @@ impl KafkaConfig {
         Ok(self)
     }
 
+    /// Checks every property with librdkafka itself, so a name it does not
+    /// know or a value it refuses is an error before any client is built.
+    /// librdkafka's own message quotes the value; here secret values (see
+    /// [`is_secret`]) are masked in it.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        match config.create_native_config() {
+            Ok(_) => Ok(()),
+            Err(rdkafka::error::KafkaError::ClientConfig(_, reason, key, _)) => {
+                Err(ConfigError::Refused {
+                    reason: self.mask(&reason),
+                    key,
+                })
+            }
+            Err(err) => Err(ConfigError::Refused {
+                key: String::new(),
+                reason: self.mask(&err.to_string()),
+            }),
+        }
+    }
+
+    /// `text` with the value of every secret property replaced by `***`:
+    /// for messages from librdkafka, which may quote a value.
+    pub fn mask(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for (key, value) in &self.properties {
+            if is_secret(key) && !value.is_empty() {
+                text = text.replace(value.as_str(), "***");
+            }
+        }
+        text
+    }
+
     /// Sets one property.
     pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
         self.properties.insert(key.into(), value.into());
@@ -166,7 +208,10 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
-/// Whether a librdkafka property holds a secret.
+/// Whether a librdkafka property holds a secret: passwords, keys and their
+/// stores, OAuth secrets and configurations, SASL JAAS settings, tokens.
+/// Their values are masked wherever kser prints a setting or a message
+/// that may quote one.
 pub fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     [
@@ -174,17 +219,24 @@ pub fn is_secret(key: &str) -> bool {
         "secret",
         "jaas",
         "token",
-        "ssl.key.pem",
+        "ssl.key.",
+        "ssl.keystore",
+        "ssl_key",
+        "sasl.oauthbearer.config",
         "private",
+        "credential",
     ]
     .iter()
     .any(|word| key.contains(word))
 }
 
+/// A malformed `-X` argument as it may be shown: not at all when it names a
+/// secret, since where its value starts is unknown.
 fn mask_pair(pair: &str) -> String {
-    match pair.split_once('=') {
-        Some((key, _)) if is_secret(key) => format!("{key}=***"),
-        _ => pair.to_owned(),
+    if is_secret(pair) {
+        "<a property naming a secret, not shown>".to_owned()
+    } else {
+        pair.to_owned()
     }
 }
 
@@ -246,5 +298,49 @@ mod tests {
             .with_properties(&["=x"])
             .expect_err("error");
         assert!(err.to_string().contains("key=value"));
+        let err = KafkaConfig::new("b")
+            .with_properties(&["sasl.password:hunter2"])
+            .expect_err("error");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn secret_names_are_recognised() {
+        for key in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.key.pem",
+            "ssl.keystore.password",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "SASL.PASSWORD",
+        ] {
+            assert!(is_secret(key), "{key}");
+        }
+        for key in ["sasl.username", "bootstrap.servers", "linger.ms"] {
+            assert!(!is_secret(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn librdkafka_refusals_never_quote_a_secret() {
+        // librdkafka quotes the value it refuses; kser masks secret ones.
+        let config = KafkaConfig::new("b")
+            .with_properties(&["sasl.password=hunter2", "my.secret.thing=hunter2"])
+            .expect("valid syntax");
+        let err = config.check().expect_err("unknown property");
+        let text = err.to_string();
+        assert!(text.contains("my.secret.thing"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let config = KafkaConfig::new("b")
+            .with_properties(&["linger.ms=soon"])
+            .expect("valid syntax");
+        let text = config.check().expect_err("bad value").to_string();
+        assert!(text.contains("linger.ms"), "{text}");
+        let config = KafkaConfig::new("b")
+            .with_properties(&["sasl.password=hunter2", "linger.ms=5"])
+            .expect("valid");
+        config.check().expect("librdkafka takes these");
     }
 }

@@ -98,7 +98,13 @@ pub enum DeadLetterError {
     #[error("could not read dead-letter topic '{topic}': {reason}")]
     Read { topic: String, reason: String },
     #[error("could not read the dead letters kept in Postgres: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for DeadLetterError {
+    fn from(err: StoreError) -> Self {
+        Self::Store(err)
+    }
 }
 
 /// One dead letter: a record of a dead-letter topic, a row of

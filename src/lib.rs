@@ -50,6 +50,8 @@
 //! - [`crypto`]: kser-crypto's encrypted envelope (secretbox).
 //! - [`store`]: the Postgres schema, migrations and queries.
 //! - [`config`]: Kafka client settings.
+//! - [`redact`]: printable forms of settings that hold secrets.
+//! - [`report`]: errors and their causes on one line, each said once.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
 //! - [`cli`]: the command line shared by `kser` and user binaries.
@@ -62,7 +64,9 @@ pub mod dead_letter;
 pub mod message;
 pub mod operation;
 pub mod producer;
+pub mod redact;
 pub mod registry;
+pub mod report;
 pub mod retry;
 pub mod store;
 pub mod task;

@@ -19,7 +19,7 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 #[non_exhaustive]
 pub enum ProducerError {
     #[error("could not create the Kafka producer: {0}")]
-    Create(#[source] KafkaError),
+    Create(KafkaError),
     /// `KSER_SECRETBOX_KEY` is set but is not a key.
     #[error(transparent)]
     Key(#[from] KeyError),

@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use comfy_table::presets::UTF8_BORDERS_ONLY;
-use comfy_table::{ContentArrangement, Table};
 
 use super::output;
 use crate::config::KafkaConfig;
@@ -28,10 +26,10 @@ pub(super) struct DlqArgs {
     #[command(subcommand)]
     command: DlqCommand,
     /// The topic whose dead letters to read.
-    #[arg(long, env = "KSER_TOPIC", default_value = "kser", global = true)]
+    #[arg(long, env = "KSER_TOPIC", default_value = "kser", global = true, value_parser = super::values::topic)]
     topic: String,
     /// The dead-letter topic itself (default: <topic>.dlq).
-    #[arg(long, env = "KSER_DLQ_TOPIC", global = true)]
+    #[arg(long, env = "KSER_DLQ_TOPIC", global = true, value_parser = super::values::topic)]
     dlq_topic: Option<String>,
 }
 
@@ -99,7 +97,10 @@ pub(super) async fn run(
                     let found = entries.iter().rev().find(|e| e.is_named(id));
                     match found {
                         Some(entry) => chosen.push(entry),
-                        None => bail!("no dead letter {id} in topic '{dlq_topic}'"),
+                        None => bail!(
+                            "no dead letter {} in topic '{dlq_topic}'",
+                            output::printable(id)
+                        ),
                     }
                 }
                 chosen
@@ -168,14 +169,7 @@ fn replay_config(kafka: &KafkaConfig, chosen: &[&DeadLetterEntry]) -> KafkaConfi
 
 /// `dlq list`: the dead letters whose original is kept in Postgres.
 fn kept_table(entries: &[&DeadLetterEntry]) -> String {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_BORDERS_ONLY)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(vec!["ID", "AT", "FROM", "UUID", "KIND", "BYTES", "REFUSED"]);
-    if table.width().is_some_and(|width| width < 40) {
-        table.set_content_arrangement(ContentArrangement::Disabled);
-    }
+    let mut table = output::new_table(&["ID", "AT", "FROM", "UUID", "KIND", "BYTES", "REFUSED"]);
     for entry in entries {
         let from = match (&entry.topic, entry.partition, entry.offset) {
             (Some(topic), Some(partition), Some(offset)) => {
@@ -192,21 +186,24 @@ fn kept_table(entries: &[&DeadLetterEntry]) -> String {
         let refused = refused
             .strip_prefix("Message production error: ")
             .unwrap_or(refused);
-        table.add_row(vec![
-            entry
-                .stored_id
-                .map(|id| format!("pg:{id}"))
-                .unwrap_or_default(),
-            at,
-            from,
-            entry.uuid.clone().unwrap_or_else(|| "-".into()),
-            entry.error_kind.clone().unwrap_or_default(),
-            entry
-                .payload_bytes
-                .map(|b| b.to_string())
-                .unwrap_or_default(),
-            refused.chars().take(60).collect(),
-        ]);
+        output::add_row(
+            &mut table,
+            vec![
+                entry
+                    .stored_id
+                    .map(|id| format!("pg:{id}"))
+                    .unwrap_or_default(),
+                at,
+                from,
+                entry.uuid.clone().unwrap_or_else(|| "-".into()),
+                entry.error_kind.clone().unwrap_or_default(),
+                entry
+                    .payload_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_default(),
+                refused.chars().take(60).collect(),
+            ],
+        );
     }
     table.to_string()
 }

@@ -22,6 +22,7 @@ macro_rules! outln {
 mod dlq;
 mod output;
 mod send;
+mod values;
 mod watch;
 
 use std::process::ExitCode;
@@ -87,16 +88,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Follow a task or operation until it ends; exit 1 unless it succeeded.
+    /// Follow a task or operation until it ends.
+    ///
+    /// Exit codes: 0 SUCCESS; 1 FAILED or CANCELLED; 2 an error (bad
+    /// arguments, the database unreachable or not migrated); 124 --timeout
+    /// passed first (as timeout(1) does).
     Watch {
         /// The task or operation uuid.
         uuid: String,
-        /// Seconds between two looks at the database.
-        #[arg(long, default_value_t = 0.5)]
-        interval: f64,
-        /// Give up (exit 2) after this many seconds.
-        #[arg(long)]
-        timeout: Option<f64>,
+        /// Time between two looks at the database (10ms to 1h; e.g. 500ms,
+        /// 2s; a bare number is seconds).
+        #[arg(long, default_value = "0.5", value_parser = values::duration(Duration::from_millis(10), Duration::from_secs(3600)))]
+        interval: Duration,
+        /// Give up (exit 124) after this long (up to 366 days; e.g. 90s, 5m;
+        /// a bare number is seconds).
+        #[arg(long, value_parser = values::duration(Duration::ZERO, Duration::from_secs(366 * 86_400)))]
+        timeout: Option<Duration>,
     },
     /// Run a FAILED or CANCELLED operation again from its first unfinished
     /// step; steps that succeeded keep their results and do not run again.
@@ -117,8 +124,8 @@ enum Command {
         /// Only those of this entrypoint.
         #[arg(long)]
         entrypoint: Option<String>,
-        /// How many tasks at most.
-        #[arg(long, default_value_t = 20)]
+        /// How many tasks at most (1 to 100000).
+        #[arg(long, default_value = "20", value_parser = values::count::<i64>(1, 100_000))]
         limit: i64,
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -138,47 +145,57 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct WorkerArgs {
-    /// Topics to consume, comma-separated.
+    /// Topics to consume, comma-separated: names, not patterns (a name
+    /// starting with '^' is refused). None may be the dead-letter topic of
+    /// another.
     #[arg(
         long,
         env = "KSER_TOPIC",
         default_value = "kser",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = values::topic
     )]
     topics: Vec<String>,
     /// Consumer group; workers in one group share the partitions.
-    #[arg(long, env = "KSER_GROUP", default_value = "kser-workers")]
+    #[arg(long, env = "KSER_GROUP", default_value = "kser-workers", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     group: String,
-    /// How many tasks run at once.
-    #[arg(long, env = "KSER_CONCURRENCY", default_value_t = 64)]
+    /// How many tasks run at once (1 to 10000).
+    #[arg(long, env = "KSER_CONCURRENCY", default_value = "64", value_parser = values::count::<usize>(1, 10_000))]
     concurrency: usize,
-    /// Most rows per database write.
-    #[arg(long, default_value_t = 1000)]
+    /// Most rows per database write (1 to 100000).
+    #[arg(long, default_value = "1000", value_parser = values::count::<usize>(1, 100_000))]
     batch_size: usize,
-    /// Seconds in-flight work may take to finish after SIGINT/SIGTERM.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
-    shutdown_timeout: f64,
-    /// Partitions of topics the worker creates (existing topics are kept).
-    #[arg(long, default_value_t = 6)]
+    /// How long in-flight work may take to finish after SIGINT/SIGTERM (0
+    /// to 1 day; e.g. 30s, 2m; a bare number is seconds).
+    #[arg(long, default_value = "30", value_parser = values::duration(Duration::ZERO, Duration::from_secs(86_400)))]
+    shutdown_timeout: Duration,
+    /// Partitions of topics the worker creates (1 to 100000; existing
+    /// topics are kept).
+    #[arg(long, default_value = "6", value_parser = values::count::<i32>(1, 100_000))]
     partitions: i32,
-    /// Replication factor of topics the worker creates.
-    #[arg(long, default_value_t = 1)]
+    /// Replication factor of topics the worker creates (1 to 100).
+    #[arg(long, default_value = "1", value_parser = values::count::<i32>(1, 100))]
     replication_factor: i32,
     /// Attempts per task, the first included, for tasks without a policy of
-    /// their own. Retryable errors, panics and timeouts are retried.
-    #[arg(long, env = "KSER_MAX_ATTEMPTS", default_value_t = 1)]
+    /// their own (1 to 1000000). Retryable errors, panics and timeouts are
+    /// retried.
+    #[arg(long, env = "KSER_MAX_ATTEMPTS", default_value = "1", value_parser = values::count::<u32>(1, 1_000_000))]
     max_attempts: u32,
-    /// Wait before the first retry (e.g. 500ms, 2s); doubles each time.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    /// Wait before the first retry (0 to 7 days; e.g. 500ms, 2s); doubles
+    /// each time.
+    #[arg(long, default_value = "1s", value_parser = values::duration(Duration::ZERO, Duration::from_secs(7 * 86_400)))]
     retry_backoff: Duration,
-    /// Longest wait between two attempts.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    /// Longest wait between two attempts (0 to 30 days, at least
+    /// --retry-backoff).
+    #[arg(long, default_value = "5m", value_parser = values::duration(Duration::ZERO, Duration::from_secs(30 * 86_400)))]
     retry_backoff_max: Duration,
-    /// Longest time one attempt may run (e.g. 30s); none by default.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Longest time one attempt may run (1ms to 30 days; e.g. 30s); none by
+    /// default.
+    #[arg(long, value_parser = values::duration(Duration::from_millis(1), Duration::from_secs(30 * 86_400)))]
     task_timeout: Option<Duration>,
-    /// Dead-letter topic for every consumed topic (default: <topic>.dlq).
-    #[arg(long, env = "KSER_DLQ_TOPIC", conflicts_with = "no_dlq")]
+    /// Dead-letter topic for every consumed topic (default: <topic>.dlq);
+    /// it must not be one of --topics.
+    #[arg(long, env = "KSER_DLQ_TOPIC", conflicts_with = "no_dlq", value_parser = values::topic)]
     dlq_topic: Option<String>,
     /// Do not dead-letter: failures are only in Postgres and the logs.
     #[arg(long)]
@@ -219,17 +236,39 @@ pub fn run(registry: Registry) -> ExitCode {
     match runtime.block_on(execute(cli, registry)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            print_error(&err);
             ExitCode::FAILURE
         }
     }
 }
 
+/// `error: ` and the error with its causes, each said once, escaped like
+/// all output (an error may quote a record).
+fn print_error(err: &anyhow::Error) {
+    let line = crate::report::error_chain(err.as_ref());
+    eprintln!("error: {}", output::printable(&line));
+}
+
 fn init_tracing() {
+    use tracing_subscriber::field::MakeExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
     });
+    // Field values come from records (entrypoints, errors): each goes
+    // through the one escaping function all output uses, so a log line
+    // cannot drive a terminal either.
+    let fields = tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let value = format!("{value:?}");
+        let value = output::printable(&value);
+        match field.name() {
+            "message" => write!(writer, "{value}"),
+            name => write!(writer, "{}={value}", name.trim_start_matches("r#")),
+        }
+    })
+    .delimited(" ");
     tracing_subscriber::fmt()
+        .fmt_fields(fields)
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -239,9 +278,13 @@ fn init_tracing() {
 async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     let kafka = || -> anyhow::Result<KafkaConfig> {
-        Ok(KafkaConfig::new(global.brokers.clone())
+        let kafka = KafkaConfig::new(global.brokers.clone())
             .with_env()
-            .with_properties(&global.kafka_properties)?)
+            .with_properties(&global.kafka_properties)?;
+        // librdkafka's own errors quote refused values: check them here,
+        // where secrets are masked, before any client is built.
+        kafka.check()?;
+        Ok(kafka)
     };
     match cli.command {
         Command::Worker(args) => {
@@ -258,6 +301,14 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             let store =
                 connect_sized(&global.database_url, 8 + args.concurrency.clamp(1, 32)).await?;
             store.migrate().await.context("migrating the database")?;
+            check_dead_letter_topics(&args.topics, args.no_dlq, args.dlq_topic.as_deref())?;
+            if args.retry_backoff_max < args.retry_backoff {
+                bail!(
+                    "--retry-backoff-max ({}) is shorter than --retry-backoff ({})",
+                    humantime::format_duration(args.retry_backoff_max),
+                    humantime::format_duration(args.retry_backoff)
+                );
+            }
             let mut config = WorkerConfig::new(kafka, args.topics, args.group);
             config.concurrency = args.concurrency;
             config.batch_size = args.batch_size;
@@ -265,7 +316,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.ordering = args.ordering;
             config.running_after = args.running_after;
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
-            config.shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout.max(0.0));
+            config.shutdown_timeout = args.shutdown_timeout;
             config.layout = TopicLayout {
                 partitions: args.partitions,
                 replication_factor: args.replication_factor,
@@ -276,9 +327,9 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 (false, None) => DeadLetters::Suffix,
             };
             config.retry = RetryPolicy {
-                max_attempts: args.max_attempts.max(1),
+                max_attempts: args.max_attempts,
                 initial_backoff: args.retry_backoff,
-                max_backoff: args.retry_backoff_max.max(args.retry_backoff),
+                max_backoff: args.retry_backoff_max,
                 timeout: args.task_timeout,
                 ..RetryPolicy::NONE
             };
@@ -311,25 +362,32 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             interval,
             timeout,
         } => {
-            let store = connect(&global.database_url).await?;
-            let interval = Duration::from_secs_f64(interval.max(0.05));
-            let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
-            watch::watch(&store, &uuid, interval, timeout).await
+            let watched = async {
+                let store = connect(&global.database_url).await?;
+                watch::watch(&store, &uuid, interval, timeout).await
+            };
+            // An error has a code of its own, so a script can tell it from
+            // a task that failed.
+            Ok(watched.await.unwrap_or_else(|err| {
+                print_error(&err);
+                ExitCode::from(watch::EXIT_ERROR)
+            }))
         }
         Command::Resume { uuid } => {
             let store = connect(&global.database_url).await?;
             let resumed = store.resume_operation(&uuid).await?;
             outln!(
-                "resumed operation {uuid} from step {} ({})",
+                "resumed operation {} from step {} ({})",
+                output::printable(&uuid),
                 resumed.step,
-                resumed.entrypoint
+                output::printable(&resumed.entrypoint)
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { uuid } => {
             let store = connect(&global.database_url).await?;
             store.cancel_operation(&uuid).await?;
-            outln!("cancelled operation {uuid}");
+            outln!("cancelled operation {}", output::printable(&uuid));
             Ok(ExitCode::SUCCESS)
         }
         Command::List {
@@ -376,7 +434,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             dlq::run(args, &kafka()?, store.as_ref()).await
         }
         Command::Migrate => {
-            let store = connect(&global.database_url).await?;
+            let store = connect_sized(&global.database_url, 1).await?;
             let applied = store.migrate().await?;
             if applied.is_empty() {
                 outln!("the database is up to date");
@@ -400,8 +458,12 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A store for a command that reads or writes kser's tables: it must be
+/// migrated, else the error says to run `kser migrate`.
 async fn connect(database_url: &Option<String>) -> anyhow::Result<Store> {
-    connect_sized(database_url, 8).await
+    let store = connect_sized(database_url, 8).await?;
+    store.check_migrated().await?;
+    Ok(store)
 }
 
 async fn connect_sized(database_url: &Option<String>, connections: usize) -> anyhow::Result<Store> {
@@ -409,6 +471,31 @@ async fn connect_sized(database_url: &Option<String>, connections: usize) -> any
         .as_deref()
         .context("no database configured: set DATABASE_URL or pass --database-url")?;
     Ok(Store::connect(url, connections).await?)
+}
+
+/// Refuses a dead-letter topic that is also a consumed topic: its failures
+/// would come back as tasks, fail again, and loop.
+fn check_dead_letter_topics(
+    topics: &[String],
+    no_dlq: bool,
+    dlq_topic: Option<&str>,
+) -> anyhow::Result<()> {
+    if no_dlq {
+        return Ok(());
+    }
+    for topic in topics {
+        let dead_letters = dlq_topic
+            .map(str::to_owned)
+            .unwrap_or_else(|| crate::dead_letter::default_topic(topic));
+        if topics.contains(&dead_letters) {
+            bail!(
+                "topic '{dead_letters}' is both consumed and the dead-letter topic of '{topic}': \
+                 its dead letters would run again as tasks; consume it with a worker of its own, \
+                 or choose another --dlq-topic"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
@@ -459,5 +546,51 @@ mod tests {
         };
         assert_eq!(args.topics, ["a", "b"]);
         assert_eq!(args.concurrency, 3);
+    }
+
+    #[test]
+    fn absurd_numbers_are_usage_errors() {
+        for args in [
+            &["kser", "worker", "--concurrency", "0"][..],
+            &["kser", "worker", "--concurrency", "18446744073709551615"],
+            &["kser", "worker", "--batch-size", "0"],
+            &["kser", "worker", "--shutdown-timeout", "inf"],
+            &["kser", "worker", "--shutdown-timeout", "1e300"],
+            &["kser", "worker", "--partitions", "0"],
+            &["kser", "worker", "--max-attempts", "0"],
+            &["kser", "worker", "--task-timeout", "0s"],
+            &["kser", "worker", "--retry-backoff", "100000000000y"],
+            &["kser", "worker", "--topics", ""],
+            &["kser", "worker", "--topics", "a,,b"],
+            &["kser", "worker", "--topics", "^orders.*"],
+            &["kser", "watch", "u", "--timeout", "NaN"],
+            &["kser", "watch", "u", "--interval", "0"],
+            &["kser", "list", "--limit", "0"],
+            &["kser", "list", "--limit=-5"],
+            &["kser", "send", "e", "--delay", "300000y"],
+            &["kser", "send", "e", "--at", "+200000-01-01T00:00:00Z"],
+            &["kser", "send", ""],
+            &["kser", "send", "e", "--topic", ""],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err(&args.join(" "));
+            use clap::error::ErrorKind;
+            assert!(
+                matches!(
+                    err.kind(),
+                    ErrorKind::ValueValidation | ErrorKind::InvalidValue
+                ),
+                "{args:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_topic_is_never_consumed() {
+        let topics = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        assert!(check_dead_letter_topics(&topics(&["a", "a.dlq"]), false, None).is_err());
+        assert!(check_dead_letter_topics(&topics(&["a", "b"]), false, Some("b")).is_err());
+        assert!(check_dead_letter_topics(&topics(&["a", "b"]), false, Some("c")).is_ok());
+        assert!(check_dead_letter_topics(&topics(&["a", "a.dlq"]), true, None).is_ok());
+        assert!(check_dead_letter_topics(&topics(&["a.dlq"]), false, None).is_ok());
     }
 }

@@ -1,5 +1,12 @@
 //! Text output for people: task details and tables.
+//!
+//! Everything shown here comes from records anyone who can write to the
+//! topic controls (entrypoints, params, errors, stdout, results), so every
+//! value goes through [`printable`] on its way to the terminal: a record
+//! cannot move the cursor, retitle the window or hide text. `--json` output
+//! is escaped by serde instead.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
@@ -14,7 +21,12 @@ use crate::store::{AttemptRow, OperationRow, TaskRow};
 pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
-        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+        let _ = writeln!(
+            out,
+            "{:<11} {}",
+            format!("{name}:"),
+            printable_lines(&value)
+        );
     };
     field("uuid", task.uuid.clone());
     field("entrypoint", task.entrypoint.clone());
@@ -67,18 +79,21 @@ pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
             "ATTEMPT", "WORKER", "STARTED", "FINISHED", "RETCODE", "ERROR",
         ]);
         for attempt in attempts {
-            table.add_row(vec![
-                attempt.attempt.to_string(),
-                attempt.worker.clone().unwrap_or_else(|| "-".into()),
-                time(attempt.started_at),
-                time(Some(attempt.finished_at)),
-                attempt.retcode.map(|c| c.to_string()).unwrap_or_default(),
-                attempt
-                    .error
-                    .as_deref()
-                    .map(|e| shorten(e, 50))
-                    .unwrap_or_default(),
-            ]);
+            add_row(
+                &mut table,
+                vec![
+                    attempt.attempt.to_string(),
+                    attempt.worker.clone().unwrap_or_else(|| "-".into()),
+                    time(attempt.started_at),
+                    time(Some(attempt.finished_at)),
+                    attempt.retcode.map(|c| c.to_string()).unwrap_or_default(),
+                    attempt
+                        .error
+                        .as_deref()
+                        .map(|e| shorten(e, 50))
+                        .unwrap_or_default(),
+                ],
+            );
         }
         let _ = writeln!(out, "earlier attempts:\n{table}");
     }
@@ -89,7 +104,12 @@ pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
 pub(super) fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
-        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+        let _ = writeln!(
+            out,
+            "{:<11} {}",
+            format!("{name}:"),
+            printable_lines(&value)
+        );
     };
     field("operation", op.uuid.clone());
     field("entrypoint", op.entrypoint.clone());
@@ -131,18 +151,21 @@ pub(super) fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String 
                 .unwrap_or_else(|| shorten(&compact(&result["retval"]), 50)),
             (None, None) => String::new(),
         };
-        table.add_row(vec![
-            task.position
-                .map(|p| (p + 1).to_string())
-                .unwrap_or_default(),
-            task.uuid.clone(),
-            task.entrypoint.clone(),
-            task.status.clone(),
-            task.worker.clone().unwrap_or_else(|| "-".into()),
-            task.attempts.to_string(),
-            between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
-            result,
-        ]);
+        add_row(
+            &mut table,
+            vec![
+                task.position
+                    .map(|p| (p + 1).to_string())
+                    .unwrap_or_default(),
+                task.uuid.clone(),
+                task.entrypoint.clone(),
+                task.status.clone(),
+                task.worker.clone().unwrap_or_else(|| "-".into()),
+                task.attempts.to_string(),
+                between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
+                result,
+            ],
+        );
     }
     let _ = writeln!(out, "{table}");
     out
@@ -183,15 +206,18 @@ pub(super) fn list_table(rows: &[Found]) -> String {
                 &task.error,
             ),
         };
-        table.add_row(vec![
-            uuid.clone(),
-            kind.to_owned(),
-            entrypoint.clone(),
-            status.clone(),
-            time(Some(created)),
-            duration.unwrap_or_else(|| "-".into()),
-            error.as_deref().map(|e| shorten(e, 60)).unwrap_or_default(),
-        ]);
+        add_row(
+            &mut table,
+            vec![
+                uuid.clone(),
+                kind.to_owned(),
+                entrypoint.clone(),
+                status.clone(),
+                time(Some(created)),
+                duration.unwrap_or_else(|| "-".into()),
+                error.as_deref().map(|e| shorten(e, 60)).unwrap_or_default(),
+            ],
+        );
     }
     table.to_string()
 }
@@ -209,23 +235,26 @@ pub(super) fn dead_letter_table(entries: &[crate::dead_letter::DeadLetterEntry])
             }
             _ => "-".to_owned(),
         };
-        table.add_row(vec![
-            format!("{}:{}", entry.dlq_partition, entry.dlq_offset),
-            from,
-            entry.uuid.clone().unwrap_or_else(|| "-".into()),
-            entry.error_kind.clone().unwrap_or_default(),
-            entry.attempts.map(|a| a.to_string()).unwrap_or_default(),
-            entry
-                .error
-                .as_deref()
-                .map(|e| shorten(e, 50))
-                .unwrap_or_default(),
-            entry
-                .payload
-                .as_deref()
-                .map(|p| shorten(p, 40))
-                .unwrap_or_default(),
-        ]);
+        add_row(
+            &mut table,
+            vec![
+                format!("{}:{}", entry.dlq_partition, entry.dlq_offset),
+                from,
+                entry.uuid.clone().unwrap_or_else(|| "-".into()),
+                entry.error_kind.clone().unwrap_or_default(),
+                entry.attempts.map(|a| a.to_string()).unwrap_or_default(),
+                entry
+                    .error
+                    .as_deref()
+                    .map(|e| shorten(e, 50))
+                    .unwrap_or_default(),
+                entry
+                    .payload
+                    .as_deref()
+                    .map(|p| shorten(p, 40))
+                    .unwrap_or_default(),
+            ],
+        );
     }
     table.to_string()
 }
@@ -234,17 +263,66 @@ pub(super) fn dead_letter_table(entries: &[crate::dead_letter::DeadLetterEntry])
 pub(super) fn entrypoint_table(entries: &[&EntrypointInfo]) -> String {
     let mut table = new_table(&["ENTRYPOINT", "KIND", "PARAMS", "DESCRIPTION"]);
     for entry in entries {
-        table.add_row(vec![
-            entry.name.to_owned(),
-            entry.kind.to_owned(),
-            describe_params(&entry.params_schema),
-            entry.description.to_owned(),
-        ]);
+        add_row(
+            &mut table,
+            vec![
+                entry.name.to_owned(),
+                entry.kind.to_owned(),
+                describe_params(&entry.params_schema),
+                entry.description.to_owned(),
+            ],
+        );
     }
     table.to_string()
 }
 
-fn new_table(header: &[&str]) -> Table {
+/// `text` safe to print on a terminal: control characters (C0, DEL, C1) and
+/// the bidirectional overrides that reorder what is shown are written as
+/// escapes (`\n`, `\r`, `\t`, `\u{1b}`); everything else is unchanged.
+/// Every value from the database or a topic goes through it before the CLI
+/// prints it.
+pub(super) fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// [`printable`] line by line, for multi-line values (a task's stdout).
+fn printable_lines(text: &str) -> String {
+    text.split('\n')
+        .map(printable)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Adds a row of printable cells (a cell may have several lines).
+pub(super) fn add_row(table: &mut Table, cells: Vec<String>) {
+    table.add_row(
+        cells
+            .iter()
+            .map(|cell| printable_lines(cell))
+            .collect::<Vec<_>>(),
+    );
+}
+
+pub(super) fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_preset(UTF8_BORDERS_ONLY)
@@ -368,6 +446,28 @@ mod tests {
         );
         assert!(text.contains("name: string (required)"), "{text}");
         assert_eq!(describe_params(&json!({"type": "object"})), "(none)");
+    }
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        let hostile = "a\x1b]0;owned\x07b\x1b[2Jc\rd\u{9b}31me\u{202e}f\x7f";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(needs_escape), "{shown}");
+        assert_eq!(
+            shown,
+            "a\\u{1b}]0;owned\\u{7}b\\u{1b}[2Jc\\rd\\u{9b}31me\\u{202e}f\\u{7f}"
+        );
+        assert!(matches!(printable("plain · text"), Cow::Borrowed(_)));
+        assert_eq!(printable_lines("one\ntwo\x1b"), "one\ntwo\\u{1b}");
+    }
+
+    #[test]
+    fn tables_and_details_escape_what_they_show() {
+        let mut table = new_table(&["A"]);
+        add_row(&mut table, vec!["x\x1b[31my".to_owned()]);
+        let text = table.to_string();
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(text.contains("x\\u{1b}[31my"), "{text}");
     }
 
     #[test]

@@ -20,13 +20,15 @@ use chrono::{DateTime, Utc};
 
 /// Messages recorded and sent together in batch mode.
 const CHUNK: usize = 1000;
+/// A UTF-8 byte-order mark, accepted at the start of a file.
+const BOM: char = '\u{feff}';
 /// How long a chunk waits for more lines once it has one.
 const CHUNK_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Args)]
 pub(super) struct SendArgs {
     /// The entrypoint to run, e.g. dice.DiceRoll (not with --batch).
-    #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+    #[arg(required_unless_present = "batch", conflicts_with = "batch", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     entrypoint: Option<String>,
     /// Parameters as a JSON object.
     #[arg(long, conflicts_with = "params_file")]
@@ -37,7 +39,8 @@ pub(super) struct SendArgs {
     /// Metadata as a JSON object, passed through to the task.
     #[arg(long)]
     metadata: Option<String>,
-    /// The message uuid (default: a new UUID4).
+    /// The message uuid (default: a new UUID4). With a database, a uuid
+    /// whose task has another entrypoint, params or metadata is refused.
     #[arg(long, conflicts_with = "batch")]
     uuid: Option<String>,
     /// The record key (default: the uuid). Records with one key go to one
@@ -45,23 +48,26 @@ pub(super) struct SendArgs {
     #[arg(long, conflicts_with = "batch")]
     key: Option<String>,
     /// Topic to publish to.
-    #[arg(long, env = "KSER_TOPIC", default_value = "kser")]
+    #[arg(long, env = "KSER_TOPIC", default_value = "kser", value_parser = super::values::topic)]
     topic: String,
     /// Read newline-delimited JSON messages from FILE ("-" for stdin); each
     /// line is {"entrypoint": ..., "params": {...}} with optional "uuid",
-    /// "key", "metadata" and "result".
+    /// "key", "metadata" and "result". A UTF-8 byte-order mark is skipped; a
+    /// uuid used on an earlier line is an error, as is, with a database, a
+    /// uuid whose task has other content.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["params", "params_file", "metadata"])]
     batch: Option<String>,
-    /// Run later: the message is published after this long (e.g. 30s, 5m).
-    /// It waits in Postgres meanwhile, so DATABASE_URL is needed, and a
-    /// running worker publishes it when due.
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "at")]
+    /// Run later: the message is published after this long (e.g. 30s, 5m;
+    /// at most 10 years). It waits in Postgres meanwhile, so DATABASE_URL
+    /// is needed, and a running worker publishes it when due.
+    #[arg(long, conflicts_with = "at", value_parser = super::values::duration(Duration::ZERO, super::values::FURTHEST))]
     delay: Option<Duration>,
-    /// Run at this time (RFC 3339, e.g. 2026-11-24T18:00:00Z); like --delay.
-    #[arg(long, value_parser = parse_time)]
+    /// Run at this time (RFC 3339, e.g. 2026-11-24T18:00:00Z; at most 10
+    /// years ahead); like --delay.
+    #[arg(long, value_parser = super::values::time)]
     at: Option<DateTime<Utc>>,
-    /// Partitions of the topic if it has to be created.
-    #[arg(long, default_value_t = 6)]
+    /// Partitions of the topic if it has to be created (1 to 100000).
+    #[arg(long, default_value = "6", value_parser = super::values::count::<i32>(1, 100_000))]
     partitions: i32,
     /// Encrypt the messages as Python kser-crypto does, with the key in
     /// KSER_SECRETBOX_KEY (the base64 of 32 bytes); workers need the same
@@ -92,6 +98,8 @@ struct BatchLine {
 struct Outgoing {
     message: Message,
     key: Option<String>,
+    /// Whether the uuid came from the input rather than being generated.
+    explicit_uuid: bool,
 }
 
 impl Outgoing {
@@ -140,11 +148,19 @@ pub(super) async fn send(
             let message = single_message(&args)?;
             let uuid = message.uuid.clone();
             let key = args.key.clone().filter(|key| !key.is_empty());
-            let outcome = publish(vec![Outgoing { message, key }], &target).await;
+            let outcome = publish(
+                vec![Outgoing {
+                    message,
+                    key,
+                    explicit_uuid: true,
+                }],
+                &target,
+            )
+            .await;
             if let Some((_, err)) = outcome.failed.into_iter().next() {
-                bail!("{err}");
+                bail!("message {uuid} not sent: {err}");
             }
-            outln!("{uuid}");
+            outln!("{}", super::output::printable(&uuid));
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -160,7 +176,8 @@ fn single_message(args: &SendArgs) -> anyhow::Result<Message> {
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            parse_object(&text).with_context(|| format!("--params-file {}", path.display()))?
+            let text = text.strip_prefix(BOM).unwrap_or(&text);
+            parse_object(text).with_context(|| format!("--params-file {}", path.display()))?
         }
         (None, None) => JsonObject::new(),
     };
@@ -190,13 +207,21 @@ fn parse_line(line: &str) -> anyhow::Result<Outgoing> {
         bail!("entrypoint is empty");
     }
     let mut message = Message::new(line.entrypoint, line.params);
-    if let Some(uuid) = line.uuid.filter(|u| !u.trim().is_empty()) {
-        message.uuid = uuid;
-    }
+    let explicit_uuid = match line.uuid.filter(|u| !u.trim().is_empty()) {
+        Some(uuid) => {
+            message.uuid = uuid;
+            true
+        }
+        None => false,
+    };
     message.metadata = line.metadata;
     message.result = line.result;
     let key = line.key.filter(|key| !key.is_empty());
-    Ok(Outgoing { message, key })
+    Ok(Outgoing {
+        message,
+        key,
+        explicit_uuid,
+    })
 }
 
 /// Where and when messages go.
@@ -206,12 +231,6 @@ struct Target<'a> {
     store: Option<&'a Store>,
     /// Send later: schedule in the outbox instead of publishing now.
     due: Option<DateTime<Utc>>,
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|err| format!("expected an RFC 3339 time like 2026-11-24T18:00:00Z: {err}"))
 }
 
 async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCode> {
@@ -229,6 +248,8 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
     let progress = progress_bar();
     let (mut sent, mut rejected, mut failed) = (0u64, 0u64, 0u64);
     let mut line_number = 0u64;
+    // The uuids the input named, with their line: generated ones are unique.
+    let mut uuids: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut input_done = false;
     while !input_done {
         // A chunk: up to CHUNK lines, or what arrives within CHUNK_WAIT of
@@ -250,17 +271,40 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
                 break;
             };
             line_number += 1;
+            // Editors on Windows start UTF-8 files with a byte-order mark.
+            let line = match line_number {
+                1 => line.strip_prefix(BOM).unwrap_or(&line),
+                _ => &line,
+            };
             if line.trim().is_empty() {
                 continue;
             }
-            match parse_line(&line) {
+            let parsed = parse_line(line).and_then(|message| {
+                // Two lines with one uuid would be one task: the second
+                // would never run, yet be printed as sent.
+                if message.explicit_uuid {
+                    let uuid = &message.message.uuid;
+                    if let Some(first) = uuids.get(uuid) {
+                        bail!("uuid {uuid} is already used on line {first}");
+                    }
+                    uuids.insert(uuid.clone(), line_number);
+                }
+                Ok(message)
+            });
+            match parsed {
                 Ok(message) => {
                     chunk.push(message);
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + CHUNK_WAIT);
                 }
                 Err(err) => {
                     rejected += 1;
-                    progress.suspend(|| eprintln!("line {line_number}: not sent: {err:#}"));
+                    let err = crate::report::error_chain(err.as_ref());
+                    progress.suspend(|| {
+                        eprintln!(
+                            "line {line_number}: not sent: {}",
+                            super::output::printable(&err)
+                        )
+                    });
                 }
             }
         }
@@ -269,12 +313,18 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
         progress.inc(outcome.sent.len() as u64);
         progress.suspend(|| {
             for uuid in &outcome.sent {
-                outln!("{uuid}");
+                outln!("{}", super::output::printable(uuid));
             }
         });
         for (uuid, err) in outcome.failed {
             failed += 1;
-            progress.suspend(|| eprintln!("{uuid} not sent: {err:#}"));
+            progress.suspend(|| {
+                eprintln!(
+                    "{} not sent: {}",
+                    super::output::printable(&uuid),
+                    super::output::printable(&err)
+                )
+            });
         }
     }
     let _ = producer.flush(Duration::from_secs(10));
@@ -311,11 +361,57 @@ async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
         .collect();
     let messages: Vec<Message> = outgoing.into_iter().map(|o| o.message).collect();
     let mut inserted = Vec::new();
+    let mut published = Published {
+        sent: Vec::new(),
+        failed: Vec::new(),
+    };
+    let mut messages = messages;
+    let mut keys = keys;
     if let Some(store) = store {
         match store.record_pending(&pending_rows(&messages, topic)).await {
             Ok(uuids) => inserted = uuids,
             Err(err) => {
                 tracing::warn!(error = %err, "could not record the messages as PENDING; sending them anyway")
+            }
+        }
+        // A uuid the database knows already: sending the same message again
+        // is a resend (a worker runs it at most once), but a different
+        // message under that uuid would be taken for the old one: refused.
+        let known: Vec<String> = messages
+            .iter()
+            .map(|m| m.uuid.clone())
+            .filter(|uuid| !inserted.contains(uuid))
+            .collect();
+        match store.task_contents(&known).await {
+            Ok(existing) => {
+                let conflicts: Vec<String> = existing
+                    .into_iter()
+                    .filter(|(uuid, entrypoint, params, metadata)| {
+                        messages.iter().any(|m| {
+                            &m.uuid == uuid
+                                && (m.entrypoint != *entrypoint
+                                    || serde_json::Value::Object(m.params.clone()) != *params
+                                    || serde_json::Value::Object(m.metadata.clone()) != *metadata)
+                        })
+                    })
+                    .map(|(uuid, ..)| uuid)
+                    .collect();
+                let (kept, refused): (Vec<_>, Vec<_>) = messages
+                    .into_iter()
+                    .zip(keys)
+                    .partition(|(m, _)| !conflicts.contains(&m.uuid));
+                for (message, _) in refused {
+                    published.failed.push((
+                        message.uuid,
+                        "a task with this uuid exists with another entrypoint, params or metadata; \
+                         use a new uuid"
+                            .to_owned(),
+                    ));
+                }
+                (messages, keys) = kept.into_iter().unzip();
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not compare the messages with the tasks they may resend")
             }
         }
     }
@@ -324,10 +420,6 @@ async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
         .zip(&keys)
         .map(|(message, key)| producer.send_keyed(topic, key, message));
     let outcomes = futures::future::join_all(sends).await;
-    let mut published = Published {
-        sent: Vec::new(),
-        failed: Vec::new(),
-    };
     for (message, outcome) in messages.into_iter().zip(outcomes) {
         match outcome {
             Ok(_) => published.sent.push(message.uuid),

@@ -112,9 +112,16 @@ impl Found {
     }
 }
 
+/// `watch`'s exit code for FAILED or CANCELLED.
+pub(super) const EXIT_FAILED: u8 = 1;
+/// `watch`'s exit code for an error: clap's for bad arguments, too.
+pub(super) const EXIT_ERROR: u8 = 2;
+/// `watch`'s exit code when the timeout passes first, as timeout(1)'s.
+pub(super) const EXIT_TIMEOUT: u8 = 124;
+
 /// Follows `uuid` until it ends: redrawn in place on a terminal, one line per
-/// change otherwise. Exit code 0 for SUCCESS, 1 for FAILED or CANCELLED, 2
-/// when `timeout` passes first.
+/// change otherwise. Exit code 0 for SUCCESS, [`EXIT_FAILED`] for FAILED or
+/// CANCELLED, [`EXIT_TIMEOUT`] when `timeout` passes first.
 pub(super) async fn watch(
     store: &Store,
     uuid: &str,
@@ -130,7 +137,10 @@ pub(super) async fn watch(
         let text = match &found {
             Some(found) if terminal => found.details(),
             Some(found) => found.summary(),
-            None => format!("waiting for {uuid} (not received by a worker yet)"),
+            None => format!(
+                "waiting for {} (not received by a worker yet)",
+                output::printable(uuid)
+            ),
         };
         if text != last {
             let mut out = std::io::stdout().lock();
@@ -142,7 +152,13 @@ pub(super) async fn watch(
                 drawn_lines = text.trim_end().lines().count();
                 let _ = writeln!(out, "{}", text.trim_end());
             } else {
-                let _ = writeln!(out, "{} {uuid} {text}", Utc::now().format("%H:%M:%S%.3f"));
+                let _ = writeln!(
+                    out,
+                    "{} {} {}",
+                    Utc::now().format("%H:%M:%S%.3f"),
+                    output::printable(uuid),
+                    output::printable(&text)
+                );
             }
             let _ = out.flush();
             last = text;
@@ -150,13 +166,13 @@ pub(super) async fn watch(
         if let Some(found) = &found {
             match found.status().parse::<TaskStatus>() {
                 Ok(TaskStatus::Success) => return Ok(ExitCode::SUCCESS),
-                Ok(status) if status.is_final() => return Ok(ExitCode::FAILURE),
+                Ok(status) if status.is_final() => return Ok(ExitCode::from(EXIT_FAILED)),
                 _ => {}
             }
         }
         if timeout.is_some_and(|timeout| started.elapsed() >= timeout) {
-            eprintln!("error: {uuid} did not finish in time");
-            return Ok(ExitCode::from(2));
+            eprintln!("error: {} did not finish in time", output::printable(uuid));
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
         tokio::time::sleep(interval).await;
     }

@@ -38,19 +38,39 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors from the store.
+///
+/// Each says its cause in its own message and does not return it again as
+/// its `source()`, so a printed chain names the cause once, and a log line
+/// with `%err` still has it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     #[error("could not connect to Postgres at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(diesel::result::Error),
     #[error("could not apply migrations: {0}")]
     Migration(String),
+    /// The database lacks some of this binary's migrations (or all: it was
+    /// never migrated), so kser's tables are missing or out of date.
+    #[error(
+        "the database at {url} is not migrated ({pending} of {total} kser migrations not applied): run `kser migrate` (a worker also migrates at start)"
+    )]
+    NotMigrated {
+        url: String,
+        pending: usize,
+        total: usize,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(err: diesel::result::Error) -> Self {
+        Self::Query(err)
+    }
 }
 
 impl StoreError {
@@ -139,7 +159,7 @@ impl Store {
             .max_size(max_connections.max(1))
             .build()
             .map_err(|err| StoreError::Connect {
-                url: redact_url(url),
+                url: crate::redact::database_url(url),
                 reason: err.to_string(),
             })?;
         let store = Self {
@@ -158,12 +178,12 @@ impl Store {
     /// A connection from the pool, or an error naming the database.
     pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         let unreachable = |reason: String| StoreError::Connect {
-            url: redact_url(&self.url),
+            url: crate::redact::database_url(&self.url),
             reason,
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get()).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(err)) => Err(unreachable(error_chain(&err))),
+            Ok(Err(err)) => Err(unreachable(crate::report::error_chain(&err))),
             Err(_) => Err(unreachable(format!(
                 "no connection within {}s",
                 CONNECT_TIMEOUT.as_secs()
@@ -179,7 +199,7 @@ impl Store {
         use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 
         let url = self.url.clone();
-        let redacted = redact_url(&self.url);
+        let redacted = crate::redact::database_url(&self.url);
         let applied =
             tokio::task::spawn_blocking(move || {
                 let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
@@ -206,6 +226,52 @@ impl Store {
         Ok(applied)
     }
 
+    /// Fails with [`StoreError::NotMigrated`] unless every embedded migration
+    /// is applied. Commands that read kser's tables call it first: diesel
+    /// does not pass Postgres's SQLSTATE on, so a missing table (42P01)
+    /// would otherwise surface as a bare "relation does not exist".
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        use diesel::migration::MigrationSource;
+        use diesel::sql_types::{Bool, Text};
+
+        #[derive(QueryableByName)]
+        struct Applied {
+            #[diesel(sql_type = Text)]
+            version: String,
+        }
+
+        let embedded: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+            .map_err(|err| StoreError::Migration(err.to_string()))?
+            .iter()
+            .map(|m| m.name().version().to_string())
+            .collect();
+        let mut conn = self.conn().await?;
+        let has_table: bool = diesel::select(diesel::dsl::sql::<Bool>(
+            "to_regclass('__diesel_schema_migrations') IS NOT NULL",
+        ))
+        .get_result(&mut conn)
+        .await?;
+        let applied: Vec<String> = if has_table {
+            diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+                .load::<Applied>(&mut conn)
+                .await?
+                .into_iter()
+                .map(|a| a.version)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let pending = embedded.iter().filter(|v| !applied.contains(v)).count();
+        if pending == 0 {
+            return Ok(());
+        }
+        Err(StoreError::NotMigrated {
+            url: crate::redact::database_url(&self.url),
+            pending,
+            total: embedded.len(),
+        })
+    }
+
     /// Records messages a producer is about to send, as PENDING, and
     /// returns the uuids it inserted. A row that already exists (a duplicate
     /// send) is left alone.
@@ -219,6 +285,29 @@ impl Store {
             .on_conflict_do_nothing()
             .returning(tasks::uuid)
             .get_results(&mut conn)
+            .await?)
+    }
+
+    /// What was asked of existing tasks (uuid, entrypoint, params,
+    /// metadata), so `send` can tell a resend of the same message from a
+    /// different one that reuses a uuid.
+    pub async fn task_contents(
+        &self,
+        uuids: &[String],
+    ) -> Result<Vec<(String, String, serde_json::Value, serde_json::Value)>, StoreError> {
+        if uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        Ok(tasks::table
+            .filter(tasks::uuid.eq_any(uuids))
+            .select((
+                tasks::uuid,
+                tasks::entrypoint,
+                tasks::params,
+                tasks::metadata,
+            ))
+            .load(&mut conn)
             .await?)
     }
 
@@ -454,60 +543,4 @@ pub(crate) fn outcome_query(
 /// One field of every row, to bind as a Postgres array.
 fn column<'a, T>(rows: &'a [NewTask], field: impl Fn(&'a NewTask) -> T) -> Vec<T> {
     rows.iter().map(field).collect()
-}
-
-/// An error and its causes on one line: deadpool's own message says little.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
-}
-
-/// The URL with its password replaced by `***`, safe to print.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact_url("postgres://kser:s3cret@db:5432/kser"),
-            "postgres://kser:***@db:5432/kser"
-        );
-        assert_eq!(
-            redact_url("postgres://kser@db/kser"),
-            "postgres://kser@db/kser"
-        );
-        assert_eq!(
-            redact_url("postgres://127.0.0.1/kser"),
-            "postgres://127.0.0.1/kser"
-        );
-    }
 }

@@ -1,0 +1,186 @@
+//! Value parsers for the command line: every count, duration and topic name
+//! is checked by clap before anything runs, so `inf`, `1e300`, `-1`, `0`
+//! where it means nothing, a year 200000 or an empty topic is a usage error
+//! naming the flag, never a panic or a silent clamp.
+//!
+//! One parser per kind: [`count`] (a whole number in a range), [`duration`]
+//! (`500ms`, `30s`, `5m`, or bare seconds, in a range), [`topic`] (a Kafka
+//! topic name) and [`time`] (an RFC 3339 time not absurdly far away).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// The furthest in the future `--delay` and `--at` reach.
+pub(super) const FURTHEST: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Kafka's longest topic name.
+const TOPIC_MAX: usize = 249;
+
+/// A whole number from `min` to `max`, as `T`.
+pub(super) fn count<T>(min: u64, max: u64) -> impl Fn(&str) -> Result<T, String> + Clone
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    move |text: &str| {
+        let range = || format!("expected a whole number from {min} to {max}");
+        let value: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{text}' is not a number: {}", range()))?;
+        if !(min..=max).contains(&value) {
+            return Err(format!("{value} is out of range: {}", range()));
+        }
+        T::try_from(value).map_err(|_| range())
+    }
+}
+
+/// A duration from `min` to `max`: `500ms`, `30s`, `1h 30m` (humantime), or
+/// a bare number of seconds (`30`, `0.5`).
+pub(super) fn duration(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |text: &str| {
+        let range = || {
+            format!(
+                "expected a duration from {} to {} (e.g. 500ms, 30s, 5m; a bare number is seconds)",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            )
+        };
+        let text = text.trim();
+        let value = match text.parse::<f64>() {
+            // Checked before converting: Duration::from_secs_f64 panics on
+            // what does not fit.
+            Ok(secs) if secs.is_finite() && secs >= 0.0 && secs <= max.as_secs_f64() => {
+                Duration::from_secs_f64(secs)
+            }
+            Ok(_) => return Err(format!("'{text}' is out of range: {}", range())),
+            Err(_) => humantime::parse_duration(text)
+                .map_err(|err| format!("'{text}' is not a duration ({err}): {}", range()))?,
+        };
+        if value < min || value > max {
+            return Err(format!("'{text}' is out of range: {}", range()));
+        }
+        Ok(value)
+    }
+}
+
+/// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+/// A name starting with `^` would be a regular expression to librdkafka and
+/// subscribe to whatever it matches, kser's dead-letter topics included:
+/// refused.
+pub(super) fn topic(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a topic name must not be empty".to_owned());
+    }
+    if text.starts_with('^') {
+        return Err(format!(
+            "'{text}' would be a regular expression to librdkafka; kser consumes named topics only: list them"
+        ));
+    }
+    if text.len() > TOPIC_MAX {
+        return Err(format!("a topic name has at most {TOPIC_MAX} characters"));
+    }
+    if text == "." || text == ".." {
+        return Err(format!("'{text}' is not a valid topic name"));
+    }
+    if let Some(bad) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{bad:?} is not allowed in a topic name (only a-z, A-Z, 0-9, '.', '_' and '-')"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// An RFC 3339 time, at most [`FURTHEST`] from now.
+pub(super) fn time(text: &str) -> Result<DateTime<Utc>, String> {
+    let at = DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|err| format!("expected an RFC 3339 time like 2026-11-24T18:00:00Z: {err}"))?;
+    let furthest = chrono::Duration::from_std(FURTHEST).unwrap_or(chrono::Duration::MAX);
+    match Utc::now().checked_add_signed(furthest) {
+        Some(limit) if at <= limit => Ok(at),
+        _ => Err(format!(
+            "{text} is more than {} away",
+            humantime::format_duration(FURTHEST)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_whole_numbers_in_range() {
+        let parse = count::<usize>(1, 10_000);
+        assert_eq!(parse("64"), Ok(64));
+        for bad in [
+            "0",
+            "-1",
+            "10001",
+            "inf",
+            "NaN",
+            "1e300",
+            "2.5",
+            "",
+            "99999999999999999999999",
+        ] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.contains("from 1 to 10000"), "{bad}: {err}");
+        }
+        assert_eq!(count::<i32>(1, 100_000)("6"), Ok(6));
+    }
+
+    #[test]
+    fn durations_take_units_or_seconds_in_range() {
+        let parse = duration(Duration::ZERO, Duration::from_secs(86_400));
+        assert_eq!(parse("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("1h 30m"), Ok(Duration::from_secs(5400)));
+        for bad in [
+            "inf",
+            "-inf",
+            "NaN",
+            "-1",
+            "1e300",
+            "2d",
+            "100000000000y",
+            "soon",
+            "",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let positive = duration(Duration::from_millis(1), Duration::from_secs(60));
+        assert!(positive("0").is_err());
+        assert!(positive("0s").is_err());
+    }
+
+    #[test]
+    fn topic_names_are_kafka_names() {
+        assert_eq!(topic("orders.v1_x-y"), Ok("orders.v1_x-y".to_owned()));
+        for bad in ["", "^orders.*", ".", "..", "a b", "a/b", "é", "a\u{1b}"] {
+            assert!(topic(bad).is_err(), "{bad:?}");
+        }
+        assert!(topic(&"a".repeat(250)).is_err());
+        assert!(
+            topic("^x")
+                .expect_err("pattern")
+                .contains("regular expression")
+        );
+    }
+
+    #[test]
+    fn times_are_not_absurdly_far() {
+        assert!(time("2026-11-24T18:00:00Z").is_ok());
+        assert!(time("9999-12-31T23:59:59Z").is_err());
+        assert!(time("+200000-01-01T00:00:00Z").is_err());
+        assert!(time("tomorrow").is_err());
+    }
+}
