@@ -217,7 +217,7 @@ struct WorkerArgs {
     ordering: Ordering,
     /// How long a task runs before it is written RUNNING (e.g. 1s, 200ms).
     /// A task that ends sooner is written once, with its outcome.
-    #[arg(long, env = "KSER_RUNNING_AFTER", value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, env = "KSER_RUNNING_AFTER", default_value = "1s", value_parser = values::duration(Duration::ZERO, Duration::from_secs(86_400)))]
     running_after: Duration,
 }
 
