@@ -64,6 +64,18 @@ impl Producer {
     /// value). [`with_secretbox`](Self::with_secretbox) and
     /// [`without_secretbox`](Self::without_secretbox) decide otherwise.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, ProducerError> {
+        Self::lingering(kafka, "5")
+    }
+
+    /// The worker's producer: it sends next steps and retries as soon as
+    /// they are committed (`linger.ms` 0, unless configured otherwise), since
+    /// an operation's step latency waits on it; the relay hands it hundreds
+    /// of messages at once, which librdkafka still batches.
+    pub(crate) fn prompt(kafka: &KafkaConfig) -> Result<Self, ProducerError> {
+        Self::lingering(kafka, "0")
+    }
+
+    fn lingering(kafka: &KafkaConfig, linger_ms: &str) -> Result<Self, ProducerError> {
         let secretbox = SecretBox::from_env()?;
         let inner = kafka
             .client_config(
@@ -71,7 +83,7 @@ impl Producer {
                 &[
                     ("acks", "all"),
                     ("enable.idempotence", "true"),
-                    ("linger.ms", "5"),
+                    ("linger.ms", linger_ms),
                     ("message.timeout.ms", "30000"),
                 ],
             )

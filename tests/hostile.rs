@@ -410,6 +410,8 @@ fn send_refuses_reused_uuids_and_accepts_a_bom() {
 #[test]
 fn absurd_settings_are_refused_up_front() {
     let env = TestEnv::new();
+    // Migrated, so that a command that got through would leave a trace.
+    env.kser(&["migrate"]);
     let showcase = example_path("showcase");
     let kser = kser_path();
     let topic = env.topic.clone();

@@ -296,12 +296,6 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             }
             // A bad KSER_SECRETBOX_KEY stops the worker before it joins anything.
             crate::crypto::SecretBox::from_env()?;
-            // The pipeline's batched writes need a few connections; each
-            // running transactional task holds one more.
-            let store =
-                connect_sized(&global.database_url, 8 + args.concurrency.clamp(1, 32)).await?;
-            store.migrate().await.context("migrating the database")?;
-            check_dead_letter_topics(&args.topics, args.no_dlq, args.dlq_topic.as_deref())?;
             if args.retry_backoff_max < args.retry_backoff {
                 bail!(
                     "--retry-backoff-max ({}) is shorter than --retry-backoff ({})",
@@ -333,6 +327,12 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 timeout: args.task_timeout,
                 ..RetryPolicy::NONE
             };
+            config.validate()?;
+            // The pipeline's batched writes need a few connections; each
+            // running transactional task holds one more.
+            let store =
+                connect_sized(&global.database_url, 8 + config.concurrency.clamp(1, 32)).await?;
+            store.migrate().await.context("migrating the database")?;
             let shutdown = CancellationToken::new();
             tokio::spawn(forward_signals(shutdown.clone()));
             Worker::new(config, registry, store).run(shutdown).await?;
@@ -473,31 +473,6 @@ async fn connect_sized(database_url: &Option<String>, connections: usize) -> any
     Ok(Store::connect(url, connections).await?)
 }
 
-/// Refuses a dead-letter topic that is also a consumed topic: its failures
-/// would come back as tasks, fail again, and loop.
-fn check_dead_letter_topics(
-    topics: &[String],
-    no_dlq: bool,
-    dlq_topic: Option<&str>,
-) -> anyhow::Result<()> {
-    if no_dlq {
-        return Ok(());
-    }
-    for topic in topics {
-        let dead_letters = dlq_topic
-            .map(str::to_owned)
-            .unwrap_or_else(|| crate::dead_letter::default_topic(topic));
-        if topics.contains(&dead_letters) {
-            bail!(
-                "topic '{dead_letters}' is both consumed and the dead-letter topic of '{topic}': \
-                 its dead letters would run again as tasks; consume it with a worker of its own, \
-                 or choose another --dlq-topic"
-            );
-        }
-    }
-    Ok(())
-}
-
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
 async fn forward_signals(shutdown: CancellationToken) {
     let mut signals = 0;
@@ -582,15 +557,5 @@ mod tests {
                 "{args:?}: {err}"
             );
         }
-    }
-
-    #[test]
-    fn a_dead_letter_topic_is_never_consumed() {
-        let topics = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
-        assert!(check_dead_letter_topics(&topics(&["a", "a.dlq"]), false, None).is_err());
-        assert!(check_dead_letter_topics(&topics(&["a", "b"]), false, Some("b")).is_err());
-        assert!(check_dead_letter_topics(&topics(&["a", "b"]), false, Some("c")).is_ok());
-        assert!(check_dead_letter_topics(&topics(&["a", "a.dlq"]), true, None).is_ok());
-        assert!(check_dead_letter_topics(&topics(&["a.dlq"]), false, None).is_ok());
     }
 }

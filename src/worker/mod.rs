@@ -156,11 +156,94 @@ pub enum WorkerError {
     #[error(transparent)]
     Admin(#[from] AdminError),
     #[error("Kafka consumer error: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("could not create the Kafka producer: {0}")]
-    Producer(String),
+    Producer(#[source] crate::producer::ProducerError),
+    /// A setting of [`WorkerConfig`] that cannot work.
+    #[error("invalid worker setting: {0}")]
+    Config(String),
+}
+
+// By hand, not `#[from]`: that would also make the error its `source()`,
+// and a printed chain would say it twice.
+impl From<KafkaError> for WorkerError {
+    fn from(err: KafkaError) -> Self {
+        Self::Kafka(err)
+    }
+}
+
+/// The most tasks a worker runs at once, and the most rows per statement:
+/// beyond these a setting is a mistake, not a tuning.
+const MAX_CONCURRENCY: usize = 100_000;
+const MAX_BATCH_SIZE: usize = 100_000;
+
+impl WorkerConfig {
+    /// Checks the settings the command line checks too, so a worker built
+    /// in code cannot start with values that would make it panic or stall.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let fail = |what: String| Err(WorkerError::Config(what));
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+            return fail("topics must be named (empty names are refused)".into());
+        }
+        if self.group.trim().is_empty() {
+            return fail("the consumer group must be named".into());
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return fail(format!(
+                "concurrency must be between 1 and {MAX_CONCURRENCY}, not {}",
+                self.concurrency
+            ));
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return fail(format!(
+                "batch size must be between 1 and {MAX_BATCH_SIZE}, not {}",
+                self.batch_size
+            ));
+        }
+        for topic in &self.topics {
+            let dlq = match &self.dead_letters {
+                DeadLetters::Disabled => continue,
+                DeadLetters::Suffix => crate::dead_letter::default_topic(topic),
+                DeadLetters::Topic(dlq) => dlq.clone(),
+            };
+            if self.topics.contains(&dlq) {
+                return fail(format!(
+                    "topic '{dlq}' is both consumed and the dead-letter topic of '{topic}': \
+                     its dead letters would run again as tasks; consume it with a worker of \
+                     its own, or choose another dead-letter topic"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig::new(KafkaConfig::new("localhost:9092"), vec!["jobs".into()], "g")
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        assert!(config().validate().is_ok());
+        let refused = |change: fn(&mut WorkerConfig)| {
+            let mut config = config();
+            change(&mut config);
+            config.validate().expect_err("refused").to_string()
+        };
+        assert!(refused(|c| c.concurrency = 0).contains("concurrency"));
+        assert!(refused(|c| c.concurrency = usize::MAX).contains("concurrency"));
+        assert!(refused(|c| c.batch_size = 0).contains("batch size"));
+        assert!(refused(|c| c.topics = vec![" ".into()]).contains("topics"));
+        assert!(refused(|c| c.group = String::new()).contains("group"));
+        assert!(refused(|c| c.topics.push("jobs.dlq".into())).contains("jobs.dlq"));
+        assert!(refused(|c| c.dead_letters = DeadLetters::Topic("jobs".into())).contains("'jobs'"));
+    }
 }
 
 /// What a worker did, counted since it started.
@@ -353,6 +436,7 @@ impl Worker {
     /// returns what it counted.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
         let config = self.config;
+        config.validate()?;
         let mut topics = config.topics.clone();
         for topic in &config.topics {
             match &config.dead_letters {
@@ -401,8 +485,7 @@ impl Worker {
             worker_id: config.worker_id.clone(),
             batch_size: config.batch_size.max(1),
             abandon: CancellationToken::new(),
-            producer: Producer::new(&config.kafka)
-                .map_err(|err| WorkerError::Producer(err.to_string()))?,
+            producer: Producer::prompt(&config.kafka).map_err(WorkerError::Producer)?,
             relay_wakeup: tokio::sync::Notify::new(),
             dead_letter_tasks: tokio_util::task::TaskTracker::new(),
             retry: config.retry,
