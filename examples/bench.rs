@@ -23,16 +23,23 @@
 //! binary is one (`bench worker --topics ...` is kser's command line with the
 //! benchmark's tasks registered), so the peak RSS printed (`VmHWM` of
 //! `/proc/<pid>/status`) is the worker's alone, not the producer's or the
-//! raw consumer's. A worker rate counts from the first task started to the
-//! last task finished (`kser.tasks.started_at` / `finished_at`), so the
-//! consumer group's join is left out; the wall time including it is printed
-//! too. Each run starts from empty kser tables, so the benchmark needs a
-//! database of its own.
+//! raw consumer's. A worker rate counts from the first task started
+//! (`kser.tasks.started_at`) to the moment every final state is durable, so
+//! the consumer group's join is left out; the wall time including it is
+//! printed too. That moment is seen in the group's committed offsets (a
+//! worker stores an offset only once the final state is committed in
+//! Postgres), polled every 50 ms while the worker commits every 100 ms, so
+//! it is late by up to ~150 ms. `finished_at` is stamped when a task stops
+//! running, before its final state is written: the line under each rate
+//! says how long those writes trailed the last task. Each run starts from
+//! empty kser tables, so the benchmark needs a database of its own.
 //!
 //! Python kser runs with `KSER_BENCH_PYTHON` (default: `KSER_TEST_PYTHON`,
 //! the venv `scripts/bench` installs); without it, its line says why it is
 //! missing. Runs one task at a time (concurrency 1, Python kser) are capped
-//! at 20,000 tasks to keep the whole benchmark within a few minutes.
+//! at 20,000 tasks to keep the whole benchmark within a few minutes. The
+//! workers' logs go to a temporary directory, or to `KSER_BENCH_LOGS`, where
+//! they stay.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -174,14 +181,19 @@ struct Bench {
     database_url: String,
     conn: AsyncPgConnection,
     run_id: String,
-    /// Where the workers' logs go.
-    logs: tempfile::TempDir,
+    /// Where the workers' logs go: `KSER_BENCH_LOGS`, kept, or a temporary
+    /// directory.
+    logs: Logs,
 }
 
 /// What one worker run measured.
 struct WorkerRun {
     rate: f64,
+    /// From the first task started to every final state durable.
     seconds: f64,
+    /// From the first task started to the last one finished running: the
+    /// rest of `seconds` is the wait for the last final states' writes.
+    ran_seconds: f64,
     wall_seconds: f64,
     succeeded: i64,
     failed: i64,
@@ -227,7 +239,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             .context("connecting to DATABASE_URL")?,
         database_url,
         run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
-        logs: tempfile::tempdir()?,
+        logs: Logs::new()?,
     };
     print_setup(&mut bench).await?;
     if let Some(records) = args.memory {
@@ -395,6 +407,11 @@ fn print_worker_run(label: &str, run: &WorkerRun) {
          {} succeeded, {} failed)",
         run.rate, run.seconds, run.wall_seconds, run.succeeded, run.failed
     );
+    println!(
+        "      the last task ran {:.2}s after the first started, its final state was durable {:.2}s later",
+        run.ran_seconds,
+        run.seconds - run.ran_seconds
+    );
     let cpu = run
         .memory
         .cpu_seconds
@@ -439,7 +456,9 @@ impl Bench {
             #[diesel(sql_type = BigInt)]
             failed: i64,
             #[diesel(sql_type = Nullable<Double>)]
-            seconds: Option<f64>,
+            first_started: Option<f64>,
+            #[diesel(sql_type = Nullable<Double>)]
+            last_finished: Option<f64>,
         }
 
         self.empty_tables().await?;
@@ -448,12 +467,12 @@ impl Bench {
         let mut worker = self.spawn_worker(topic, &group, ordering, concurrency, env)?;
         let progress = Progress::new(&self.kafka, &group, topic)?;
         let limit = Duration::from_secs(600);
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let durable = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             worker.check_alive()?;
             let done = progress.committed().await?;
             if done >= count as i64 {
-                break;
+                break chrono::Utc::now();
             }
             anyhow::ensure!(
                 wall.elapsed() < limit,
@@ -461,23 +480,27 @@ impl Bench {
                 limit.as_secs(),
                 worker.log.display()
             );
-        }
+        };
         let wall_seconds = wall.elapsed().as_secs_f64();
         let memory = worker.memory();
         worker.stop().await?;
         let window: Window = diesel::sql_query(
             "SELECT count(*) FILTER (WHERE status = 'SUCCESS') AS succeeded, \
                  count(*) FILTER (WHERE status = 'FAILED') AS failed, \
-                 extract(epoch FROM max(finished_at) - min(started_at))::float8 AS seconds \
+                 extract(epoch FROM min(started_at))::float8 AS first_started, \
+                 extract(epoch FROM max(finished_at))::float8 AS last_finished \
              FROM kser.tasks WHERE topic = $1",
         )
         .bind::<Text, _>(topic)
         .get_result(&mut self.conn)
         .await?;
-        let seconds = window.seconds.unwrap_or(0.0);
+        let durable = durable.timestamp_micros() as f64 / 1e6;
+        let first_started = window.first_started.unwrap_or(durable);
+        let seconds = durable - first_started;
         Ok(WorkerRun {
             rate: count as f64 / seconds.max(f64::EPSILON),
             seconds,
+            ran_seconds: window.last_finished.unwrap_or(durable) - first_started,
             wall_seconds,
             succeeded: window.succeeded,
             failed: window.failed,
@@ -493,7 +516,7 @@ impl Bench {
         concurrency: usize,
         env: &[(&str, &str)],
     ) -> anyhow::Result<WorkerProcess> {
-        let log = self.logs.path().join(format!("{group}.log"));
+        let log = self.logs.path(group);
         let stderr = std::fs::File::create(&log)?;
         let exe = std::env::current_exe().context("finding the benchmark's own binary")?;
         let mut command = Command::new(exe);
@@ -509,6 +532,11 @@ impl Bench {
             .stderr(stderr);
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "warn");
+        }
+        // The end of a run is seen in the group's committed offsets: commit
+        // every 100 ms instead of every second, so it is seen sooner.
+        if std::env::var_os("KSER_KAFKA_AUTO_COMMIT_INTERVAL_MS").is_none() {
+            command.env("KSER_KAFKA_AUTO_COMMIT_INTERVAL_MS", "100");
         }
         let child = command.spawn().context("starting a worker process")?;
         Ok(WorkerProcess { child, log })
@@ -607,6 +635,32 @@ impl Bench {
             to_publish: Percentiles::of(gaps.iter().filter_map(|g| g.to_publish)),
             to_start: Percentiles::of(gaps.iter().filter_map(|g| g.to_start)),
         })
+    }
+}
+
+/// Where the logs of the benchmark's processes go.
+enum Logs {
+    Kept(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl Logs {
+    fn new() -> anyhow::Result<Self> {
+        match std::env::var_os("KSER_BENCH_LOGS").filter(|dir| !dir.is_empty()) {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir)?;
+                Ok(Self::Kept(dir.into()))
+            }
+            None => Ok(Self::Temporary(tempfile::tempdir()?)),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        let dir = match self {
+            Self::Kept(dir) => dir.as_path(),
+            Self::Temporary(dir) => dir.path(),
+        };
+        dir.join(format!("{name}.log"))
     }
 }
 
@@ -833,7 +887,7 @@ async fn python_kser(bench: &Bench, topic: &str, count: usize) -> anyhow::Result
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_python_kser.py");
     let group = format!("bench-python-{topic}");
-    let log = bench.logs.path().join(format!("{group}.log"));
+    let log = bench.logs.path(&group);
     let spawned = Command::new(&python)
         .args(["-W", "ignore"])
         .arg(&script)
