@@ -1,42 +1,79 @@
-//! Throughput benchmark: sends N no-op tasks, then measures, against the same
-//! broker and database,
+//! Benchmark: how fast kser drains a backlog of no-op tasks, what the worker
+//! process holds in memory meanwhile, and how long an operation waits
+//! between its steps, all against the same broker and database:
 //!
-//! 1. the raw consume rate of those messages with rdkafka (the ceiling), and
-//! 2. the worker's end-to-end rate: every task run and its final state
-//!    committed in Postgres, with `--ordering none` and with `--ordering key`
-//!    over 10,000 distinct record keys.
+//! 1. the raw consume rate of the records with rdkafka (the ceiling);
+//! 2. the worker's end-to-end rate, every task's RUNNING and final state
+//!    committed in Postgres: `--ordering none`, `--ordering key` over 10,000
+//!    record keys, a transactional task, and concurrency 1;
+//! 3. Python kser 0.8.27's own consumer on the same kind of backlog
+//!    (`scripts/bench_python_kser.py`, nothing persisted), and kser's rate
+//!    over it;
+//! 4. the gap between an operation step finishing and the next one
+//!    starting, over 200 three-step operations sent one at a time.
 //!
 //! ```text
-//! scripts/bench            # starts Apache Kafka and Postgres if needed, 100000 tasks
+//! scripts/bench                 # starts Apache Kafka and Postgres if needed, 100000 tasks
+//! scripts/bench --memory        # only the memory run: a 1,000,000-record backlog
 //! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- 100000
+//! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- --memory 1000000
 //! ```
 //!
-//! The worker rate counts from the first task started to the last task
-//! finished (`kser.tasks.started_at` / `finished_at`), so the consumer
-//! group's join time is left out; the wall time including it is printed too.
-//! The process's peak memory while the worker drains the backlog is printed
-//! last: it is bounded by the prefetch limit and the in-flight limits, not
-//! by N.
+//! Each worker runs as its own process, as a user's worker binary does: this
+//! binary is one (`bench worker --topics ...` is kser's command line with the
+//! benchmark's tasks registered), so the peak RSS printed (`VmHWM` of
+//! `/proc/<pid>/status`) is the worker's alone, not the producer's or the
+//! raw consumer's. A worker rate counts from the first task started
+//! (`kser.tasks.started_at`) to the moment every final state is durable, so
+//! the consumer group's join is left out; the wall time including it is
+//! printed too. That moment is seen in the group's committed offsets (a
+//! worker stores an offset only once the final state is committed in
+//! Postgres), polled every 50 ms while the worker commits every 100 ms, so
+//! it is late by up to ~150 ms. `finished_at` is stamped when a task stops
+//! running, before its final state is written: the line under each rate
+//! says how long those writes trailed the last task. Each run starts from
+//! empty kser tables, so the benchmark needs a database of its own.
+//!
+//! Python kser runs with `KSER_BENCH_PYTHON` (default: `KSER_TEST_PYTHON`,
+//! the venv `scripts/bench` installs); without it, its line says why it is
+//! missing. Runs one task at a time (concurrency 1, Python kser) are capped
+//! at 20,000 tasks to keep the whole benchmark within a few minutes. The
+//! workers' logs go to a temporary directory, or to `KSER_BENCH_LOGS`, where
+//! they stay.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use diesel::sql_types::{BigInt, Double};
+use clap::Parser;
+use diesel::sql_types::{BigInt, Double, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures::stream::{FuturesUnordered, StreamExt};
 use kser::admin::{TopicLayout, ensure_topics};
 use kser::config::ClientRole;
 use kser::{
-    JsonObject, KafkaConfig, Message, Ordering, Producer, Registry, Store, Task, TaskContext,
-    TaskError, TaskResult, Worker, WorkerConfig,
+    JsonObject, KafkaConfig, Message, Operation, Producer, Registry, Step, Store, Task,
+    TaskContext, TaskError, TaskResult,
 };
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use tokio_util::sync::CancellationToken;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct Nothing {}
 
+/// Does nothing and succeeds.
 struct Noop;
+
+impl Task for Noop {
+    const ENTRYPOINT: &'static str = "bench.Noop";
+    type Params = Nothing;
+
+    async fn run(&self, _ctx: &TaskContext, _params: Nothing) -> Result<TaskResult, TaskError> {
+        Ok(TaskResult::ok())
+    }
+}
 
 /// A transactional no-op: a transaction per task, nothing written but the
 /// task's own state.
@@ -56,46 +93,69 @@ impl kser::TransactionalTask for TxNoop {
     }
 }
 
-impl Task for Noop {
-    const ENTRYPOINT: &'static str = "bench.Noop";
+/// Three no-op steps: what the step latency is measured on.
+struct ThreeSteps;
+
+impl Operation for ThreeSteps {
+    const ENTRYPOINT: &'static str = "bench.ThreeSteps";
     type Params = Nothing;
 
-    async fn run(&self, _ctx: &TaskContext, _params: Nothing) -> Result<TaskResult, TaskError> {
-        Ok(TaskResult::ok())
+    fn build(&self, _params: &Nothing) -> Result<Vec<Step>, TaskError> {
+        Ok((0..3)
+            .map(|_| Step::new(Noop::ENTRYPOINT, serde_json::json!({})))
+            .collect())
     }
 }
 
-/// A `/proc/self/status` memory figure, in KiB (Linux only).
-fn memory_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-#[derive(diesel::QueryableByName)]
-struct Window {
-    #[diesel(sql_type = BigInt)]
-    done: i64,
-    #[diesel(sql_type = Double)]
-    seconds: f64,
+fn registry() -> Result<Registry, kser::RegistryError> {
+    let mut registry = Registry::new();
+    registry
+        .register(Noop)?
+        .register_transactional(TxNoop)?
+        .register_operation(ThreeSteps)?;
+    Ok(registry)
 }
 
 /// Distinct record keys of the backlog: `--ordering key` runs one record
 /// per key at a time, so the keys bound its parallelism.
 const KEYS: usize = 10_000;
+/// Partitions of the benchmark's topics.
+const PARTITIONS: i32 = 6;
+/// The most tasks of a run that goes one task at a time.
+const ONE_AT_A_TIME_MAX: usize = 20_000;
+/// Operations of the step latency run.
+const OPERATIONS: usize = 200;
+/// The issue's memory target while draining a 1,000,000-record backlog.
+const MEMORY_TARGET_MIB: u64 = 64;
 
-/// What one worker run measured.
-struct WorkerRun {
-    rate: f64,
-    seconds: f64,
-    wall_seconds: f64,
-    stats: kser::WorkerStats,
-    rss_before: Option<u64>,
-    peak: Option<u64>,
+#[derive(Parser)]
+#[command(about = "kser's benchmark (see the header of examples/bench.rs)")]
+struct Args {
+    /// Tasks per run.
+    #[arg(default_value_t = 100_000)]
+    count: usize,
+    /// Only the memory run: one worker drains a backlog of this many
+    /// records (1,000,000 if no number is given).
+    #[arg(long, value_name = "RECORDS", num_args = 0..=1, default_missing_value = "1000000")]
+    memory: Option<usize>,
+    /// Only the step latency run.
+    #[arg(long, conflicts_with = "memory")]
+    steps: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    let registry = match registry() {
+        Ok(registry) => registry,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The benchmark's workers: this binary run as a user's worker binary.
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        return kser::cli::run(registry);
+    }
+    let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -103,53 +163,102 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let count: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()
-        .context("the argument is the number of tasks")?
-        .unwrap_or(100_000);
-    anyhow::ensure!(count >= 2, "the benchmark needs at least 2 tasks");
+    let outcome = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(bench(args)));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the benchmark runs against.
+struct Bench {
+    kafka: KafkaConfig,
+    database_url: String,
+    conn: AsyncPgConnection,
+    run_id: String,
+    /// Where the workers' logs go: `KSER_BENCH_LOGS`, kept, or a temporary
+    /// directory.
+    logs: Logs,
+}
+
+/// What one worker run measured.
+struct WorkerRun {
+    rate: f64,
+    /// From the first task started to every final state durable.
+    seconds: f64,
+    /// From the first task started to the last one finished running: the
+    /// rest of `seconds` is the wait for the last final states' writes.
+    ran_seconds: f64,
+    wall_seconds: f64,
+    succeeded: i64,
+    failed: i64,
+    memory: Memory,
+}
+
+/// A process's memory, in KiB, and the CPU time it used, read just before
+/// it is stopped.
+#[derive(Default)]
+struct Memory {
+    peak: Option<u64>,
+    resident: Option<u64>,
+    /// User and system CPU seconds, its start and group join included.
+    cpu_seconds: Option<f64>,
+}
+
+impl Memory {
+    fn describe(&self) -> String {
+        match (self.peak, self.resident) {
+            (Some(peak), Some(resident)) => format!(
+                "worker process: {:.1} MiB peak RSS, {:.1} MiB at the end",
+                mib(peak),
+                mib(resident)
+            ),
+            _ => "worker process memory: unknown (no /proc here)".into(),
+        }
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     let brokers = std::env::var("KSER_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let database_url = std::env::var("DATABASE_URL").context("set DATABASE_URL")?;
-    let kafka = KafkaConfig::new(brokers).with_env();
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    // As the worker command sizes it: 8, plus one per transactional task.
-    let store = Store::connect(&database_url, 8 + 32).await?;
-    store.migrate().await?;
-
-    // One backlog per worker run: a record whose task is final is not run
-    // again, so each run needs records of its own.
-    let runs = [
-        ("--ordering none", Ordering::None, Noop::ENTRYPOINT),
-        (
-            "--ordering key (10,000 keys)",
-            Ordering::Key,
-            Noop::ENTRYPOINT,
-        ),
-        (
-            "transactional, --ordering none",
-            Ordering::None,
-            <TxNoop as kser::TransactionalTask>::ENTRYPOINT,
-        ),
-    ];
-    let mut topics = Vec::new();
-    let mut produce_rate = 0.0;
-    for (index, (_, _, entrypoint)) in runs.iter().enumerate() {
-        let topic = format!("kser-bench-{run_id}-{index}");
-        let rate = produce(&kafka, &topic, count, entrypoint).await?;
-        if index == 0 {
-            produce_rate = rate;
-        }
-        topics.push(topic);
+    // Migrated here so the tables can be emptied before each worker starts.
+    Store::connect(&database_url, 2).await?.migrate().await?;
+    let mut bench = Bench {
+        kafka: KafkaConfig::new(brokers).with_env(),
+        conn: AsyncPgConnection::establish(&database_url)
+            .await
+            .context("connecting to DATABASE_URL")?,
+        database_url,
+        run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+        logs: Logs::new()?,
+    };
+    print_setup(&mut bench).await?;
+    if let Some(records) = args.memory {
+        memory_run(&mut bench, records).await
+    } else if args.steps {
+        bench.step_latency().await?.print();
+        Ok(())
+    } else {
+        full_run(&mut bench, args.count).await
     }
-    let raw_rate = raw_consume(&kafka, &topics[0], count, &run_id).await?;
-    let mut measured = Vec::new();
-    for ((label, ordering, _), topic) in runs.iter().zip(&topics) {
-        let run = run_worker(&kafka, &store, &database_url, topic, count, *ordering).await?;
-        measured.push((*label, run));
-    }
+}
 
+/// The machine, the broker and the database the figures are of.
+async fn print_setup(bench: &mut Bench) -> anyhow::Result<()> {
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -163,41 +272,528 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| n.get())
         .unwrap_or(0);
     let broker = std::env::var("KSER_BENCH_BROKER")
-        .unwrap_or_else(|_| format!("the broker at {}", kafka.brokers));
-    println!("kser benchmark: {count} no-op tasks per run, {cores} cores ({cpu})");
+        .unwrap_or_else(|_| format!("the broker at {}", bench.kafka.brokers));
+    let mut setting = async |query: &str| -> anyhow::Result<String> {
+        let row: Setting = diesel::sql_query(query).get_result(&mut bench.conn).await?;
+        Ok(row.value)
+    };
+    let version = setting("SELECT current_setting('server_version') AS value").await?;
+    let fsync = setting("SELECT current_setting('fsync') AS value").await?;
+    let commit = setting("SELECT current_setting('synchronous_commit') AS value").await?;
+    println!("kser benchmark on {cores} cores ({cpu})");
     println!("  broker: {broker}");
-    println!("  produce (kser send, idempotent, acks=all)  {produce_rate:>10.0} msg/s");
-    println!("  raw consume (rdkafka)                      {raw_rate:>10.0} msg/s");
-    for (label, run) in &measured {
-        println!(
-            "  worker {label:<34} {:>10.0} tasks/s  ({:.2}s processing, {:.2}s with group join; \
-             {} succeeded, {} failed, {} skipped)",
-            run.rate,
-            run.seconds,
-            run.wall_seconds,
-            run.stats.succeeded,
-            run.stats.failed,
-            run.stats.skipped
-        );
-        if let (Some(before), Some(peak)) = (run.rss_before, run.peak) {
+    println!("  database: Postgres {version}, fsync={fsync}, synchronous_commit={commit}");
+    Ok(())
+}
+
+/// Every figure but the large memory run.
+async fn full_run(bench: &mut Bench, count: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(count >= 2, "the benchmark needs at least 2 tasks");
+    let slow = count.min(ONE_AT_A_TIME_MAX);
+    let tx = <TxNoop as kser::TransactionalTask>::ENTRYPOINT;
+    // One backlog per run: a record whose task is final is not run again.
+    let none_topic = bench.topic("none");
+    let produce_rate = produce(&bench.kafka, &none_topic, count, Noop::ENTRYPOINT).await?;
+    let key_topic = bench.topic("key");
+    produce(&bench.kafka, &key_topic, count, Noop::ENTRYPOINT).await?;
+    let tx_topic = bench.topic("tx");
+    produce(&bench.kafka, &tx_topic, count, tx).await?;
+    let one_topic = bench.topic("one");
+    produce(&bench.kafka, &one_topic, slow, Noop::ENTRYPOINT).await?;
+    let python_topic = bench.topic("python");
+    produce(&bench.kafka, &python_topic, slow, Noop::ENTRYPOINT).await?;
+
+    println!("  {count} no-op tasks per run ({slow} for the runs one task at a time)");
+    println!("  produce (kser producer, idempotent, acks=all)     {produce_rate:>10.0} msg/s");
+    let raw_rate = raw_consume(&bench.kafka, &none_topic, count, &bench.run_id).await?;
+    println!("  raw consume (rdkafka)                             {raw_rate:>10.0} msg/s");
+
+    let runs = [
+        ("worker --ordering none", &none_topic, count, "none", 256),
+        (
+            "worker --ordering key (10,000 keys)",
+            &key_topic,
+            count,
+            "key",
+            256,
+        ),
+        (
+            "worker transactional, --ordering none",
+            &tx_topic,
+            count,
+            "none",
+            256,
+        ),
+        (
+            "worker concurrency 1, --ordering none",
+            &one_topic,
+            slow,
+            "none",
+            1,
+        ),
+    ];
+    let mut rates = Vec::new();
+    for (label, topic, tasks, ordering, concurrency) in runs {
+        let run = bench
+            .run_worker(topic, tasks, ordering, concurrency, &[])
+            .await?;
+        print_worker_run(label, &run);
+        rates.push(run.rate);
+    }
+    let (none_rate, key_rate, one_rate) = (rates[0], rates[1], rates[3]);
+    println!(
+        "  key / none: {:.2}",
+        key_rate / none_rate.max(f64::EPSILON)
+    );
+
+    match python_kser(bench, &python_topic, slow).await? {
+        PythonRun::Ran {
+            rate,
+            seconds,
+            failed,
+            peak_rss_kib,
+            cpu_per_task,
+        } => {
             println!(
-                "      memory while draining: {} MiB before, {} MiB peak (process RSS)",
-                before / 1024,
-                peak / 1024
+                "  Python kser 0.8.27 consumer (confluent)           {rate:>10.0} tasks/s  \
+                 ({seconds:.2}s, {failed} failed, nothing persisted)"
+            );
+            println!(
+                "      Python process: {:.1} MiB peak RSS; {:.0} µs CPU per task",
+                mib(peak_rss_kib),
+                cpu_per_task * 1e6
+            );
+            println!(
+                "  kser / Python kser: {:.1} (--ordering none), {:.2} (concurrency 1)",
+                none_rate / rate.max(f64::EPSILON),
+                one_rate / rate.max(f64::EPSILON)
             );
         }
+        PythonRun::Missing(why) => println!("  Python kser 0.8.27: skipped, {why}"),
     }
-    if let [(_, none), (_, key), ..] = measured.as_slice() {
+
+    let latency = bench.step_latency().await?;
+    latency.print();
+    Ok(())
+}
+
+/// One worker draining a large backlog, for its peak memory.
+async fn memory_run(bench: &mut Bench, records: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(records >= 2, "the memory run needs at least 2 records");
+    let topic = bench.topic("memory");
+    let produce_rate = produce(&bench.kafka, &topic, records, Noop::ENTRYPOINT).await?;
+    println!(
+        "  memory run: a backlog of {records} no-op records, produced at {produce_rate:.0} msg/s"
+    );
+    let run = bench.run_worker(&topic, records, "none", 256, &[]).await?;
+    print_worker_run("worker --ordering none, concurrency 256", &run);
+    if let Some(peak) = run.memory.peak {
+        let verdict = if mib(peak) <= MEMORY_TARGET_MIB as f64 {
+            "within"
+        } else {
+            "over"
+        };
         println!(
-            "  key / none: {:.2}",
-            key.rate / none.rate.max(f64::EPSILON)
+            "  peak RSS {:.1} MiB: {verdict} the target of {MEMORY_TARGET_MIB} MiB",
+            mib(peak)
         );
     }
     Ok(())
 }
 
-/// Publishes `count` no-op messages keyed by `KEYS` distinct keys and
-/// returns the rate.
+fn print_worker_run(label: &str, run: &WorkerRun) {
+    println!(
+        "  {label:<49} {:>10.0} tasks/s  ({:.2}s processing, {:.2}s with start and group join; \
+         {} succeeded, {} failed)",
+        run.rate, run.seconds, run.wall_seconds, run.succeeded, run.failed
+    );
+    println!(
+        "      the last task ran {:.2}s after the first started, its final state was durable {:.2}s later",
+        run.ran_seconds,
+        run.seconds - run.ran_seconds
+    );
+    let cpu = run
+        .memory
+        .cpu_seconds
+        .map(|cpu| {
+            let tasks = (run.succeeded + run.failed).max(1) as f64;
+            format!("; {:.0} µs CPU per task", cpu * 1e6 / tasks)
+        })
+        .unwrap_or_default();
+    println!("      {}{cpu}", run.memory.describe());
+}
+
+impl Bench {
+    fn topic(&self, what: &str) -> String {
+        format!("kser-bench-{}-{what}", self.run_id)
+    }
+
+    /// Empties kser's tables, so no run pays for the rows of the one
+    /// before.
+    async fn empty_tables(&mut self) -> anyhow::Result<()> {
+        diesel::sql_query("TRUNCATE kser.task_attempts, kser.outbox, kser.tasks, kser.operations")
+            .execute(&mut self.conn)
+            .await
+            .context("emptying kser's tables")?;
+        Ok(())
+    }
+
+    /// Runs a worker process on `topic` until every one of its `count`
+    /// records is done (its offset committed, so its final state is in
+    /// Postgres), then stops it.
+    async fn run_worker(
+        &mut self,
+        topic: &str,
+        count: usize,
+        ordering: &str,
+        concurrency: usize,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<WorkerRun> {
+        #[derive(diesel::QueryableByName)]
+        struct Window {
+            #[diesel(sql_type = BigInt)]
+            succeeded: i64,
+            #[diesel(sql_type = BigInt)]
+            failed: i64,
+            #[diesel(sql_type = Nullable<Double>)]
+            first_started: Option<f64>,
+            #[diesel(sql_type = Nullable<Double>)]
+            last_finished: Option<f64>,
+        }
+
+        self.empty_tables().await?;
+        let group = format!("bench-worker-{topic}");
+        let wall = Instant::now();
+        let mut worker = self.spawn_worker(topic, &group, ordering, concurrency, env)?;
+        let progress = Progress::new(&self.kafka, &group, topic)?;
+        let limit = Duration::from_secs(600);
+        let durable = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            worker.check_alive()?;
+            let done = progress.committed().await?;
+            if done >= count as i64 {
+                break chrono::Utc::now();
+            }
+            anyhow::ensure!(
+                wall.elapsed() < limit,
+                "only {done} of {count} records done after {} s; worker log: {}",
+                limit.as_secs(),
+                worker.log.display()
+            );
+        };
+        let wall_seconds = wall.elapsed().as_secs_f64();
+        let memory = worker.memory();
+        worker.stop().await?;
+        let window: Window = diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE status = 'SUCCESS') AS succeeded, \
+                 count(*) FILTER (WHERE status = 'FAILED') AS failed, \
+                 extract(epoch FROM min(started_at))::float8 AS first_started, \
+                 extract(epoch FROM max(finished_at))::float8 AS last_finished \
+             FROM kser.tasks WHERE topic = $1",
+        )
+        .bind::<Text, _>(topic)
+        .get_result(&mut self.conn)
+        .await?;
+        let durable = durable.timestamp_micros() as f64 / 1e6;
+        let first_started = window.first_started.unwrap_or(durable);
+        let seconds = durable - first_started;
+        Ok(WorkerRun {
+            rate: count as f64 / seconds.max(f64::EPSILON),
+            seconds,
+            ran_seconds: window.last_finished.unwrap_or(durable) - first_started,
+            wall_seconds,
+            succeeded: window.succeeded,
+            failed: window.failed,
+            memory,
+        })
+    }
+
+    fn spawn_worker(
+        &self,
+        topic: &str,
+        group: &str,
+        ordering: &str,
+        concurrency: usize,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<WorkerProcess> {
+        let log = self.logs.path(group);
+        let stderr = std::fs::File::create(&log)?;
+        let exe = std::env::current_exe().context("finding the benchmark's own binary")?;
+        let mut command = Command::new(exe);
+        command
+            .args(["worker", "--topics", topic, "--group", group])
+            .args(["--ordering", ordering, "--concurrency"])
+            .arg(concurrency.to_string())
+            .env("DATABASE_URL", &self.database_url)
+            .env("KSER_BROKERS", &self.kafka.brokers)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
+        // The end of a run is seen in the group's committed offsets: commit
+        // every 100 ms instead of every second, so it is seen sooner.
+        if std::env::var_os("KSER_KAFKA_AUTO_COMMIT_INTERVAL_MS").is_none() {
+            command.env("KSER_KAFKA_AUTO_COMMIT_INTERVAL_MS", "100");
+        }
+        let child = command.spawn().context("starting a worker process")?;
+        Ok(WorkerProcess { child, log })
+    }
+
+    /// Runs `OPERATIONS` three-step operations one at a time on a worker
+    /// whose consumer has `fetch.wait.max.ms=1`, and measures the gaps
+    /// between a step's end and the next step's start.
+    async fn step_latency(&mut self) -> anyhow::Result<StepLatency> {
+        #[derive(diesel::QueryableByName)]
+        struct Status {
+            #[diesel(sql_type = Text)]
+            status: String,
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Gap {
+            #[diesel(sql_type = Double)]
+            total: f64,
+            #[diesel(sql_type = Nullable<Double>)]
+            to_publish: Option<f64>,
+            #[diesel(sql_type = Nullable<Double>)]
+            to_start: Option<f64>,
+        }
+
+        self.empty_tables().await?;
+        let topic = self.topic("steps");
+        let layout = TopicLayout {
+            partitions: PARTITIONS,
+            replication_factor: 1,
+        };
+        ensure_topics(&self.kafka, std::slice::from_ref(&topic), layout).await?;
+        let group = format!("bench-worker-{topic}");
+        let mut worker = self.spawn_worker(
+            &topic,
+            &group,
+            "key",
+            256,
+            &[("KSER_KAFKA_FETCH_WAIT_MAX_MS", "1")],
+        )?;
+        let producer = Producer::new(&self.kafka)?;
+        for index in 0..OPERATIONS {
+            let message = Message::new(ThreeSteps::ENTRYPOINT, JsonObject::new());
+            producer.send(&topic, &message).await?;
+            // The first one waits for the worker to start and join.
+            let limit = Duration::from_secs(if index == 0 { 120 } else { 30 });
+            let sent = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let status: Option<Status> =
+                    diesel::sql_query("SELECT status FROM kser.operations WHERE uuid = $1")
+                        .bind::<Text, _>(&message.uuid)
+                        .get_result(&mut self.conn)
+                        .await
+                        .map(Some)
+                        .or_else(|err| match err {
+                            diesel::result::Error::NotFound => Ok(None),
+                            err => Err(err),
+                        })?;
+                match status.as_ref().map(|s| s.status.as_str()) {
+                    Some("SUCCESS") => break,
+                    Some(status @ ("FAILED" | "CANCELLED")) => {
+                        anyhow::bail!("operation {} ended {status}", message.uuid)
+                    }
+                    _ => {}
+                }
+                worker.check_alive()?;
+                anyhow::ensure!(
+                    sent.elapsed() < limit,
+                    "operation {} not done after {} s; worker log: {}",
+                    message.uuid,
+                    limit.as_secs(),
+                    worker.log.display()
+                );
+            }
+        }
+        worker.stop().await?;
+        // The record timestamp of a step's message (its `enqueued_at`, set
+        // by the producer when the outbox relay sends it, in whole
+        // milliseconds) splits each gap in two.
+        let gaps: Vec<Gap> = diesel::sql_query(
+            "SELECT extract(epoch FROM started_at - previous)::float8 * 1000 AS total, \
+                 extract(epoch FROM enqueued_at - previous)::float8 * 1000 AS to_publish, \
+                 extract(epoch FROM started_at - enqueued_at)::float8 * 1000 AS to_start \
+             FROM (SELECT t.started_at, t.enqueued_at, lag(t.finished_at) \
+                       OVER (PARTITION BY t.operation_uuid ORDER BY t.position) AS previous \
+                   FROM kser.tasks t JOIN kser.operations o ON o.uuid = t.operation_uuid \
+                   WHERE o.topic = $1) AS steps \
+             WHERE previous IS NOT NULL AND started_at IS NOT NULL",
+        )
+        .bind::<Text, _>(&topic)
+        .load(&mut self.conn)
+        .await?;
+        anyhow::ensure!(!gaps.is_empty(), "no step gaps were recorded");
+        Ok(StepLatency {
+            total: Percentiles::of(gaps.iter().map(|g| g.total)),
+            to_publish: Percentiles::of(gaps.iter().filter_map(|g| g.to_publish)),
+            to_start: Percentiles::of(gaps.iter().filter_map(|g| g.to_start)),
+        })
+    }
+}
+
+/// Where the logs of the benchmark's processes go.
+enum Logs {
+    Kept(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl Logs {
+    fn new() -> anyhow::Result<Self> {
+        match std::env::var_os("KSER_BENCH_LOGS").filter(|dir| !dir.is_empty()) {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir)?;
+                Ok(Self::Kept(dir.into()))
+            }
+            None => Ok(Self::Temporary(tempfile::tempdir()?)),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        let dir = match self {
+            Self::Kept(dir) => dir.as_path(),
+            Self::Temporary(dir) => dir.path(),
+        };
+        dir.join(format!("{name}.log"))
+    }
+}
+
+/// A worker process of the benchmark.
+struct WorkerProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            anyhow::bail!("the worker exited with {status}:\n{}", log_tail(&self.log));
+        }
+        Ok(())
+    }
+
+    fn memory(&self) -> Memory {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        else {
+            return Memory::default();
+        };
+        let field = |name: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        Memory {
+            peak: field("VmHWM:"),
+            resident: field("VmRSS:"),
+            cpu_seconds: cpu_seconds(self.child.id()),
+        }
+    }
+
+    /// SIGTERM, as a deployment stops a worker, then waits for its exit.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(sent.success(), "could not signal the worker");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "the worker exited with {status}:\n{}",
+                    log_tail(&self.log)
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child.kill()?;
+        anyhow::bail!("the worker did not stop within 60 s of SIGTERM")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// User and system CPU time of a process and its threads, from
+/// `/proc/<pid>/stat` (in clock ticks, `getconf CLK_TCK`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses: utime
+    // and stime are the 14th and 15th of the whole line.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0);
+    Some(ticks as f64 / per_second)
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// How many records of a topic a consumer group has committed: a worker
+/// commits a record's offset only once its final state is in Postgres, so
+/// this tells when a run is done without counting rows while it runs.
+struct Progress {
+    probe: Arc<BaseConsumer>,
+    partitions: TopicPartitionList,
+}
+
+impl Progress {
+    fn new(kafka: &KafkaConfig, group: &str, topic: &str) -> anyhow::Result<Self> {
+        // Never subscribes, so it reads the group's offsets without joining.
+        let probe: BaseConsumer = kafka
+            .client_config(ClientRole::Consumer, &[("group.id", group)])
+            .create()?;
+        let mut partitions = TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            partitions.add_partition(topic, partition);
+        }
+        Ok(Self {
+            probe: Arc::new(probe),
+            partitions,
+        })
+    }
+
+    async fn committed(&self) -> anyhow::Result<i64> {
+        let (probe, partitions) = (Arc::clone(&self.probe), self.partitions.clone());
+        let committed = tokio::task::spawn_blocking(move || {
+            probe.committed_offsets(partitions, Duration::from_secs(10))
+        })
+        .await??;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|element| match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => 0,
+            })
+            .sum())
+    }
+}
+
+/// Publishes `count` messages of `entrypoint` keyed by `KEYS` distinct keys
+/// and returns the rate.
 async fn produce(
     kafka: &KafkaConfig,
     topic: &str,
@@ -205,7 +801,7 @@ async fn produce(
     entrypoint: &str,
 ) -> anyhow::Result<f64> {
     let layout = TopicLayout {
-        partitions: 6,
+        partitions: PARTITIONS,
         replication_factor: 1,
     };
     ensure_topics(kafka, &[topic.to_owned()], layout).await?;
@@ -254,67 +850,155 @@ async fn raw_consume(
     Ok((count - 1) as f64 / raw_started.elapsed().as_secs_f64())
 }
 
-/// Runs a worker, in this process as a user's binary would, until every
-/// task of `topic` has its final state in Postgres.
-async fn run_worker(
-    kafka: &KafkaConfig,
-    store: &Store,
-    database_url: &str,
-    topic: &str,
-    count: usize,
-    ordering: Ordering,
-) -> anyhow::Result<WorkerRun> {
-    let mut registry = Registry::new();
-    registry.register(Noop)?.register_transactional(TxNoop)?;
-    let mut config = WorkerConfig::new(
-        kafka.clone(),
-        vec![topic.to_owned()],
-        format!("bench-worker-{topic}"),
-    );
-    config.concurrency = 256;
-    config.ordering = ordering;
-    // Every run starts from an empty table, so none pays for the rows of
-    // the runs before it.
-    let mut conn = AsyncPgConnection::establish(database_url).await?;
-    diesel::sql_query("TRUNCATE kser.tasks, kser.task_attempts")
-        .execute(&mut conn)
-        .await?;
-    let shutdown = CancellationToken::new();
-    // Reset the peak-memory mark: what is measured below is the worker's
-    // peak while it works through the whole backlog.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let rss_before = memory_kib("VmRSS");
-    let wall = Instant::now();
-    let worker = tokio::spawn(Worker::new(config, registry, store.clone()).run(shutdown.clone()));
-    let window = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let window: Window = diesel::sql_query(
-            "SELECT count(*) AS done, \
-             coalesce(extract(epoch FROM max(finished_at) - min(started_at)), 0)::float8 AS seconds \
-             FROM kser.tasks WHERE topic = $1 AND status IN ('SUCCESS', 'FAILED')",
-        )
-        .bind::<diesel::sql_types::Text, _>(topic)
-        .get_result(&mut conn)
-        .await?;
-        if window.done as usize >= count {
-            break window;
-        }
-        anyhow::ensure!(
-            wall.elapsed() < Duration::from_secs(600),
-            "only {} of {count} tasks done after 10 minutes",
-            window.done
-        );
+enum PythonRun {
+    Ran {
+        rate: f64,
+        seconds: f64,
+        failed: u64,
+        peak_rss_kib: u64,
+        /// CPU seconds per task, its start and group join included.
+        cpu_per_task: f64,
+    },
+    Missing(String),
+}
+
+/// Runs Python kser's consumer (`scripts/bench_python_kser.py`) on `topic`.
+async fn python_kser(bench: &Bench, topic: &str, count: usize) -> anyhow::Result<PythonRun> {
+    #[derive(serde::Deserialize)]
+    struct Report {
+        rate: f64,
+        seconds: f64,
+        failed: u64,
+        peak_rss_kib: u64,
+        cpu_seconds: f64,
+        tasks: u64,
+    }
+
+    let Some(python) = std::env::var_os("KSER_BENCH_PYTHON")
+        .or_else(|| std::env::var_os("KSER_TEST_PYTHON"))
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+    else {
+        return Ok(PythonRun::Missing(
+            "set KSER_BENCH_PYTHON to a Python with kser 0.8.27 and confluent-kafka \
+             (scripts/bench installs one)"
+                .into(),
+        ));
     };
-    let wall_seconds = wall.elapsed().as_secs_f64();
-    let peak = memory_kib("VmHWM");
-    shutdown.cancel();
-    let stats = worker.await??;
-    Ok(WorkerRun {
-        rate: count as f64 / window.seconds.max(f64::EPSILON),
-        seconds: window.seconds,
-        wall_seconds,
-        stats,
-        rss_before,
-        peak,
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_python_kser.py");
+    let group = format!("bench-python-{topic}");
+    let log = bench.logs.path(&group);
+    let spawned = Command::new(&python)
+        .args(["-W", "ignore"])
+        .arg(&script)
+        .args([bench.kafka.brokers.as_str(), topic, &group])
+        .arg(count.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            return Ok(PythonRun::Missing(format!(
+                "could not run {}: {err}",
+                python.display()
+            )));
+        }
+    };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the Python kser benchmark did not finish within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        std::io::Read::read_to_string(&mut out, &mut stdout)?;
+    }
+    if status.code() == Some(3) {
+        return Ok(PythonRun::Missing(format!(
+            "{} says: {}",
+            python.display(),
+            log_tail(&log).trim()
+        )));
+    }
+    anyhow::ensure!(
+        status.success(),
+        "the Python kser benchmark failed ({status}):\n{}",
+        log_tail(&log)
+    );
+    let report: Report = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("reading the Python kser benchmark's report: {stdout}"))?;
+    Ok(PythonRun::Ran {
+        rate: report.rate,
+        seconds: report.seconds,
+        failed: report.failed,
+        peak_rss_kib: report.peak_rss_kib,
+        cpu_per_task: report.cpu_seconds / report.tasks.max(1) as f64,
     })
+}
+
+/// Nearest-rank percentiles of a sample, in milliseconds.
+struct Percentiles {
+    count: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let mut values: Vec<f64> = values.collect();
+        values.sort_by(f64::total_cmp);
+        let rank = |p: f64| -> f64 {
+            if values.is_empty() {
+                return f64::NAN;
+            }
+            let index = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1;
+            values[index]
+        };
+        Self {
+            count: values.len(),
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: values.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// The gaps between steps of one operation.
+struct StepLatency {
+    /// From a step's `finished_at` to the next step's `started_at`.
+    total: Percentiles,
+    /// From a step's end to its next step's message being produced (the
+    /// record timestamp): the finish write and the outbox relay.
+    to_publish: Percentiles,
+    /// From that record timestamp to the step's start: the producer, the
+    /// broker, the consumer's fetch and the worker's intake.
+    to_start: Percentiles,
+}
+
+impl StepLatency {
+    fn print(&self) {
+        println!(
+            "  operation step latency ({OPERATIONS} three-step operations sent one at a time, \
+             each after the previous one ended; consumer fetch.wait.max.ms=1)"
+        );
+        println!(
+            "      step finished -> next step started: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} gaps)",
+            self.total.p50, self.total.p99, self.total.max, self.total.count
+        );
+        println!(
+            "      of which finished -> next step's record produced: p50 {:.1} ms, p99 {:.1} ms; \
+             produced -> started: p50 {:.1} ms, p99 {:.1} ms (record timestamps are whole ms)",
+            self.to_publish.p50, self.to_publish.p99, self.to_start.p50, self.to_start.p99
+        );
+    }
 }

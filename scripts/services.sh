@@ -8,8 +8,9 @@
 #   kser_broker_up    sets KSER_BROKERS to a Kafka broker unless it is set:
 #                     Apache Kafka (scripts/kafka.sh) on free ports, or tansu
 #                     where KSER_BROKER=tansu or Java is missing
-#   kser_python_up    sets KSER_TEST_PYTHON to a venv with Python kser 0.8.27
-#                     and kser-crypto 0.1.13 (with libsodium23)
+#   kser_python_up    sets KSER_TEST_PYTHON to a venv with Python kser 0.8.27,
+#                     kser-crypto 0.1.13 (with libsodium23) and confluent-kafka
+#                     (Python kser's consumer, for scripts/bench)
 #
 # Nothing is downloaded but packages from the registries; everything is
 # cached under ~/.cache/kser and checked before use.
@@ -216,6 +217,12 @@ kser_python_up() {
     log "installing Python kser-crypto 0.1.13 for the interoperability tests"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
       kser-crypto==0.1.13 pysodium==0.7.18 marshmallow==3.12.2
+  fi
+  # Python kser's own consumer runs on confluent-kafka (its `confluent`
+  # extra): the benchmark measures it.
+  if ! "$venv/bin/python" -c 'import confluent_kafka' 2>/dev/null; then
+    log "installing confluent-kafka 2.16.1 for Python kser's consumer"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check confluent-kafka==2.16.1
   fi
   KSER_TEST_PYTHON="$venv/bin/python"
   export KSER_TEST_PYTHON
