@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod dlq;
+mod lookup;
 mod output;
 mod send;
 mod values;
@@ -347,13 +348,13 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         }
         Command::Status { uuid, json } => {
             let store = connect(&global.database_url).await?;
-            let found = watch::lookup(&store, &uuid)
+            let found = lookup::lookup(&store, &uuid)
                 .await?
                 .with_context(|| format!("no task or operation with uuid {uuid} (not sent, or not yet received by a worker)"))?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&found.to_json())?);
             } else {
-                outln!("{}", found.details().trim_end());
+                outln!("{}", output::details(&found).trim_end());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -403,23 +404,23 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 limit,
                 standalone: true,
             };
-            let mut listed: Vec<watch::Found> = store
+            let mut listed: Vec<lookup::Found> = store
                 .list_operations(&filter)
                 .await?
                 .into_iter()
-                .map(|op| watch::Found::Operation(op, Vec::new()))
+                .map(|op| lookup::Found::Operation(op, Vec::new()))
                 .chain(
                     store
                         .list_tasks(&filter)
                         .await?
                         .into_iter()
-                        .map(|task| watch::Found::Task(task, Vec::new())),
+                        .map(|task| lookup::Found::Task(task, Vec::new())),
                 )
                 .collect();
             listed.sort_by_key(|found| std::cmp::Reverse(found.created_at()));
             listed.truncate(usize::try_from(limit.max(1)).unwrap_or(usize::MAX));
             if json {
-                let rows: Vec<_> = listed.iter().map(watch::Found::to_json).collect();
+                let rows: Vec<_> = listed.iter().map(lookup::Found::to_json).collect();
                 outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 outln!("{}", output::list_table(&listed));

@@ -13,12 +13,20 @@ use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::Value;
 
-use super::watch::Found;
+use super::lookup::Found;
 use crate::registry::EntrypointInfo;
 use crate::store::{AttemptRow, OperationRow, TaskRow};
 
-/// `status` output: one field per line, then earlier failed attempts.
-pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
+/// `status` output: a task, or an operation with the table of its steps.
+pub(super) fn details(found: &Found) -> String {
+    match found {
+        Found::Operation(op, tasks) => operation_details(op, tasks),
+        Found::Task(task, attempts) => task_details(task, attempts),
+    }
+}
+
+/// A task: one field per line, then earlier failed attempts.
+fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         let _ = writeln!(
@@ -101,7 +109,7 @@ pub(super) fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
 }
 
 /// `status` output for an operation: its fields, then its steps.
-pub(super) fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
+fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         let _ = writeln!(

@@ -1,113 +1,45 @@
-//! Looking up a uuid as an operation or a task, and `watch`: following one
-//! until it ends.
+//! `watch`: following a task or an operation until it ends.
 
 use std::io::{IsTerminal, Write as _};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use serde_json::Value;
+use chrono::Utc;
 
+use super::lookup::{Found, lookup};
 use super::output;
-use crate::store::{AttemptRow, OperationRow, Store, StoreError, TaskRow, TaskStatus};
+use crate::store::{Store, TaskStatus};
 
-/// What a uuid names.
-pub(super) enum Found {
-    /// An operation and its tasks, in order.
-    Operation(OperationRow, Vec<TaskRow>),
-    /// A task and its earlier failed attempts.
-    Task(TaskRow, Vec<AttemptRow>),
-}
-
-/// The operation or task with this uuid, operations first.
-pub(super) async fn lookup(store: &Store, uuid: &str) -> Result<Option<Found>, StoreError> {
-    if let Some(operation) = store.operation(uuid).await? {
-        let tasks = store.operation_tasks(uuid).await?;
-        return Ok(Some(Found::Operation(operation, tasks)));
-    }
-    let Some(task) = store.task(uuid).await? else {
-        return Ok(None);
-    };
-    let attempts = if task.attempts > 1 {
-        store.task_attempts(uuid).await?
-    } else {
-        Vec::new()
-    };
-    Ok(Some(Found::Task(task, attempts)))
-}
-
-impl Found {
-    pub(super) fn status(&self) -> &str {
-        match self {
-            Self::Operation(op, _) => &op.status,
-            Self::Task(task, _) => &task.status,
-        }
-    }
-
-    pub(super) fn created_at(&self) -> DateTime<Utc> {
-        match self {
-            Self::Operation(op, _) => op.created_at,
-            Self::Task(task, _) => task.created_at,
-        }
-    }
-
-    /// The row as JSON with a `kind` field; an operation has a `tasks` array.
-    pub(super) fn to_json(&self) -> Value {
-        let (kind, mut value) = match self {
-            Self::Operation(op, tasks) => {
-                let mut value = serde_json::to_value(op).unwrap_or_default();
-                value["tasks"] = serde_json::to_value(tasks).unwrap_or_default();
-                ("operation", value)
+/// One line saying where it stands, for `watch` when not on a terminal.
+fn summary(found: &Found) -> String {
+    match found {
+        Found::Task(task, _) => match &task.error {
+            Some(error) => format!("{} {}: {error}", task.status, task.entrypoint),
+            None => format!("{} {}", task.status, task.entrypoint),
+        },
+        Found::Operation(op, tasks) => {
+            let done = tasks
+                .iter()
+                .filter(|t| t.status == TaskStatus::Success.as_str())
+                .count();
+            let mut line = format!(
+                "{} {} {done}/{} steps done",
+                op.status, op.entrypoint, op.steps
+            );
+            if let Some(current) = tasks
+                .iter()
+                .find(|t| t.status == TaskStatus::Running.as_str())
+            {
+                line.push_str(&format!(
+                    ", step {} ({}) RUNNING",
+                    current.position.unwrap_or(0) + 1,
+                    current.entrypoint
+                ));
             }
-            Self::Task(task, attempts) => {
-                let mut value = serde_json::to_value(task).unwrap_or_default();
-                value["attempt_history"] = serde_json::to_value(attempts).unwrap_or_default();
-                ("task", value)
+            if let Some(error) = &op.error {
+                line.push_str(&format!(": {error}"));
             }
-        };
-        value["kind"] = Value::from(kind);
-        value
-    }
-
-    /// `status` output.
-    pub(super) fn details(&self) -> String {
-        match self {
-            Self::Operation(op, tasks) => output::operation_details(op, tasks),
-            Self::Task(task, attempts) => output::task_details(task, attempts),
-        }
-    }
-
-    /// One line saying where it stands, for `watch` when not on a terminal.
-    fn summary(&self) -> String {
-        match self {
-            Self::Task(task, _) => match &task.error {
-                Some(error) => format!("{} {}: {error}", task.status, task.entrypoint),
-                None => format!("{} {}", task.status, task.entrypoint),
-            },
-            Self::Operation(op, tasks) => {
-                let done = tasks
-                    .iter()
-                    .filter(|t| t.status == TaskStatus::Success.as_str())
-                    .count();
-                let mut line = format!(
-                    "{} {} {done}/{} steps done",
-                    op.status, op.entrypoint, op.steps
-                );
-                if let Some(current) = tasks
-                    .iter()
-                    .find(|t| t.status == TaskStatus::Running.as_str())
-                {
-                    line.push_str(&format!(
-                        ", step {} ({}) RUNNING",
-                        current.position.unwrap_or(0) + 1,
-                        current.entrypoint
-                    ));
-                }
-                if let Some(error) = &op.error {
-                    line.push_str(&format!(": {error}"));
-                }
-                line
-            }
+            line
         }
     }
 }
@@ -135,8 +67,8 @@ pub(super) async fn watch(
     loop {
         let found = lookup(store, uuid).await?;
         let text = match &found {
-            Some(found) if terminal => found.details(),
-            Some(found) => found.summary(),
+            Some(found) if terminal => output::details(found),
+            Some(found) => summary(found),
             None => format!(
                 "waiting for {} (not received by a worker yet)",
                 output::printable(uuid)
