@@ -6,9 +6,10 @@
 //!
 //! 1. `intake.rs` reads records from Kafka and tracks their offsets;
 //! 2. `start.rs` decodes a batch, records what cannot run, waits for each
-//!    record's turn in its lane (`ordering.rs`), and marks the tasks that got
-//!    a concurrency slot RUNNING in one statement (skipping those already
-//!    final: redeliveries and duplicates);
+//!    record's turn in its lane (`ordering.rs`), and claims the tasks that
+//!    got a concurrency slot in one read (skipping those already final:
+//!    redeliveries and duplicates); its marker writes RUNNING the tasks still
+//!    running after `running_after`, so a short task is written once;
 //! 3. `execute.rs` runs a task and builds the row of its attempt;
 //! 4. `finish.rs` writes a batch of final states in one statement, then
 //!    releases their offsets; `dead_letter.rs` writes failures to the

@@ -1,6 +1,7 @@
 //! Stage 2, start: decodes batches, records what cannot run, waits for each
-//! record's turn in its lane, and marks the tasks that got a concurrency slot
-//! RUNNING in one statement before they run.
+//! record's turn in its lane, and claims the tasks that got a concurrency
+//! slot in one read before they run; the marker writes RUNNING the tasks
+//! that run long.
 
 use super::*;
 
@@ -8,9 +9,10 @@ impl Shared {
     /// Stage 2: decodes batches, then starts their tasks in order and as
     /// concurrency slots free up. A record waits while an earlier record of
     /// its lane (its key, or its partition, per [`Ordering`]) has no final
-    /// state. Each group of tasks that got a slot is marked RUNNING, its
-    /// attempt counted, in one statement, and only then runs. So `attempts` counts runs,
-    /// and a task waiting for a slot or for its turn is not shown as RUNNING.
+    /// state. Each group of tasks that got a slot is claimed in one read
+    /// (which leaves out tasks already final and numbers each attempt), and
+    /// only then runs. A task waiting for a slot or for its turn is never
+    /// shown as RUNNING; one running past `running_after` is.
     ///
     /// Records of a partition revoked meanwhile, and every record not started
     /// once the worker is stopping, are dropped from the pipeline
