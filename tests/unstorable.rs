@@ -8,10 +8,13 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::TestEnv;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use kser::Store;
+use kser::dead_letter::read_all;
 use kser::store::{NewOperation, NewTask, OperationStart, Recovery, StoreError, TaskStatus};
+use kser::{KafkaConfig, Producer, Store};
 
 /// How `sql` fails against a real Postgres, as a retry sees it.
 async fn recovery_of(conn: &mut AsyncPgConnection, sql: &str) -> (Recovery, String) {
@@ -167,4 +170,82 @@ async fn batches_over_the_bind_limit_are_written() {
         "3001",
         "each operation's first step is queued"
     );
+}
+
+/// One batch: good records around three that Postgres could never hold. The
+/// good ones succeed, the bad ones end (FAILED with their reason, or
+/// dead-lettered when not even their uuid can be stored), and the worker
+/// goes on with new records.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_postgres_refuses_end_and_the_rest_goes_on() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &["--batch-size", "100"]);
+    worker.wait_assigned();
+    let producer = Producer::new(&KafkaConfig::new(env.brokers.clone())).expect("producer");
+    let long_uuid = "u".repeat(3000);
+    let mut records = Vec::new();
+    for i in 0..40 {
+        records.push(format!(
+            r#"{{"uuid":"good-{i}","entrypoint":"showcase.Echo","params":{{"text":"ok"}}}}"#
+        ));
+        match i {
+            10 => records.push(
+                r#"{"uuid":"nul-result","entrypoint":"showcase.Sized","params":{"bytes":10,"nul":true}}"#.into(),
+            ),
+            20 => records.push(
+                r#"{"uuid":"nul-params","entrypoint":"showcase.Echo","params":{"text":"a\u0000b"}}"#.into(),
+            ),
+            30 => records.push(format!(
+                r#"{{"uuid":"{long_uuid}","entrypoint":"showcase.Echo","params":{{"text":"x"}}}}"#
+            )),
+            _ => {}
+        }
+    }
+    let sends = records
+        .iter()
+        .map(|record| producer.send_raw(&env.topic, None, Some(record.as_bytes())));
+    for sent in futures::future::join_all(sends).await {
+        sent.expect("send");
+    }
+    for i in 0..40 {
+        assert_eq!(env.wait_final(&format!("good-{i}"))["status"], "SUCCESS");
+    }
+    let nul_result = env.wait_final("nul-result");
+    assert_eq!(nul_result["status"], "FAILED");
+    let error = nul_result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("could not store the task in Postgres")
+            && error.contains("Unicode escape"),
+        "{error}"
+    );
+    let nul_params = env.wait_final("nul-params");
+    assert_eq!(nul_params["status"], "FAILED");
+    let error = nul_params["error"].as_str().unwrap_or_default();
+    assert!(error.contains("params.text holds a \\u0000"), "{error}");
+
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let dlq = format!("{}.dlq", env.topic);
+    let mut long = None;
+    common::wait_until(
+        "the long uuid dead-lettered",
+        Duration::from_secs(30),
+        || {
+            let entries = futures::executor::block_on(read_all(&kafka, &dlq)).expect("read");
+            long = entries.into_iter().find(|e| {
+                e.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("`uuid` is 3000 bytes"))
+            });
+            long.is_some()
+        },
+    );
+    assert_eq!(
+        env.sql("SELECT count(*) FROM kser.tasks WHERE length(uuid) > 128"),
+        "0"
+    );
+
+    let after = env.send("showcase", "showcase.Echo", r#"{"text": "after"}"#);
+    assert_eq!(env.wait_final(&after)["status"], "SUCCESS");
+    assert!(worker.exited().is_none(), "the worker lives");
+    worker.terminate(Duration::from_secs(20));
 }
