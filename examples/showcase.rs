@@ -71,6 +71,31 @@ impl Task for Echo {
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
+struct SizedParams {
+    /// How many bytes of stdout the result carries.
+    bytes: usize,
+    /// Put a NUL character in the result, which Postgres cannot store.
+    #[serde(default)]
+    nul: bool,
+}
+
+struct Sized;
+
+impl Task for Sized {
+    const ENTRYPOINT: &'static str = "showcase.Sized";
+    const DESCRIPTION: &'static str = "Returns a result of the requested size";
+    type Params = SizedParams;
+
+    async fn run(&self, _ctx: &TaskContext, params: SizedParams) -> Result<TaskResult, TaskError> {
+        let mut result = TaskResult::ok().with_stdout("x".repeat(params.bytes));
+        if params.nul {
+            result.retval.insert("text".into(), "a\0b".into());
+        }
+        Ok(result)
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct FailParams {
     reason: String,
     #[serde(default)]
@@ -373,6 +398,7 @@ fn main() -> ExitCode {
     let registered = registry
         .register(Echo)
         .and_then(|r| r.register(Fail))
+        .and_then(|r| r.register(Sized))
         .and_then(|r| r.register(Panic))
         .and_then(|r| r.register(Sleep))
         .and_then(|r| r.register(Hooked))

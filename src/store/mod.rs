@@ -9,6 +9,7 @@
 mod dead_letters;
 mod models;
 mod operations;
+mod recovery;
 mod retries;
 mod schema;
 
@@ -28,11 +29,23 @@ pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
 };
 pub use operations::{FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed};
+pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// The most bind parameters Postgres takes in one statement (the protocol
+/// counts them in 16 bits).
+const MAX_BIND_PARAMS: usize = 65_535;
+
+/// The most rows in one multi-row `INSERT` built by diesel, which binds one
+/// parameter per column and row: no kser table has more than 32 columns
+/// (diesel's `32-column-tables`), so this many rows always fit under
+/// [`MAX_BIND_PARAMS`], however many rows a batch brings. (The `unnest`
+/// statements bind one array per column and need no chunks.)
+pub(crate) const INSERT_CHUNK: usize = MAX_BIND_PARAMS / 32;
 
 /// How long to wait for a connection before calling the database unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,30 +101,6 @@ impl StoreError {
                     || message.contains("connection closed")
                     || message.contains("server closed the connection")
             }
-            _ => false,
-        }
-    }
-
-    /// Whether the error is about the rows themselves (a value Postgres
-    /// refuses), so retrying the same write cannot help. Anything else (a
-    /// lost connection, a restart) is worth waiting out.
-    pub fn is_data_error(&self) -> bool {
-        match self {
-            Self::Query(diesel::result::Error::DatabaseError(kind, info)) => {
-                matches!(
-                    kind,
-                    DatabaseErrorKind::UniqueViolation
-                        | DatabaseErrorKind::ForeignKeyViolation
-                        | DatabaseErrorKind::NotNullViolation
-                        | DatabaseErrorKind::CheckViolation
-                ) || {
-                    let message = info.message();
-                    message.contains("invalid input")
-                        || message.contains("unsupported Unicode")
-                        || message.contains("invalid byte sequence")
-                }
-            }
-            Self::Query(diesel::result::Error::SerializationError(_)) => true,
             _ => false,
         }
     }
@@ -280,12 +269,17 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
-        Ok(diesel::insert_into(tasks::table)
-            .values(rows)
-            .on_conflict_do_nothing()
-            .returning(tasks::uuid)
-            .get_results(&mut conn)
-            .await?)
+        let mut inserted = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let uuids: Vec<String> = diesel::insert_into(tasks::table)
+                .values(chunk)
+                .on_conflict_do_nothing()
+                .returning(tasks::uuid)
+                .get_results(&mut conn)
+                .await?;
+            inserted.extend(uuids);
+        }
+        Ok(inserted)
     }
 
     /// What was asked of existing tasks (uuid, entrypoint, params,
@@ -433,20 +427,24 @@ impl Store {
         }
         use diesel::query_dsl::methods::FilterDsl as _;
         let mut conn = self.conn().await?;
-        Ok(diesel::insert_into(tasks::table)
-            .values(rows)
-            .on_conflict(tasks::uuid)
-            .do_update()
-            .set((
-                tasks::status.eq(excluded(tasks::status)),
-                tasks::result.eq(excluded(tasks::result)),
-                tasks::error.eq(excluded(tasks::error)),
-                tasks::finished_at.eq(excluded(tasks::finished_at)),
-                tasks::updated_at.eq(excluded(tasks::updated_at)),
-            ))
-            .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
-            .execute(&mut conn)
-            .await?)
+        let mut written = 0;
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            written += diesel::insert_into(tasks::table)
+                .values(chunk)
+                .on_conflict(tasks::uuid)
+                .do_update()
+                .set((
+                    tasks::status.eq(excluded(tasks::status)),
+                    tasks::result.eq(excluded(tasks::result)),
+                    tasks::error.eq(excluded(tasks::error)),
+                    tasks::finished_at.eq(excluded(tasks::finished_at)),
+                    tasks::updated_at.eq(excluded(tasks::updated_at)),
+                ))
+                .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
+                .execute(&mut conn)
+                .await?;
+        }
+        Ok(written)
     }
 
     /// One task by uuid.

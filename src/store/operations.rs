@@ -7,6 +7,7 @@
 //! deletes it once the broker has it. A crash anywhere leaves either both
 //! the change and the message, or neither.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -18,7 +19,7 @@ use super::models::{
     NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
 };
 use super::schema::kser::{operations, outbox, tasks};
-use super::{Store, StoreError, TaskFilter};
+use super::{INSERT_CHUNK, Store, StoreError, TaskFilter};
 use crate::message::{JsonObject, Message, TaskResult};
 
 /// Metadata key naming the operation a step message belongs to.
@@ -65,12 +66,17 @@ impl Store {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
             let rows: Vec<&NewOperation> = starts.iter().map(|s| &s.operation).collect();
-            let created: Vec<String> = diesel::insert_into(operations::table)
-                .values(rows)
-                .on_conflict_do_nothing()
-                .returning(operations::uuid)
-                .get_results(conn)
-                .await?;
+            let mut created: Vec<String> = Vec::with_capacity(rows.len());
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let uuids: Vec<String> = diesel::insert_into(operations::table)
+                    .values(chunk.to_vec())
+                    .on_conflict_do_nothing()
+                    .returning(operations::uuid)
+                    .get_results(conn)
+                    .await?;
+                created.extend(uuids);
+            }
+            let is_new: HashSet<&str> = created.iter().map(String::as_str).collect();
             // `send` cannot tell a task from an operation, so it may have
             // recorded the message as a PENDING task: the operation replaces it.
             let uuids: Vec<&String> = starts.iter().map(|s| &s.operation.uuid).collect();
@@ -84,12 +90,12 @@ impl Store {
             .await?;
             let new: Vec<&OperationStart> = starts
                 .iter()
-                .filter(|s| created.contains(&s.operation.uuid))
+                .filter(|s| is_new.contains(s.operation.uuid.as_str()))
                 .collect();
             let task_rows: Vec<&NewTask> = new.iter().flat_map(|s| &s.tasks).collect();
-            if !task_rows.is_empty() {
+            for chunk in task_rows.chunks(INSERT_CHUNK) {
                 diesel::insert_into(tasks::table)
-                    .values(task_rows)
+                    .values(chunk.to_vec())
                     .execute(conn)
                     .await?;
             }
@@ -106,9 +112,9 @@ impl Store {
                     ))
                 })
                 .collect();
-            if !messages.is_empty() {
+            for chunk in messages.chunks(INSERT_CHUNK) {
                 diesel::insert_into(outbox::table)
-                    .values(messages)
+                    .values(chunk)
                     .execute(conn)
                     .await?;
             }

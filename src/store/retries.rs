@@ -7,7 +7,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::models::{AttemptRow, NewOutbox, NewTask};
 use super::schema::kser::{outbox, task_attempts, tasks};
-use super::{Store, StoreError, outcome_query};
+use super::{INSERT_CHUNK, Store, StoreError, outcome_query};
 
 /// A failed attempt to retry: the task row as the attempt left it (its
 /// `next_attempt_at` says when the next one is due) and the message to send
@@ -71,16 +71,18 @@ impl Store {
                     error: r.row.error.clone(),
                 })
                 .collect();
-            diesel::insert_into(task_attempts::table)
-                .values(&attempts)
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
+            for chunk in attempts.chunks(INSERT_CHUNK) {
+                diesel::insert_into(task_attempts::table)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+            }
             let messages: Vec<&NewOutbox> =
                 kept.iter().filter_map(|r| r.message.as_ref()).collect();
-            if !messages.is_empty() {
+            for chunk in messages.chunks(INSERT_CHUNK) {
                 diesel::insert_into(outbox::table)
-                    .values(messages)
+                    .values(chunk.to_vec())
                     .execute(conn)
                     .await?;
             }
@@ -102,21 +104,27 @@ impl Store {
         }
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let inserted: Vec<String> = diesel::insert_into(tasks::table)
-                .values(rows)
-                .on_conflict_do_nothing()
-                .returning(tasks::uuid)
-                .get_results(conn)
-                .await?;
+            let mut inserted: Vec<String> = Vec::with_capacity(rows.len());
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let uuids: Vec<String> = diesel::insert_into(tasks::table)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .returning(tasks::uuid)
+                    .get_results(conn)
+                    .await?;
+                inserted.extend(uuids);
+            }
+            let is_new: std::collections::HashSet<&str> =
+                inserted.iter().map(String::as_str).collect();
             let due: Vec<&NewOutbox> = rows
                 .iter()
                 .zip(messages)
-                .filter(|(row, _)| inserted.contains(&row.uuid))
+                .filter(|(row, _)| is_new.contains(row.uuid.as_str()))
                 .map(|(_, message)| message)
                 .collect();
-            if !due.is_empty() {
+            for chunk in due.chunks(INSERT_CHUNK) {
                 diesel::insert_into(outbox::table)
-                    .values(due)
+                    .values(chunk.to_vec())
                     .execute(conn)
                     .await?;
             }

@@ -5,10 +5,18 @@
 //! it is dead-lettered as it came, and its error says "cannot decrypt" and
 //! nothing of its content.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::crypto::{DecryptError, Envelope, SecretBox};
 use crate::message::Message;
+
+/// The longest uuid kser takes, in bytes. Postgres would index a longer one
+/// up to about 2,700 bytes, then refuse it; no uuid needs that much.
+pub const MAX_UUID_BYTES: usize = 128;
+
+/// The longest entrypoint name kser takes, in bytes.
+pub const MAX_ENTRYPOINT_BYTES: usize = 256;
 
 /// What a record turned out to be.
 #[derive(Debug)]
@@ -96,6 +104,18 @@ fn message(value: Value, encrypted: bool) -> Decoded {
     };
     let uuid = text_field("uuid");
     let entrypoint = text_field("entrypoint");
+    if let Some(long) = uuid.as_ref().filter(|u| u.len() > MAX_UUID_BYTES) {
+        // Not stored under it: the record goes to the dead-letter topic.
+        return invalid(
+            None,
+            None,
+            format!(
+                "not a kser message: field `uuid` is {} bytes long; kser takes at most {MAX_UUID_BYTES}",
+                long.len()
+            ),
+        );
+    }
+    let entrypoint = entrypoint.filter(|e| e.len() <= MAX_ENTRYPOINT_BYTES);
     if uuid.is_none() {
         return invalid(
             None,
@@ -109,7 +129,24 @@ fn message(value: Value, encrypted: bool) -> Decoded {
             None,
             "not a kser message: field `entrypoint` is empty".into(),
         ),
-        Ok(message) => Decoded::Message(message),
+        Ok(message) if message.entrypoint.len() > MAX_ENTRYPOINT_BYTES => invalid(
+            uuid,
+            None,
+            format!(
+                "not a kser message: field `entrypoint` is {} bytes long; kser takes at most {MAX_ENTRYPOINT_BYTES}",
+                message.entrypoint.len()
+            ),
+        ),
+        Ok(message) => match nul_path(&message) {
+            Some(path) => invalid(
+                uuid,
+                entrypoint,
+                format!(
+                    "not a kser message: {path} holds a \\u0000 character, which Postgres cannot store (jsonb refuses it)"
+                ),
+            ),
+            None => Decoded::Message(message),
+        },
         Err(err) => {
             let path = err.path().to_string();
             let error = if path == "." {
@@ -122,6 +159,58 @@ fn message(value: Value, encrypted: bool) -> Decoded {
             invalid(uuid, entrypoint, error)
         }
     }
+}
+
+/// Where in a message's JSON a string or key holds NUL, which jsonb cannot
+/// store: `params.a[2]`, or `None`.
+fn nul_path(message: &Message) -> Option<String> {
+    let in_object = |name: &str, object: &crate::message::JsonObject| {
+        object.iter().find_map(|(key, value)| {
+            let path = format!("{name}.{key}");
+            if key.contains('\0') {
+                Some(format!("{name}: a key"))
+            } else {
+                nul_in(value, path)
+            }
+        })
+    };
+    let result = message
+        .result
+        .as_ref()
+        .and_then(|r| serde_json::to_value(r).ok());
+    in_object("params", &message.params)
+        .or_else(|| in_object("metadata", &message.metadata))
+        .or_else(|| result.and_then(|r| nul_in(&r, "result".into())))
+}
+
+fn nul_in(value: &Value, path: String) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_in(item, format!("{path}[{i}]"))),
+        Value::Object(object) => object.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(format!("{path}: a key"))
+            } else {
+                nul_in(item, format!("{path}.{key}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// A record timestamp as Postgres can store it (4713 BC to 294276 AD):
+/// `None` for one it cannot, or none at all, rather than a row it refuses.
+pub fn storable_timestamp(millis: Option<i64>) -> Option<DateTime<Utc>> {
+    let time = DateTime::from_timestamp_millis(millis?)?;
+    // chrono reaches further back than Postgres, not further ahead.
+    // 4713 BC is year -4712 in chrono's (astronomical) numbering.
+    let earliest = chrono::NaiveDate::from_ymd_opt(-4712, 11, 24)?
+        .and_hms_opt(0, 0, 0)?
+        .and_utc();
+    (time >= earliest).then_some(time)
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -168,6 +257,54 @@ mod tests {
         let (uuid, error) = error_of(br#"{"uuid":"u2","entrypoint":"e","params":[1]}"#);
         assert_eq!(uuid.as_deref(), Some("u2"));
         assert!(error.contains("params"), "{error}");
+    }
+
+    #[test]
+    fn refuses_what_postgres_cannot_hold() {
+        let long = "u".repeat(MAX_UUID_BYTES + 1);
+        let (uuid, error) = error_of(format!(r#"{{"uuid":"{long}","entrypoint":"e"}}"#).as_bytes());
+        assert_eq!(uuid, None, "dead-lettered, not stored under that uuid");
+        assert!(error.contains("`uuid` is 129 bytes long"), "{error}");
+        let ok = "u".repeat(MAX_UUID_BYTES);
+        let payload = format!(r#"{{"uuid":"{ok}","entrypoint":"e"}}"#);
+        assert!(matches!(
+            decode(Some(payload.as_bytes()), None),
+            Decoded::Message(_)
+        ));
+
+        let name = "e".repeat(MAX_ENTRYPOINT_BYTES + 1);
+        let (uuid, error) = error_of(format!(r#"{{"uuid":"u","entrypoint":"{name}"}}"#).as_bytes());
+        assert_eq!(uuid.as_deref(), Some("u"));
+        assert!(error.contains("`entrypoint` is 257 bytes long"), "{error}");
+
+        for (payload, path) in [
+            (
+                r#"{"uuid":"u","entrypoint":"e","params":{"a":["x","b\u0000"]}}"#,
+                "params.a[1]",
+            ),
+            (
+                r#"{"uuid":"u","entrypoint":"e","metadata":{"k":{"n":"\u0000"}}}"#,
+                "metadata.k.n",
+            ),
+            (
+                r#"{"uuid":"u","entrypoint":"e","params":{"k\u0000":1}}"#,
+                "params: a key",
+            ),
+        ] {
+            let (uuid, error) = error_of(payload.as_bytes());
+            assert_eq!(uuid.as_deref(), Some("u"));
+            assert!(error.contains(path) && error.contains("\\u0000"), "{error}");
+        }
+    }
+
+    #[test]
+    fn timestamps_postgres_cannot_store_are_dropped() {
+        assert!(storable_timestamp(Some(0)).is_some());
+        assert!(storable_timestamp(Some(-1_000_000_000_000)).is_some());
+        // 7000 BC, and beyond chrono.
+        assert_eq!(storable_timestamp(Some(-283_000_000_000_000)), None);
+        assert_eq!(storable_timestamp(Some(i64::MAX)), None);
+        assert_eq!(storable_timestamp(None), None);
     }
 
     fn encrypted_error(payload: &[u8], secretbox: Option<&SecretBox>) -> (Option<String>, String) {

@@ -200,7 +200,7 @@ impl Shared {
                 Ok((row, operation)) => return Transacted::Committed(row, operation),
                 Err(TxAbort::Ran(row, resend)) => return Transacted::Ran(*row, resend),
                 Err(TxAbort::Fenced) => return Transacted::Fenced(task.message.uuid),
-                Err(TxAbort::Store(err, Some(row))) if !err.is_connection_error() => {
+                Err(TxAbort::Store(err, Some(row))) if err.is_permanent() => {
                     // The run succeeded but its state could not be stored:
                     // its writes rolled back; record why, without them.
                     let mut row = *row;

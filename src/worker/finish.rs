@@ -131,33 +131,31 @@ impl Shared {
         if retries.is_empty() {
             return Some(Vec::new());
         }
-        let mut refused = Vec::new();
-        match self
-            .retry_db("record retries", || self.store.retry_tasks(retries))
-            .await?
-        {
-            Ok(_) => {}
-            Err(_) => {
-                for retry in retries {
-                    let single = std::slice::from_ref(retry);
-                    if let Err(err) = self
-                        .retry_db("record a retry", || self.store.retry_tasks(single))
-                        .await?
-                    {
-                        tracing::warn!(task.uuid = %retry.row.uuid, error = %err, "could not record the retry; the task fails");
-                        refused.push(retry.row.clone());
-                    }
-                }
-            }
-        }
+        let isolated = self
+            .write_isolating("record retries", retries, |retries| {
+                self.store.retry_tasks(retries)
+            })
+            .await?;
+        let refused: Vec<NewTask> = isolated
+            .refused
+            .into_iter()
+            .map(|(index, err)| {
+                let row = &retries[index].row;
+                tracing::warn!(task.uuid = %row.uuid, error = %err, "could not record the retry; the task fails");
+                row.clone()
+            })
+            .collect();
         Counters::add(&self.counters.retried, retries.len() - refused.len());
         Some(refused)
     }
 
-    /// Writes final rows, waiting out database outages; a row Postgres
-    /// refuses is stored without the offending values. Returns the
-    /// operations that finished, or `None` when the shutdown deadline passed
-    /// before the write.
+    /// Writes final rows, waiting out database outages. When Postgres
+    /// refuses the batch for good, it is split until the rows at fault are
+    /// found ([`write_isolating`](Self::write_isolating)); the others are
+    /// written, and each refused row is stored FAILED without the offending
+    /// values, saying why (or, if even that is refused, only logged).
+    /// Returns the operations that finished, or `None` when the shutdown
+    /// deadline passed before the write.
     pub(super) async fn write_finished(
         &self,
         rows: &[NewTask],
@@ -166,27 +164,14 @@ impl Shared {
         if rows.is_empty() {
             return Some(Vec::new());
         }
-        if let Ok(finished) = self
-            .retry_db("record finished tasks", || self.write_outcomes(rows, kind))
-            .await?
-        {
-            return Some(finished);
-        }
-        let mut finished = Vec::new();
-        for row in rows {
-            let single = std::slice::from_ref(row);
-            let err = match self
-                .retry_db("record a finished task", || {
-                    self.write_outcomes(single, kind)
-                })
-                .await?
-            {
-                Ok(done) => {
-                    finished.extend(done);
-                    continue;
-                }
-                Err(err) => err,
-            };
+        let isolated = self
+            .write_isolating("record finished tasks", rows, |rows| {
+                self.write_outcomes(rows, kind)
+            })
+            .await?;
+        let mut finished: Vec<FinishedOperation> = isolated.written.into_iter().flatten().collect();
+        for (index, err) in isolated.refused {
+            let row = &rows[index];
             let mut stripped = row.clone();
             unstorable(&mut stripped, &err);
             let single = std::slice::from_ref(&stripped);
@@ -204,7 +189,7 @@ impl Shared {
             {
                 Ok(done) => {
                     finished.extend(done);
-                    tracing::warn!(task.uuid = %row.uuid, error = %err, "stored the task without values Postgres refused");
+                    tracing::warn!(task.uuid = %row.uuid, error = %err, "stored the task FAILED without the values Postgres refused");
                 }
                 Err(err) => {
                     tracing::error!(task.uuid = %row.uuid, error = %err, "Postgres refused the task's state; it is only in this log");

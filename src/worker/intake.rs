@@ -215,7 +215,7 @@ impl Shared {
                 payload: record.payload().map(<[u8]>::to_vec),
                 timestamp: millis,
             }),
-            timestamp: millis.and_then(DateTime::from_timestamp_millis),
+            timestamp: decode::storable_timestamp(millis),
         }
     }
 }

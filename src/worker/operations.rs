@@ -2,6 +2,7 @@
 //! arrives, running its finish hook, and relaying the outbox (the next step
 //! messages) to Kafka, encrypted when the worker has a key.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,54 +40,36 @@ impl Shared {
             starts.push(self.build_operation(&received, message, now));
             positions.push(received.position);
         }
-        let Some(outcome) = self
-            .retry_db("record operations", || {
-                self.store.create_operations(&starts)
+        // One operation holding a value Postgres refuses is found by
+        // splitting the batch; the others are recorded, it is recorded
+        // FAILED without its values.
+        let Some(isolated) = self
+            .write_isolating("record operations", &starts, |starts| {
+                self.store.create_operations(starts)
             })
             .await
         else {
             return false;
         };
-        let created = match outcome {
-            Ok(created) => created,
-            Err(_) => {
-                // One of them holds a value Postgres refuses: record each on
-                // its own, and the refused ones as FAILED without their values.
-                let mut created = Vec::new();
-                for start in &starts {
-                    let single = std::slice::from_ref(start);
-                    let Some(outcome) = self
-                        .retry_db("record an operation", || {
-                            self.store.create_operations(single)
-                        })
-                        .await
-                    else {
-                        return false;
-                    };
-                    match outcome {
-                        Ok(one) => created.extend(one),
-                        Err(err) => {
-                            let stripped = unstorable_operation(start, &err);
-                            let single = std::slice::from_ref(&stripped);
-                            match self
-                                .retry_db("record an operation", || {
-                                    self.store.create_operations(single)
-                                })
-                                .await
-                            {
-                                None => return false,
-                                Some(Ok(one)) => created.extend(one),
-                                Some(Err(err)) => tracing::error!(
-                                    operation.uuid = %start.operation.uuid, error = %err,
-                                    "Postgres refused the operation; it is only in this log"
-                                ),
-                            }
-                        }
-                    }
-                }
-                created
+        let mut created: HashSet<String> = isolated.written.into_iter().flatten().collect();
+        for (index, err) in isolated.refused {
+            let start = &starts[index];
+            let stripped = unstorable_operation(start, &err);
+            let single = std::slice::from_ref(&stripped);
+            match self
+                .retry_db("record an unstorable operation", || {
+                    self.store.create_operations(single)
+                })
+                .await
+            {
+                None => return false,
+                Some(Ok(one)) => created.extend(one),
+                Some(Err(err)) => tracing::error!(
+                    operation.uuid = %start.operation.uuid, error = %err,
+                    "Postgres refused the operation; it is only in this log"
+                ),
             }
-        };
+        }
         for start in &starts {
             let op = &start.operation;
             if !created.contains(&op.uuid) {

@@ -308,27 +308,23 @@ impl Shared {
         uuids: &[String],
     ) -> Option<HashMap<String, Result<StartedTask, Box<NewTask>>>> {
         let claimed = self
-            .retry_db("look up started tasks", || self.store.claim_tasks(uuids))
+            .write_isolating("look up started tasks", uuids, |uuids| {
+                self.store.claim_tasks(uuids)
+            })
             .await?;
-        if let Ok(claimed) = claimed {
-            return Some(claimed.into_iter().map(|(u, s)| (u, Ok(s))).collect());
-        }
-        let mut started = HashMap::new();
-        for uuid in uuids {
-            let single = std::slice::from_ref(uuid);
-            match self
-                .retry_db("look up a started task", || self.store.claim_tasks(single))
-                .await?
-            {
-                Ok(claimed) => started.extend(claimed.into_iter().map(|(u, s)| (u, Ok(s)))),
-                Err(err) => {
-                    tracing::warn!(task.uuid = %uuid, error = %err, "Postgres refused the task; recording it as FAILED");
-                    let mut failed = NewTask::new(uuid.clone(), String::new(), TaskStatus::Failed);
-                    failed.attempts = 1;
-                    unstorable(&mut failed, &err);
-                    started.insert(uuid.clone(), Err(Box::new(failed)));
-                }
-            }
+        let mut started: HashMap<_, _> = claimed
+            .written
+            .into_iter()
+            .flatten()
+            .map(|(uuid, started)| (uuid, Ok(started)))
+            .collect();
+        for (index, err) in claimed.refused {
+            let uuid = &uuids[index];
+            tracing::warn!(task.uuid = %uuid, error = %err, "Postgres refused the task; recording it as FAILED");
+            let mut failed = NewTask::new(uuid.clone(), String::new(), TaskStatus::Failed);
+            failed.attempts = 1;
+            unstorable(&mut failed, &err);
+            started.insert(uuid.clone(), Err(Box::new(failed)));
         }
         Some(started)
     }
