@@ -249,3 +249,32 @@ async fn records_postgres_refuses_end_and_the_rest_goes_on() {
     assert!(worker.exited().is_none(), "the worker lives");
     worker.terminate(Duration::from_secs(20));
 }
+
+/// A result over `--max-result-bytes` ends its task FAILED, "result too
+/// large", not retried; a result under it is kept whole.
+#[test]
+fn a_result_over_the_cap_ends_failed_and_the_worker_goes_on() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker(
+        "showcase",
+        &["--max-result-bytes", "4096", "--max-attempts", "3"],
+    );
+    worker.wait_assigned();
+    let big = env.send("showcase", "showcase.Sized", r#"{"bytes": 5000}"#);
+    let small = env.send("showcase", "showcase.Sized", r#"{"bytes": 3000}"#);
+    let failed = env.wait_final(&big);
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("result too large"), "{failed}");
+    assert!(error.contains("4096"), "{failed}");
+    assert_eq!(failed["attempts"], 1, "not retried: {failed}");
+    let kept = env.wait_final(&small);
+    assert_eq!(kept["status"], "SUCCESS", "{kept}");
+    assert_eq!(
+        kept["result"]["stdout"].as_str().map(str::len),
+        Some(3000),
+        "{kept}"
+    );
+    assert!(worker.exited().is_none(), "the worker lives");
+    worker.terminate(Duration::from_secs(20));
+}

@@ -220,6 +220,10 @@ struct WorkerArgs {
     /// A task that ends sooner is written once, with its outcome.
     #[arg(long, env = "KSER_RUNNING_AFTER", default_value = "1s", value_parser = values::duration(Duration::ZERO, Duration::from_secs(86_400)))]
     running_after: Duration,
+    /// The largest task result kept, in bytes of JSON (default 16 MiB): a
+    /// task returning more ends FAILED "result too large".
+    #[arg(long, env = "KSER_MAX_RESULT_BYTES", default_value = "16777216", value_parser = values::count::<usize>(1024, 256 << 20))]
+    max_result_bytes: usize,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -310,6 +314,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.group_protocol = args.group_protocol;
             config.ordering = args.ordering;
             config.running_after = args.running_after;
+            config.max_result_bytes = args.max_result_bytes;
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
             config.layout = TopicLayout {

@@ -325,6 +325,7 @@ impl Shared {
                 )
             }),
         };
+        let result = self.within_cap(result);
         let status = if result.is_success() {
             TaskStatus::Success
         } else {
@@ -376,6 +377,26 @@ impl Shared {
         (row, Some(resend))
     }
 
+    /// The result, or a FAILED one saying it was too large to keep: a task
+    /// that returns more than `max_result_bytes` of JSON ends FAILED (not
+    /// retried), and the worker goes on.
+    fn within_cap(&self, result: TaskResult) -> TaskResult {
+        let size = json_size(&result);
+        if size <= self.max_result_bytes {
+            return result;
+        }
+        TaskResult::error(
+            500,
+            ErrorKind::Fatal,
+            format!(
+                "result too large: {size} bytes of JSON, over the worker's limit of {} \
+                 (--max-result-bytes)",
+                self.max_result_bytes
+            ),
+            Value::Null,
+        )
+    }
+
     pub(super) fn locate(
         &self,
         row: &mut NewTask,
@@ -387,5 +408,25 @@ impl Shared {
         row.kafka_partition = Some(position.partition);
         row.kafka_offset = Some(position.offset);
         row.enqueued_at = enqueued_at;
+    }
+}
+
+/// How many bytes `value` takes as JSON, counted without building the text.
+fn json_size(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        // Not serializable: it cannot be stored at all.
+        Err(_) => usize::MAX,
     }
 }

@@ -116,6 +116,10 @@ pub struct WorkerConfig {
     /// sooner is written once, with its outcome, which is what makes short
     /// tasks cheap; `status` shows a longer one as RUNNING from then on.
     pub running_after: Duration,
+    /// The largest task result kept, in bytes of JSON: a task returning more
+    /// ends FAILED "result too large" (Postgres could not hold it anyway
+    /// past 255 MiB, and memory would suffer long before).
+    pub max_result_bytes: usize,
 }
 
 impl WorkerConfig {
@@ -136,6 +140,7 @@ impl WorkerConfig {
             instance_id: None,
             ordering: Ordering::default(),
             running_after: Duration::from_secs(1),
+            max_result_bytes: 16 << 20,
         }
     }
 }
@@ -399,6 +404,8 @@ struct Shared {
     in_flight: Mutex<HashMap<String, InFlight>>,
     /// How long a task runs before the marker writes it RUNNING.
     running_after: Duration,
+    /// The largest task result kept, in bytes of JSON.
+    max_result_bytes: usize,
     worker_id: String,
     batch_size: usize,
     /// Cancelled when the shutdown deadline passes: stop waiting for the
@@ -475,6 +482,7 @@ impl Worker {
             transactions: Semaphore::new(transaction_slots),
             ordering: config.ordering,
             running_after: config.running_after,
+            max_result_bytes: config.max_result_bytes,
             lane_done,
             consumer: RwLock::new(Arc::new(consumer)),
             spec,

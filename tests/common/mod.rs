@@ -193,15 +193,21 @@ impl TestEnv {
 
     /// Waits until `query` (a count) returns `expected`.
     pub fn wait_count(&self, query: &str, expected: i64, timeout: Duration) {
-        let mut seen = String::new();
-        wait_until(
-            &format!("`{query}` to reach {expected} (last: {seen})"),
-            timeout,
-            || {
-                seen = self.sql(query);
-                seen.trim().parse::<i64>().ok() == Some(expected)
-            },
-        );
+        let start = Instant::now();
+        loop {
+            let seen = self.sql(query);
+            if seen.trim().parse::<i64>().ok() == Some(expected) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for `{query}` to reach {expected} \
+                 (last: {}){}",
+                seen.trim(),
+                broker_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
