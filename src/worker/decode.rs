@@ -34,6 +34,38 @@ pub enum Decoded {
 
 /// Decodes a record value, plain or encrypted for `secretbox`.
 pub fn decode(payload: Option<&[u8]>, secretbox: Option<&SecretBox>) -> Decoded {
+    // The common case in one pass: a well-formed plain message is read
+    // straight into a `Message`. Anything else (an envelope, a field in
+    // doubt, an error to explain) takes the careful path, which decides
+    // exactly as it would have alone.
+    if let Some(message) = payload.and_then(well_formed) {
+        return Decoded::Message(message);
+    }
+    decode_carefully(payload, secretbox)
+}
+
+/// A plain record value that is a kser message Postgres can store, read in
+/// one pass, or `None` to look closer. (An envelope has no `uuid`, so it is
+/// never read as a message here.)
+fn well_formed(bytes: &[u8]) -> Option<Message> {
+    let message: Message = serde_json::from_slice(bytes).ok()?;
+    let fits = |text: &str, max: usize| {
+        !text.trim().is_empty() && !text.contains('\0') && text.len() <= max
+    };
+    let ok = fits(&message.uuid, MAX_UUID_BYTES)
+        && fits(&message.entrypoint, MAX_ENTRYPOINT_BYTES)
+        // JSON writes NUL as \u0000: without one, nothing holds NUL.
+        && (!may_hold_nul(bytes) || nul_path(&message).is_none());
+    ok.then_some(message)
+}
+
+/// Whether JSON text may encode a NUL character (`\u0000`).
+fn may_hold_nul(json: &[u8]) -> bool {
+    json.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
+}
+
+/// Decodes a record value field by field, explaining what is wrong.
+fn decode_carefully(payload: Option<&[u8]>, secretbox: Option<&SecretBox>) -> Decoded {
     let value = match parse(payload) {
         Ok(value) => value,
         Err(error) => return invalid(None, None, error),
@@ -128,6 +160,11 @@ fn message(value: Value, encrypted: bool) -> Decoded {
             uuid,
             None,
             "not a kser message: field `entrypoint` is empty".into(),
+        ),
+        Ok(message) if message.entrypoint.contains('\0') => invalid(
+            uuid,
+            None,
+            "not a kser message: field `entrypoint` holds a \\u0000 character, which Postgres cannot store".into(),
         ),
         Ok(message) if message.entrypoint.len() > MAX_ENTRYPOINT_BYTES => invalid(
             uuid,
@@ -364,5 +401,148 @@ mod tests {
             "{error}"
         );
         assert!(!error.contains("s3cret"), "{error}");
+    }
+}
+
+/// Property tests: the decoder never panics, whatever a record holds, and its
+/// one-pass path decides exactly as the careful one. `PROPTEST_CASES` sets
+/// how many inputs each property tries (256 by default).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    /// Strings that stress the checks: empty, blank, NUL, control
+    /// characters, long ones, non-ASCII.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("  ".to_owned()),
+            Just("a\0b".to_owned()),
+            "[a-z0-9.-]{1,12}",
+            "\\PC{0,8}",
+            "[\\x00-\\x1f]{1,3}",
+            (1usize..400).prop_map(|n| "u".repeat(n)),
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(text(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    /// Objects shaped like kser messages, each field present or not, right
+    /// or wrong.
+    fn message_like() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::option::of(prop_oneof![text().prop_map(Value::from), json_value()]),
+            prop::option::of(prop_oneof![text().prop_map(Value::from), json_value()]),
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+            prop::option::of(prop_oneof![
+                json_value(),
+                Just(json!({"uuid": "r", "retcode": 0, "stdout": "", "stderr": "", "retval": {}})),
+            ]),
+        )
+            .prop_map(|(uuid, entrypoint, params, metadata, result)| {
+                let mut object = Map::new();
+                for (name, value) in [
+                    ("uuid", uuid),
+                    ("entrypoint", entrypoint),
+                    ("params", params),
+                    ("metadata", metadata),
+                    ("result", result),
+                ] {
+                    if let Some(value) = value {
+                        object.insert(name.to_owned(), value);
+                    }
+                }
+                serde_json::to_vec(&Value::Object(object)).expect("JSON")
+            })
+    }
+
+    /// Both paths' decisions, comparable: a result without a uuid gets a
+    /// random one, which is left out.
+    fn decided(payload: &[u8]) -> (String, String) {
+        let comparable = |decoded: Decoded| match decoded {
+            Decoded::Message(mut message) => {
+                if let Some(result) = &mut message.result {
+                    result.uuid.clear();
+                }
+                format!("{message:?}")
+            }
+            invalid => format!("{invalid:?}"),
+        };
+        (
+            comparable(decode(Some(payload), None)),
+            comparable(decode_carefully(Some(payload), None)),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_decided_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let (fast, careful) = decided(&bytes);
+            prop_assert_eq!(fast, careful);
+        }
+
+        #[test]
+        fn message_like_records_are_decided_alike(payload in message_like()) {
+            let (fast, careful) = decided(&payload);
+            prop_assert_eq!(fast, careful);
+            // What is decoded as a message is storable as it is.
+            if let Decoded::Message(message) = decode(Some(&payload), None) {
+                prop_assert!(!message.uuid.trim().is_empty());
+                prop_assert!(message.uuid.len() <= MAX_UUID_BYTES);
+                prop_assert!(!message.uuid.contains('\0'));
+                prop_assert!(!message.entrypoint.trim().is_empty());
+                prop_assert!(!message.entrypoint.contains('\0'));
+                prop_assert!(nul_path(&message).is_none());
+            }
+        }
+
+        #[test]
+        fn valid_messages_round_trip(
+            entrypoint in "[a-z]{1,8}\\.[A-Z][a-z]{0,8}",
+            params in prop::collection::btree_map("[a-z]{1,6}", json_value(), 0..4),
+        ) {
+            let params: Map<String, Value> = params.into_iter().collect();
+            let message = Message::new(entrypoint, params);
+            let holds_nul = nul_path(&message).is_some();
+            match decode(Some(&message.to_bytes()), None) {
+                Decoded::Message(back) => prop_assert_eq!(back, message),
+                Decoded::Invalid { error, .. } => prop_assert!(holds_nul, "{}", error),
+            }
+        }
+
+        #[test]
+        fn sealed_records_decode_as_their_plaintext(payload in message_like()) {
+            let secretbox = SecretBox::new([7; 32]);
+            let sealed = secretbox.seal(&payload);
+            let plain = decode(Some(&payload), None);
+            match (decode(Some(&sealed), Some(&secretbox)), plain) {
+                (Decoded::Message(a), Decoded::Message(b)) => {
+                    prop_assert_eq!((&a.uuid, &a.entrypoint, &a.params), (&b.uuid, &b.entrypoint, &b.params));
+                }
+                (Decoded::Invalid { error, .. }, Decoded::Invalid { .. }) => {
+                    prop_assert!(error.starts_with("decrypted, but"), "{}", error);
+                }
+                (a, b) => prop_assert!(false, "sealed {:?}, plain {:?}", a, b),
+            }
+        }
     }
 }
