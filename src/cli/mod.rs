@@ -224,6 +224,12 @@ struct WorkerArgs {
     /// task returning more ends FAILED "result too large".
     #[arg(long, env = "KSER_MAX_RESULT_BYTES", default_value = "16777216", value_parser = values::count::<usize>(1024, 256 << 20))]
     max_result_bytes: usize,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` at this
+    /// address, e.g. 0.0.0.0:8888. Python kser's `KSER_METRICS_ENABLED=yes`
+    /// (with `KSER_METRICS_PORT`, default 8888, and `KSER_METRICS_ADDRESS`,
+    /// default 0.0.0.0) turns it on too.
+    #[arg(long, env = "KSER_HTTP", value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -315,6 +321,10 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.ordering = args.ordering;
             config.running_after = args.running_after;
             config.max_result_bytes = args.max_result_bytes;
+            config.http = match args.http {
+                Some(address) => Some(address),
+                None => python_metrics_address(|name| std::env::var(name).ok())?,
+            };
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
             config.layout = TopicLayout {
@@ -479,6 +489,35 @@ async fn connect_sized(database_url: &Option<String>, connections: usize) -> any
     Ok(Store::connect(url, connections).await?)
 }
 
+/// Where Python kser's settings ask for metrics: `KSER_METRICS_ENABLED`
+/// (`yes`, `true`, `1`, `on`), `KSER_METRICS_ADDRESS` (0.0.0.0) and
+/// `KSER_METRICS_PORT` (8888).
+fn python_metrics_address(
+    var: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let enabled = var("KSER_METRICS_ENABLED").is_some_and(|value| {
+        ["yes", "true", "1", "on"].contains(&value.trim().to_ascii_lowercase().as_str())
+    });
+    if !enabled {
+        return Ok(None);
+    }
+    let address = var("KSER_METRICS_ADDRESS").unwrap_or_else(|| "0.0.0.0".into());
+    let address: std::net::IpAddr = address.trim().parse().with_context(|| {
+        format!(
+            "KSER_METRICS_ADDRESS must be an IP address, not '{}'",
+            address.trim()
+        )
+    })?;
+    let port = var("KSER_METRICS_PORT").unwrap_or_else(|| "8888".into());
+    let port: u16 = port.trim().parse().with_context(|| {
+        format!(
+            "KSER_METRICS_PORT must be a port number, not '{}'",
+            port.trim()
+        )
+    })?;
+    Ok(Some((address, port).into()))
+}
+
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
 async fn forward_signals(shutdown: CancellationToken) {
     let mut signals = 0;
@@ -563,5 +602,41 @@ mod tests {
                 "{args:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn python_kser_metrics_settings_turn_http_on() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| (*value).to_owned())
+            }
+        };
+        assert_eq!(python_metrics_address(env(&[])).expect("off"), None);
+        assert_eq!(
+            python_metrics_address(env(&[("KSER_METRICS_ENABLED", "no")])).expect("off"),
+            None
+        );
+        assert_eq!(
+            python_metrics_address(env(&[("KSER_METRICS_ENABLED", "Yes")])).expect("on"),
+            Some("0.0.0.0:8888".parse().expect("address"))
+        );
+        assert_eq!(
+            python_metrics_address(env(&[
+                ("KSER_METRICS_ENABLED", "true"),
+                ("KSER_METRICS_ADDRESS", "127.0.0.1"),
+                ("KSER_METRICS_PORT", "9100"),
+            ]))
+            .expect("on"),
+            Some("127.0.0.1:9100".parse().expect("address"))
+        );
+        let err = python_metrics_address(env(&[
+            ("KSER_METRICS_ENABLED", "1"),
+            ("KSER_METRICS_PORT", "http"),
+        ]))
+        .expect_err("bad port");
+        assert!(err.to_string().contains("KSER_METRICS_PORT"), "{err}");
     }
 }

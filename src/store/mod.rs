@@ -447,6 +447,34 @@ impl Store {
         Ok(written)
     }
 
+    /// Whether the database answers a query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Messages waiting in the outbox, and the age of the oldest in seconds
+    /// (0 when it is empty).
+    pub async fn outbox_backlog(&self) -> Result<(i64, f64), StoreError> {
+        #[derive(QueryableByName)]
+        struct Backlog {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            rows: i64,
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            oldest: f64,
+        }
+        let mut conn = self.conn().await?;
+        let backlog: Backlog = diesel::sql_query(
+            "SELECT count(*) AS rows, \
+                 coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest \
+             FROM kser.outbox",
+        )
+        .get_result(&mut conn)
+        .await?;
+        Ok((backlog.rows, backlog.oldest))
+    }
+
     /// One task by uuid.
     pub async fn task(&self, uuid: &str) -> Result<Option<TaskRow>, StoreError> {
         let mut conn = self.conn().await?;

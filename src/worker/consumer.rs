@@ -77,6 +77,8 @@ pub(crate) struct ConsumerSpec {
     pub(crate) protocol: GroupProtocol,
     pub(crate) instance_id: Option<String>,
     pub(crate) topics: Vec<String>,
+    /// Whether librdkafka reports statistics (consumer lag) for `/metrics`.
+    pub(crate) statistics: bool,
 }
 
 impl ConsumerSpec {
@@ -119,6 +121,9 @@ impl ConsumerSpec {
             Some(id) => client.set("group.instance.id", id),
             None => client.remove("group.instance.id"),
         };
+        if self.statistics && client.get("statistics.interval.ms").is_none() {
+            client.set("statistics.interval.ms", "5000");
+        }
         let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
             tracker: Arc::clone(tracker),
         })?;

@@ -14,7 +14,11 @@ pub(crate) struct KserContext {
     pub(crate) tracker: Arc<Mutex<OffsetTracker>>,
 }
 
-impl ClientContext for KserContext {}
+impl ClientContext for KserContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        super::telemetry::lag(&statistics);
+    }
+}
 
 impl ConsumerContext for KserContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -65,6 +65,9 @@ impl Shared {
         if letters.is_empty() {
             return;
         }
+        for letter in &letters {
+            super::telemetry::dead_lettered(letter.kind);
+        }
         let shared = Arc::clone(self);
         self.dead_letter_tasks.spawn(async move {
             if shared.dead_letter(&letters).await {

@@ -260,6 +260,7 @@ impl Shared {
             }
         }
         Counters::add(&self.counters.retried, 1);
+        telemetry::retried(std::iter::once(&*row));
         let wait = row
             .next_attempt_at
             .map(|due| (due - Utc::now()).to_std().unwrap_or_default())

@@ -109,6 +109,7 @@ impl Shared {
                 .count();
             Counters::add(&self.counters.succeeded, succeeded);
             Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
+            telemetry::finished(rows.clone());
             {
                 let mut in_flight = self.lock_in_flight();
                 for row in rows.chain(retries.iter().map(|r| &r.row)) {
@@ -146,6 +147,12 @@ impl Shared {
             })
             .collect();
         Counters::add(&self.counters.retried, retries.len() - refused.len());
+        telemetry::retried(
+            retries
+                .iter()
+                .map(|retry| &retry.row)
+                .filter(|row| !refused.iter().any(|r| r.uuid == row.uuid)),
+        );
         Some(refused)
     }
 

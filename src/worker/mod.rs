@@ -37,6 +37,7 @@ mod offsets;
 mod operations;
 mod ordering;
 mod start;
+mod telemetry;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{self, AtomicU64};
@@ -120,6 +121,8 @@ pub struct WorkerConfig {
     /// ends FAILED "result too large" (Postgres could not hold it anyway
     /// past 255 MiB, and memory would suffer long before).
     pub max_result_bytes: usize,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when `None`).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -141,6 +144,7 @@ impl WorkerConfig {
             ordering: Ordering::default(),
             running_after: Duration::from_secs(1),
             max_result_bytes: 16 << 20,
+            http: None,
         }
     }
 }
@@ -454,6 +458,11 @@ impl Worker {
             }
         }
         topics.dedup();
+        // A port in use stops the worker before it joins anything.
+        let listener = match config.http {
+            Some(address) => Some(telemetry::listen(address).await?),
+            None => None,
+        };
         admin::ensure_topics(&config.kafka, &topics, config.layout).await?;
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
@@ -463,6 +472,7 @@ impl Worker {
             protocol: config.group_protocol,
             instance_id: config.instance_id.clone(),
             topics: config.topics.clone(),
+            statistics: config.http.is_some(),
         };
         let consumer = spec.create(&tracker)?;
         tracing::info!(
@@ -516,6 +526,14 @@ impl Worker {
         ));
         let reporter = tokio::spawn(Arc::clone(&shared).reporter());
         let marker = tokio::spawn(Arc::clone(&shared).marker());
+        let http_stop = CancellationToken::new();
+        let http = listener.map(|listener| {
+            tokio::spawn(Arc::clone(&shared).serve_http(
+                listener,
+                shutdown.clone(),
+                http_stop.clone(),
+            ))
+        });
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(Arc::clone(&shared).relay(relay_stop.clone()));
         let stop_polling = CancellationToken::new();
@@ -576,6 +594,10 @@ impl Worker {
         // consumer closes it.
         consumer.unsubscribe();
         drop(consumer);
+        http_stop.cancel();
+        if let Some(http) = http {
+            let _ = http.await;
+        }
         tracing::info!(?stats, "worker stopped");
         Ok(stats)
     }
@@ -598,7 +620,10 @@ impl Shared {
     {
         let mut delay = Duration::from_millis(100);
         loop {
-            match write().await {
+            let started = std::time::Instant::now();
+            let written = write().await;
+            telemetry::wrote(what, started.elapsed());
+            match written {
                 Ok(value) => return Some(Ok(value)),
                 Err(err) if err.is_permanent() => return Some(Err(err)),
                 Err(err) => {
