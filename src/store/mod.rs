@@ -28,7 +28,9 @@ pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
 };
-pub use operations::{FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed};
+pub use operations::{
+    FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,
+};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;

@@ -42,6 +42,14 @@ pub struct FinishedOperation {
     pub result: TaskResult,
 }
 
+/// A step of a cancelled operation still running: it finishes.
+#[derive(Debug, Clone)]
+pub struct RunningStep {
+    /// 1-based step number.
+    pub step: i32,
+    pub entrypoint: String,
+}
+
 /// Where `resume` restarted an operation.
 #[derive(Debug, Clone)]
 pub struct Resumed {
@@ -284,15 +292,48 @@ impl Store {
     }
 
     /// Stops an operation between steps: it becomes CANCELLED, its pending
-    /// steps too, and a step already running finishes but starts no next one.
-    pub async fn cancel_operation(&self, uuid: &str) -> Result<(), StoreError> {
+    /// steps too (a step running but not yet written RUNNING among them: its
+    /// outcome will not be recorded), and a step written RUNNING finishes,
+    /// its result joining the operation's, but starts no next one. Returns
+    /// the steps still running.
+    ///
+    /// A cancel while the *last* step is written RUNNING comes too late: a
+    /// [`StoreError::Conflict`] says so and the operation ends with that
+    /// step's outcome (SUCCESS with its result, or FAILED), so an operation
+    /// never ends CANCELLED with every step SUCCESS.
+    pub async fn cancel_operation(&self, uuid: &str) -> Result<Vec<RunningStep>, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
+            // The steps first, then the operation: the order a finishing
+            // step locks them in (so the two never deadlock), and no step
+            // is written RUNNING between this look and the cancel.
+            let steps: Vec<(Option<i32>, String, String)> = tasks::table
+                .filter(tasks::operation_uuid.eq(uuid))
+                .order(tasks::position.asc())
+                .select((tasks::position, tasks::entrypoint, tasks::status))
+                .for_update()
+                .load(conn)
+                .await?;
             let op = lock_operation(conn, uuid).await?;
             let status: TaskStatus = op.status.parse().map_err(StoreError::Conflict)?;
             if status.is_final() {
                 return Err(StoreError::Conflict(format!(
                     "operation {uuid} is already {status}"
+                )));
+            }
+            let running: Vec<RunningStep> = steps
+                .into_iter()
+                .filter(|(_, _, status)| status == TaskStatus::Running.as_str())
+                .map(|(position, entrypoint, _)| RunningStep {
+                    step: position.unwrap_or(0) + 1,
+                    entrypoint,
+                })
+                .collect();
+            if let Some(last) = running.iter().find(|r| r.step >= op.steps) {
+                return Err(StoreError::Conflict(format!(
+                    "operation {uuid} cannot be cancelled: its last step, {} ({}), is running, \
+                     so the cancel comes too late; the operation ends with that step's outcome",
+                    last.step, last.entrypoint
                 )));
             }
             let now = Utc::now();
@@ -320,7 +361,7 @@ impl Store {
             diesel::delete(outbox::table.filter(outbox::operation_uuid.eq(uuid)))
                 .execute(conn)
                 .await?;
-            Ok(())
+            Ok(running)
         })
         .await
     }
@@ -487,8 +528,14 @@ async fn advance(
         return Ok(None);
     };
     let op = lock_operation(conn, op_uuid).await?;
-    if op.status != TaskStatus::Running.as_str() {
-        // Cancelled (or finished by a duplicate): nothing more to start.
+    let succeeded = step.status == TaskStatus::Success.as_str();
+    let cancelled = op.status == TaskStatus::Cancelled.as_str();
+    // Finished by a duplicate, or cancelled and this step failed: nothing
+    // more to start. A step that succeeds after a cancel (it was running)
+    // still counts: its result joins the operation's. (Were it the last,
+    // every step would have succeeded and the operation ends SUCCESS; but
+    // `cancel_operation` refuses while the last step runs.)
+    if op.status != TaskStatus::Running.as_str() && !(cancelled && succeeded) {
         return Ok(None);
     }
     let mut merged = match &op.result {
@@ -498,7 +545,16 @@ async fn advance(
     merged.merge(&parse_result(step.result.as_ref()));
     let now = Utc::now();
     let merged_value = serde_json::to_value(&merged).ok();
-    let succeeded = step.status == TaskStatus::Success.as_str();
+    if cancelled && position + 1 < op.steps {
+        diesel::update(operations::table.find(op_uuid))
+            .set((
+                operations::result.eq(merged_value),
+                operations::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+        return Ok(None);
+    }
     if succeeded && position + 1 < op.steps {
         let next: TaskRow = tasks::table
             .filter(tasks::operation_uuid.eq(op_uuid))
