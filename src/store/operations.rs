@@ -304,9 +304,13 @@ impl Store {
     pub async fn cancel_operation(&self, uuid: &str) -> Result<Vec<RunningStep>, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            // The steps first, then the operation: the order a finishing
-            // step locks them in (so the two never deadlock), and no step
-            // is written RUNNING between this look and the cancel.
+            // Its queued messages, the steps, then the operation: the order
+            // the relay and a finishing step lock them in (so they never
+            // deadlock), and no step is written RUNNING between this look
+            // and the cancel. A refused cancel rolls the delete back.
+            diesel::delete(outbox::table.filter(outbox::operation_uuid.eq(uuid)))
+                .execute(conn)
+                .await?;
             let steps: Vec<(Option<i32>, String, String)> = tasks::table
                 .filter(tasks::operation_uuid.eq(uuid))
                 .order(tasks::position.asc())
@@ -358,9 +362,6 @@ impl Store {
             ))
             .execute(conn)
             .await?;
-            diesel::delete(outbox::table.filter(outbox::operation_uuid.eq(uuid)))
-                .execute(conn)
-                .await?;
             Ok(running)
         })
         .await
