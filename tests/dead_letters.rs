@@ -422,3 +422,88 @@ async fn a_dead_letter_topic_that_refuses_every_record_does_not_hold_the_partiti
     });
     assert_eq!(env.wait_final("refused")["status"], "FAILED");
 }
+
+/// A uuid means one task: a malformed record naming a task that runs, or
+/// one that is final, changes nothing; it is only dead-lettered, saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_copy_of_a_running_or_final_task_changes_nothing() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let producer = Producer::new(&kafka).expect("producer");
+
+    let out = env.example_cmd(
+        "showcase",
+        &[
+            "send",
+            "showcase.Sleep",
+            "--uuid",
+            "sleeper",
+            "--params",
+            r#"{"ms": 3000}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    common::wait_until("the task to run", Duration::from_secs(30), || {
+        env.status("sleeper")["status"] == "RUNNING"
+    });
+    // Not a message (no entrypoint), with the running task's uuid.
+    let malformed = br#"{"uuid": "sleeper", "params": {"ms": 1}}"#;
+    producer
+        .send_raw(&env.topic, None, Some(malformed.as_slice()))
+        .await
+        .expect("send");
+    let dlq = format!("{}.dlq", env.topic);
+    let mut entries: Vec<DeadLetterEntry> = Vec::new();
+    common::wait_until(
+        "the malformed copy's dead letter",
+        Duration::from_secs(30),
+        || {
+            entries = futures::executor::block_on(read_all(&kafka, &dlq)).expect("read");
+            !entries.is_empty()
+        },
+    );
+    let status = env.wait_final("sleeper");
+    assert_eq!(status["status"], "SUCCESS", "{status}");
+    assert_eq!(status["result"]["retval"]["slept_ms"], 3000, "{status}");
+    assert!(status["error"].is_null(), "{status}");
+
+    // Once the task is final, a malformed copy leaves it as it is too.
+    producer
+        .send_raw(&env.topic, None, Some(malformed.as_slice()))
+        .await
+        .expect("send");
+    common::wait_until("the second dead letter", Duration::from_secs(30), || {
+        entries = futures::executor::block_on(read_all(&kafka, &dlq)).expect("read");
+        entries.len() >= 2
+    });
+    assert_eq!(entries.len(), 2, "{entries:#?}");
+    for entry in &entries {
+        assert_eq!(entry.uuid.as_deref(), Some("sleeper"));
+        assert_eq!(entry.error_kind.as_deref(), Some("invalid_message"));
+        assert_eq!(entry.raw_payload.as_deref(), Some(malformed.as_slice()));
+    }
+    // The dead-letter topic's partitions give no order between the two.
+    let errors: Vec<&str> = entries.iter().filter_map(|e| e.error.as_deref()).collect();
+    assert!(
+        errors.iter().all(|e| e
+            .starts_with("not recorded: uuid sleeper belongs to an existing task (")
+            && e.contains("missing field `entrypoint`")),
+        "{errors:?}"
+    );
+    let running = ["existing task (in flight)", "existing task (RUNNING)"];
+    assert!(
+        errors.iter().any(|e| running.iter().any(|r| e.contains(r))),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("existing task (SUCCESS)")),
+        "{errors:?}"
+    );
+    let status = env.status("sleeper");
+    assert_eq!(status["status"], "SUCCESS", "{status}");
+    assert_eq!(status["result"]["retval"]["slept_ms"], 3000, "{status}");
+    let exit = worker.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "{}", worker.log());
+}

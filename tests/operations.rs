@@ -316,6 +316,48 @@ async fn duplicate_operation_and_step_messages_are_harmless() {
     assert!(log.contains("already finished; not run again"), "{log}");
 }
 
+/// A cancel while the last step runs comes too late, and `cancel` says so:
+/// the operation ends with that step's outcome, here SUCCESS with its
+/// result (never CANCELLED with every step SUCCESS and no result).
+#[test]
+fn a_cancel_racing_the_last_step_ends_with_what_happened() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    let params = json!({"steps": [
+        {"entrypoint": "showcase.Echo", "params": {"text": "one", "retval": {"first": 1}}},
+        {"entrypoint": "showcase.Sleep", "params": {"ms": 3000}},
+    ]})
+    .to_string();
+    let uuid = env.send("showcase", "showcase.Custom", &params);
+    common::wait_until("the last step to run", Duration::from_secs(60), || {
+        env.status(&uuid)["tasks"][1]["status"] == "RUNNING"
+    });
+    let out = env.kser(&["cancel", &uuid]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("its last step, 2 (showcase.Sleep), is running") && said.contains("too late"),
+        "{said}"
+    );
+    let (code, output) = watch(&env, &uuid);
+    assert_eq!(code, 0, "the last step succeeded: {output}");
+    let status = env.status(&uuid);
+    assert_eq!(status["status"], "SUCCESS", "{status}");
+    assert_eq!(step_statuses(&status), ["SUCCESS", "SUCCESS"]);
+    assert_eq!(status["result"]["retval"]["first"], 1, "{status}");
+    assert_eq!(status["result"]["retval"]["slept_ms"], 3000, "{status}");
+    assert!(status["error"].is_null(), "{status}");
+    let again = env.kser(&["cancel", &uuid]);
+    assert!(
+        text(&again.stderr).contains("already SUCCESS"),
+        "{}",
+        text(&again.stderr)
+    );
+    let exit = worker.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "{}", worker.log());
+}
+
 #[test]
 fn cancel_stops_an_operation_between_steps() {
     let env = TestEnv::new();
@@ -327,6 +369,11 @@ fn cancel_stops_an_operation_between_steps() {
     });
     let out = env.kser(&["cancel", &uuid]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("step 1 (showcase.Append) is running: it finishes"),
+        "{}",
+        text(&out.stdout)
+    );
     let (code, _) = watch(&env, &uuid);
     assert_eq!(code, 1, "watch exits 1 for a cancelled operation");
 
@@ -341,6 +388,11 @@ fn cancel_stops_an_operation_between_steps() {
     assert_eq!(status["status"], "CANCELLED");
     let steps = step_statuses(&status);
     assert_eq!(steps, ["SUCCESS", "CANCELLED", "CANCELLED"]);
+    assert_eq!(
+        status["result"]["retval"]["items"],
+        json!([0]),
+        "the result of the step that finished after the cancel is kept: {status}"
+    );
     let again = env.kser(&["cancel", &uuid]);
     assert!(text(&again.stderr).contains("already CANCELLED"));
 

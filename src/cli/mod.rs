@@ -402,8 +402,15 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         }
         Command::Cancel { uuid } => {
             let store = connect(&global.database_url).await?;
-            store.cancel_operation(&uuid).await?;
+            let running = store.cancel_operation(&uuid).await?;
             outln!("cancelled operation {}", output::printable(&uuid));
+            for step in running {
+                outln!(
+                    "step {} ({}) is running: it finishes, and starts no next step",
+                    step.step,
+                    output::printable(&step.entrypoint)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::List {

@@ -28,7 +28,9 @@ pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
 };
-pub use operations::{FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed};
+pub use operations::{
+    FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,
+};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;
@@ -473,6 +475,57 @@ impl Store {
         .get_result(&mut conn)
         .await?;
         Ok((backlog.rows, backlog.oldest))
+    }
+
+    /// Records messages that could not be decoded, FAILED, where their uuid
+    /// names no task yet, or only a PENDING one no worker ever started (a
+    /// standalone message `send` recorded): a uuid means one task, and a
+    /// record that is not a message never changes a task that ran, runs,
+    /// is a step of an operation, or is final. Returns the rows left
+    /// alone, each with the task its uuid belongs to.
+    ///
+    /// Each uuid may appear only once in `rows`.
+    pub async fn record_invalid(&self, rows: &[NewTask]) -> Result<Vec<TaskRow>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        use diesel::query_dsl::methods::FilterDsl as _;
+        let mut conn = self.conn().await?;
+        let mut written: Vec<String> = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let uuids: Vec<String> = diesel::insert_into(tasks::table)
+                .values(chunk)
+                .on_conflict(tasks::uuid)
+                .do_update()
+                .set((
+                    tasks::status.eq(excluded(tasks::status)),
+                    tasks::result.eq(excluded(tasks::result)),
+                    tasks::error.eq(excluded(tasks::error)),
+                    tasks::finished_at.eq(excluded(tasks::finished_at)),
+                    tasks::updated_at.eq(excluded(tasks::updated_at)),
+                ))
+                .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
+                .filter(tasks::attempts.eq(0))
+                .filter(tasks::operation_uuid.is_null())
+                .returning(tasks::uuid)
+                .get_results(&mut conn)
+                .await?;
+            written.extend(uuids);
+        }
+        let left: Vec<&str> = rows
+            .iter()
+            .map(|r| r.uuid.as_str())
+            .filter(|uuid| !written.iter().any(|w| w == uuid))
+            .collect();
+        if left.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(
+            diesel::QueryDsl::filter(tasks::table, tasks::uuid.eq_any(left))
+                .select(TaskRow::as_select())
+                .load(&mut conn)
+                .await?,
+        )
     }
 
     /// One task by uuid.

@@ -20,7 +20,7 @@ use super::models::{
 };
 use super::schema::kser::{operations, outbox, tasks};
 use super::{INSERT_CHUNK, Store, StoreError, TaskFilter};
-use crate::message::{JsonObject, Message, TaskResult};
+use crate::message::{ErrorKind, JsonObject, Message, TaskResult};
 
 /// Metadata key naming the operation a step message belongs to.
 pub const OPERATION_METADATA_KEY: &str = "kser_operation";
@@ -40,6 +40,14 @@ pub struct FinishedOperation {
     pub entrypoint: String,
     pub metadata: JsonObject,
     pub result: TaskResult,
+}
+
+/// A step of a cancelled operation still running: it finishes.
+#[derive(Debug, Clone)]
+pub struct RunningStep {
+    /// 1-based step number.
+    pub step: i32,
+    pub entrypoint: String,
 }
 
 /// Where `resume` restarted an operation.
@@ -284,15 +292,52 @@ impl Store {
     }
 
     /// Stops an operation between steps: it becomes CANCELLED, its pending
-    /// steps too, and a step already running finishes but starts no next one.
-    pub async fn cancel_operation(&self, uuid: &str) -> Result<(), StoreError> {
+    /// steps too (a step running but not yet written RUNNING among them: its
+    /// outcome will not be recorded), and a step written RUNNING finishes,
+    /// its result joining the operation's, but starts no next one. Returns
+    /// the steps still running.
+    ///
+    /// A cancel while the *last* step is written RUNNING comes too late: a
+    /// [`StoreError::Conflict`] says so and the operation ends with that
+    /// step's outcome (SUCCESS with its result, or FAILED), so an operation
+    /// never ends CANCELLED with every step SUCCESS.
+    pub async fn cancel_operation(&self, uuid: &str) -> Result<Vec<RunningStep>, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
+            // Its queued messages, the steps, then the operation: the order
+            // the relay and a finishing step lock them in (so they never
+            // deadlock), and no step is written RUNNING between this look
+            // and the cancel. A refused cancel rolls the delete back.
+            diesel::delete(outbox::table.filter(outbox::operation_uuid.eq(uuid)))
+                .execute(conn)
+                .await?;
+            let steps: Vec<(Option<i32>, String, String)> = tasks::table
+                .filter(tasks::operation_uuid.eq(uuid))
+                .order(tasks::position.asc())
+                .select((tasks::position, tasks::entrypoint, tasks::status))
+                .for_update()
+                .load(conn)
+                .await?;
             let op = lock_operation(conn, uuid).await?;
             let status: TaskStatus = op.status.parse().map_err(StoreError::Conflict)?;
             if status.is_final() {
                 return Err(StoreError::Conflict(format!(
                     "operation {uuid} is already {status}"
+                )));
+            }
+            let running: Vec<RunningStep> = steps
+                .into_iter()
+                .filter(|(_, _, status)| status == TaskStatus::Running.as_str())
+                .map(|(position, entrypoint, _)| RunningStep {
+                    step: position.unwrap_or(0) + 1,
+                    entrypoint,
+                })
+                .collect();
+            if let Some(last) = running.iter().find(|r| r.step >= op.steps) {
+                return Err(StoreError::Conflict(format!(
+                    "operation {uuid} cannot be cancelled: its last step, {} ({}), is running, \
+                     so the cancel comes too late; the operation ends with that step's outcome",
+                    last.step, last.entrypoint
                 )));
             }
             let now = Utc::now();
@@ -317,10 +362,7 @@ impl Store {
             ))
             .execute(conn)
             .await?;
-            diesel::delete(outbox::table.filter(outbox::operation_uuid.eq(uuid)))
-                .execute(conn)
-                .await?;
-            Ok(())
+            Ok(running)
         })
         .await
     }
@@ -358,16 +400,103 @@ impl Store {
             .await?)
     }
 
-    /// Gives claimed messages back, after a failed publish.
-    pub async fn unclaim_outbox(&self, ids: &[i64]) -> Result<usize, StoreError> {
-        if ids.is_empty() {
+    /// Gives claimed messages back after a publish that may succeed later,
+    /// each not before its own delay: a message the broker keeps refusing
+    /// waits longer and longer, and never holds back the others.
+    pub async fn defer_outbox(&self, deferred: &[(i64, Duration)]) -> Result<usize, StoreError> {
+        use diesel::sql_types::{Array, BigInt, Double};
+
+        if deferred.is_empty() {
             return Ok(0);
         }
+        let ids: Vec<i64> = deferred.iter().map(|(id, _)| *id).collect();
+        let delays: Vec<f64> = deferred.iter().map(|(_, d)| d.as_secs_f64()).collect();
         let mut conn = self.conn().await?;
-        Ok(diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
-            .set(outbox::claimed_until.eq(None::<chrono::DateTime<Utc>>))
-            .execute(&mut conn)
-            .await?)
+        Ok(diesel::sql_query(
+            "UPDATE kser.outbox AS o SET claimed_until = NULL, \
+                 available_at = now() + make_interval(secs => d.delay) \
+             FROM unnest($1::int8[], $2::float8[]) AS d(id, delay) WHERE o.id = d.id",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Double>, _>(delays)
+        .execute(&mut conn)
+        .await?)
+    }
+
+    /// Settles an outbox message the broker refused for good (too large
+    /// for it, an invalid record, no right to write the topic), in one
+    /// transaction: the message is deleted and the task it would have run,
+    /// if still PENDING, ends FAILED with `reason`; for a step, its
+    /// operation ends FAILED too (and `kser resume` can run it again).
+    /// `task_uuid` is the uuid the message carries, when it could be read;
+    /// without it a step message fails its operation's first PENDING step.
+    /// Returns the operation that ended, for its hook; nothing when the
+    /// message was settled already.
+    pub async fn fail_unpublishable(
+        &self,
+        id: i64,
+        task_uuid: Option<&str>,
+        reason: &str,
+    ) -> Result<Option<FinishedOperation>, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let deleted: Option<Option<String>> = diesel::delete(outbox::table.find(id))
+                .returning(outbox::operation_uuid)
+                .get_result(conn)
+                .await
+                .optional()?;
+            let Some(op_uuid) = deleted else {
+                return Ok(None);
+            };
+            let task: Option<TaskRow> = match (task_uuid, &op_uuid) {
+                (Some(uuid), _) => tasks::table
+                    .find(uuid)
+                    .select(TaskRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?,
+                (None, Some(op_uuid)) => tasks::table
+                    .filter(tasks::operation_uuid.eq(op_uuid))
+                    .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
+                    .order(tasks::position.asc())
+                    .select(TaskRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?,
+                (None, None) => None,
+            };
+            // A task no longer PENDING was published before (the message is
+            // a copy): only the message goes.
+            let Some(task) = task.filter(|t| t.status == TaskStatus::Pending.as_str()) else {
+                return Ok(None);
+            };
+            let now = Utc::now();
+            let result = TaskResult::error(500, ErrorKind::Fatal, reason, Value::Null);
+            let mut failed = pending_row(&task);
+            failed.status = TaskStatus::Failed.as_str();
+            failed.result = serde_json::to_value(&result).ok();
+            failed.error = Some(reason.to_owned());
+            failed.operation_uuid = task.operation_uuid.clone();
+            failed.position = task.position;
+            failed.finished_at = Some(now);
+            diesel::update(
+                tasks::table
+                    .find(&task.uuid)
+                    .filter(tasks::status.eq(TaskStatus::Pending.as_str())),
+            )
+            .set((
+                tasks::status.eq(failed.status),
+                tasks::result.eq(&failed.result),
+                tasks::error.eq(&failed.error),
+                tasks::next_attempt_at.eq(None::<chrono::DateTime<Utc>>),
+                tasks::finished_at.eq(Some(now)),
+                tasks::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+            advance(conn, &failed).await
+        })
+        .await
     }
 }
 
@@ -400,8 +529,14 @@ async fn advance(
         return Ok(None);
     };
     let op = lock_operation(conn, op_uuid).await?;
-    if op.status != TaskStatus::Running.as_str() {
-        // Cancelled (or finished by a duplicate): nothing more to start.
+    let succeeded = step.status == TaskStatus::Success.as_str();
+    let cancelled = op.status == TaskStatus::Cancelled.as_str();
+    // Finished by a duplicate, or cancelled and this step failed: nothing
+    // more to start. A step that succeeds after a cancel (it was running)
+    // still counts: its result joins the operation's. (Were it the last,
+    // every step would have succeeded and the operation ends SUCCESS; but
+    // `cancel_operation` refuses while the last step runs.)
+    if op.status != TaskStatus::Running.as_str() && !(cancelled && succeeded) {
         return Ok(None);
     }
     let mut merged = match &op.result {
@@ -411,7 +546,16 @@ async fn advance(
     merged.merge(&parse_result(step.result.as_ref()));
     let now = Utc::now();
     let merged_value = serde_json::to_value(&merged).ok();
-    let succeeded = step.status == TaskStatus::Success.as_str();
+    if cancelled && position + 1 < op.steps {
+        diesel::update(operations::table.find(op_uuid))
+            .set((
+                operations::result.eq(merged_value),
+                operations::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+        return Ok(None);
+    }
     if succeeded && position + 1 < op.steps {
         let next: TaskRow = tasks::table
             .filter(tasks::operation_uuid.eq(op_uuid))

@@ -15,6 +15,7 @@ impl Shared {
                 (Outcome::Rejected, Vec::new()),
             ];
             let mut retries = Vec::new();
+            let mut invalid = Vec::new();
             let mut positions = Vec::with_capacity(batch.len());
             let mut originals = HashMap::with_capacity(batch.len());
             let mut done_lanes = Vec::new();
@@ -41,6 +42,8 @@ impl Shared {
                     Counters::add(&self.counters.skipped, 1);
                 } else if kind == Outcome::Committed {
                     committed.push(row);
+                } else if kind == Outcome::Invalid {
+                    invalid.push(row);
                 } else if let Some(message) = resend {
                     retries.push(Retry {
                         row,
@@ -69,6 +72,9 @@ impl Shared {
                 };
                 finished_operations.extend(finished);
             }
+            let Some(duplicates) = self.write_invalid(&invalid).await else {
+                return;
+            };
             if !by_kind[1].1.is_empty() {
                 self.relay_wakeup.notify_one();
             }
@@ -78,17 +84,18 @@ impl Shared {
             // FAILED messages go to the dead-letter topic, and their offsets
             // move only once it has them (steps excepted: `resume` runs those
             // again). The other offsets of the batch move now.
-            let dead: Vec<DeadLetter> = [&by_kind[0].1, &by_kind[2].1]
+            let dead: Vec<DeadLetter> = [&by_kind[0].1, &by_kind[2].1, &invalid]
                 .into_iter()
                 .flatten()
                 .filter(|row| row.status == TaskStatus::Failed.as_str())
                 .filter_map(|row| {
                     let (position, original) = originals.get(&row.uuid)?;
+                    let error = duplicates.get(&row.uuid).cloned();
                     Some(DeadLetter {
                         position: position.clone(),
                         original: Arc::clone(original),
                         kind: failure_kind(row),
-                        error: row.error.clone().unwrap_or_default(),
+                        error: error.or_else(|| row.error.clone()).unwrap_or_default(),
                         attempts: row.attempts,
                         uuid: Some(row.uuid.clone()),
                     })
@@ -110,6 +117,8 @@ impl Shared {
             Counters::add(&self.counters.succeeded, succeeded);
             Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
             telemetry::finished(rows.clone());
+            Counters::add(&self.counters.failed, invalid.len() - duplicates.len());
+            Counters::add(&self.counters.skipped, duplicates.len());
             {
                 let mut in_flight = self.lock_in_flight();
                 for row in rows.chain(retries.iter().map(|r| &r.row)) {
@@ -123,6 +132,83 @@ impl Shared {
                 self.lane_done(lane);
             }
         }
+    }
+
+    /// Records records that are not messages but name a uuid
+    /// ([`Store::record_invalid`]), waiting out database outages. Returns,
+    /// for each one left alone because its uuid belongs to a task in flight
+    /// here or one that ran, runs or is final, the error its dead letter
+    /// says; `None` when the shutdown deadline passed.
+    pub(super) async fn write_invalid(&self, rows: &[NewTask]) -> Option<HashMap<String, String>> {
+        let mut duplicates = HashMap::new();
+        // Started since the record was read: its task's outcome is on its way.
+        let rows: Vec<NewTask> = {
+            let in_flight = self.lock_in_flight();
+            rows.iter()
+                .filter(|row| {
+                    let running = in_flight.contains_key(&row.uuid);
+                    if running {
+                        let error = row.error.as_deref().unwrap_or_default();
+                        duplicates.insert(
+                            row.uuid.clone(),
+                            super::start::duplicate_error(&row.uuid, "in flight", error),
+                        );
+                    }
+                    !running
+                })
+                .cloned()
+                .collect()
+        };
+        if rows.is_empty() {
+            return Some(duplicates);
+        }
+        let isolated = self
+            .write_isolating("record invalid messages", &rows, |rows| {
+                self.store.record_invalid(rows)
+            })
+            .await?;
+        let mut existing: Vec<TaskRow> = isolated.written.into_iter().flatten().collect();
+        for (index, err) in isolated.refused {
+            let mut stripped = rows[index].clone();
+            unstorable(&mut stripped, &err);
+            let single = std::slice::from_ref(&stripped);
+            match self
+                .retry_db("record an unstorable invalid message", || {
+                    self.store.record_invalid(single)
+                })
+                .await?
+            {
+                Ok(left) => existing.extend(left),
+                Err(err) => tracing::error!(
+                    task.uuid = %stripped.uuid, error = %err,
+                    "Postgres refused the invalid message's state; it is only in this log and its dead letter"
+                ),
+            }
+        }
+        for task in existing {
+            let Some(row) = rows.iter().find(|row| row.uuid == task.uuid) else {
+                continue;
+            };
+            // The same record read again (its dead letter was not written
+            // before a restart): its own FAILED row, its own error.
+            let redelivered = task.status == TaskStatus::Failed.as_str()
+                && task.topic == row.topic
+                && task.kafka_partition == row.kafka_partition
+                && task.kafka_offset == row.kafka_offset;
+            if redelivered {
+                continue;
+            }
+            tracing::warn!(
+                task.uuid = %task.uuid, status = %task.status,
+                "an invalid record names an existing task; the task is left as it is and the record dead-lettered"
+            );
+            let error = row.error.as_deref().unwrap_or_default();
+            duplicates.insert(
+                task.uuid.clone(),
+                super::start::duplicate_error(&task.uuid, &task.status, error),
+            );
+        }
+        Some(duplicates)
     }
 
     /// Records failed attempts that will be retried, waiting out database
@@ -217,6 +303,7 @@ impl Shared {
             Outcome::Rejected | Outcome::Retry => {
                 self.store.finish_tasks(rows).await.map(|_| Vec::new())
             }
+            Outcome::Invalid => self.store.record_invalid(rows).await.map(|_| Vec::new()),
             Outcome::Committed => Ok(Vec::new()),
         }
     }

@@ -62,7 +62,8 @@ use crate::producer::Producer;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{
-    FinishedOperation, NewOutbox, NewTask, Retry, StartedTask, Store, StoreError, TaskStatus,
+    FinishedOperation, NewOutbox, NewTask, Retry, StartedTask, Store, StoreError, TaskRow,
+    TaskStatus,
 };
 use crate::task::TaskContext;
 use consumer::ConsumerSpec;
@@ -347,6 +348,11 @@ enum Outcome {
     /// A message that did not run (invalid, refused): the row is upserted
     /// whole.
     Rejected,
+    /// A record that is not a kser message but names a uuid: recorded
+    /// FAILED only if that uuid has no task that ran, runs or is final
+    /// ([`Store::record_invalid`]); otherwise only dead-lettered, as a
+    /// duplicate.
+    Invalid,
     /// A failed attempt that will be retried: back to PENDING, the attempt
     /// recorded, the message queued until its backoff has passed.
     Retry,

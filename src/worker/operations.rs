@@ -2,7 +2,7 @@
 //! arrives, running its finish hook, and relaying the outbox (the next step
 //! messages) to Kafka, encrypted when the worker has a key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,18 +10,27 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::decode::{Decoded, decode};
 use super::{Received, Shared};
+use crate::dead_letter::refused_for_good;
 use crate::message::Message;
 use crate::operation::OperationContext;
+use crate::producer::ProducerError;
 use crate::store::{
-    FinishedOperation, NewOperation, NewTask, OPERATION_METADATA_KEY, OperationStart, StoreError,
-    TaskStatus,
+    FinishedOperation, NewOperation, NewTask, OPERATION_METADATA_KEY, OperationStart, OutboxRow,
+    StoreError, TaskStatus,
 };
 
 /// Outbox messages published per round.
 const RELAY_BATCH: i64 = 500;
 /// How long a relay owns the messages it claimed before another may take them.
 const RELAY_LEASE: Duration = Duration::from_secs(30);
+/// The wait before publishing a message again after a failure that may
+/// pass, doubled at each failure of that message, up to the maximum.
+const RELAY_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The most messages whose backoff the relay remembers.
+const RELAY_BACKOFF_KEPT: usize = 100_000;
 /// How often an idle relay looks for messages queued by other processes
 /// (`resume` from the CLI, other workers).
 const RELAY_POLL: Duration = Duration::from_millis(250);
@@ -174,9 +183,14 @@ impl Shared {
     /// outbox has nothing this worker can publish.
     pub(super) async fn relay(self: Arc<Self>, stop: CancellationToken) {
         let mut delay = Duration::from_millis(100);
+        // Per message: how long it waits after its last failed publish.
+        let mut backoff: HashMap<i64, Duration> = HashMap::new();
         loop {
             let claimed = match self.store.claim_outbox(RELAY_BATCH, RELAY_LEASE).await {
-                Ok(claimed) => claimed,
+                Ok(claimed) => {
+                    delay = Duration::from_millis(100);
+                    claimed
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "could not read the outbox; retrying");
                     if stop.is_cancelled() {
@@ -213,13 +227,28 @@ impl Shared {
                 )
             });
             let outcomes = futures::future::join_all(sends).await;
-            let (mut sent, mut failed) = (Vec::new(), Vec::new());
+            let (mut sent, mut deferred, mut refused) = (Vec::new(), Vec::new(), Vec::new());
             for (row, outcome) in claimed.iter().zip(outcomes) {
                 match outcome {
-                    Ok(_) => sent.push(row.id),
+                    Ok(_) => {
+                        backoff.remove(&row.id);
+                        sent.push(row.id);
+                    }
+                    Err(err) if refused_for_good(&err) => {
+                        backoff.remove(&row.id);
+                        refused.push((row, err));
+                    }
                     Err(err) => {
-                        tracing::warn!(error = %err, "could not publish an outbox message; it stays queued");
-                        failed.push(row.id);
+                        let delay = backoff
+                            .get(&row.id)
+                            .map_or(RELAY_BACKOFF_MIN, |d| (*d * 2).min(RELAY_BACKOFF_MAX));
+                        backoff.insert(row.id, delay);
+                        tracing::warn!(
+                            outbox.id = row.id, topic = %row.topic, error = %err,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "could not publish an outbox message; it stays queued"
+                        );
+                        deferred.push((row.id, delay));
                     }
                 }
             }
@@ -229,17 +258,65 @@ impl Shared {
             if let Err(err) = self.store.delete_outbox(&sent).await {
                 tracing::warn!(error = %err, "could not delete published outbox messages");
             }
-            if !failed.is_empty() {
-                let _ = self.store.unclaim_outbox(&failed).await;
-                if stop.is_cancelled() {
+            // Each message waits out its own backoff; the relay goes on with
+            // the others. If this write fails, the lease runs out instead.
+            if let Err(err) = self.store.defer_outbox(&deferred).await {
+                tracing::warn!(error = %err, "could not put back unpublished outbox messages; they are retried when their lease runs out");
+            }
+            for (row, err) in refused {
+                if !self.settle_unpublishable(row, &err).await {
                     return;
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            } else {
-                delay = Duration::from_millis(100);
+            }
+            if backoff.len() > RELAY_BACKOFF_KEPT {
+                // Rows deleted meanwhile (a cancel) would stay forever.
+                backoff.clear();
             }
         }
+    }
+
+    /// Ends what an outbox message the broker refused for good would have
+    /// run: its task FAILED, and for a step its operation too, the message
+    /// deleted, in one transaction. `false` when the shutdown deadline
+    /// passed first.
+    async fn settle_unpublishable(&self, row: &OutboxRow, err: &ProducerError) -> bool {
+        let task_uuid = match decode(Some(row.payload.as_bytes()), self.producer.secretbox()) {
+            Decoded::Message(message) => Some(message.uuid),
+            Decoded::Invalid { uuid, .. } => uuid,
+        };
+        let why = match err {
+            ProducerError::Send { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        let reason = format!(
+            "the broker refused its message ({} bytes) to topic '{}' for good: {why}",
+            row.payload.len(),
+            row.topic
+        )
+        .replace('\0', "");
+        tracing::error!(
+            outbox.id = row.id, task.uuid = task_uuid.as_deref().unwrap_or("-"),
+            topic = %row.topic, error = %err,
+            "the broker refused an outbox message for good; its task fails"
+        );
+        let Some(settled) = self
+            .retry_db("fail a task whose message the broker refused", || {
+                self.store
+                    .fail_unpublishable(row.id, task_uuid.as_deref(), &reason)
+            })
+            .await
+        else {
+            return false;
+        };
+        match settled {
+            Ok(Some(operation)) => self.operation_finished(operation),
+            Ok(None) => {}
+            Err(err) => tracing::error!(
+                outbox.id = row.id, error = %err,
+                "could not record the refused outbox message; it is tried again after its lease"
+            ),
+        }
+        true
     }
 }
 

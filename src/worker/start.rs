@@ -180,11 +180,27 @@ impl Shared {
                         task.uuid = %uuid, topic = %position.topic, partition = position.partition,
                         offset = position.offset, error = %error, "invalid message"
                     );
+                    // A uuid means one task: a malformed copy of a message
+                    // read earlier in this batch, or of a task running here,
+                    // changes nothing; it is only dead-lettered.
+                    let running = self.lock_in_flight().contains_key(&uuid);
+                    if running || !seen.insert(uuid.clone()) {
+                        Counters::add(&self.counters.skipped, 1);
+                        dead.push(DeadLetter {
+                            position: received.position,
+                            original: received.original,
+                            kind: ErrorKind::InvalidMessage.as_str(),
+                            error: duplicate_error(&uuid, "in flight", &error),
+                            attempts: 1,
+                            uuid: Some(uuid),
+                        });
+                        continue;
+                    }
                     let row = self.invalid_row(uuid, entrypoint, error, &received, now);
                     let finished = Finished {
                         position: received.position,
                         row,
-                        kind: Outcome::Rejected,
+                        kind: Outcome::Invalid,
                         resend: None,
                         original: received.original,
                         lane: None,
@@ -403,4 +419,13 @@ impl Shared {
         row.finished_at = Some(now);
         row
     }
+}
+
+/// The error of a malformed record whose uuid belongs to a task that exists
+/// (`state`: in flight, RUNNING, SUCCESS...): dead-lettered, never recorded.
+pub(super) fn duplicate_error(uuid: &str, state: &str, error: &str) -> String {
+    format!(
+        "not recorded: uuid {uuid} belongs to an existing task ({state}), which this record \
+         does not change; the record is not a valid message: {error}"
+    )
 }
