@@ -507,3 +507,93 @@ async fn a_malformed_copy_of_a_running_or_final_task_changes_nothing() {
     let exit = worker.terminate(Duration::from_secs(30));
     assert!(exit.success(), "{}", worker.log());
 }
+
+/// `dlq list` and `dlq replay` read the topic a page at a time
+/// (`kser::dead_letter::PAGE`); every page is listed and replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_topic_of_many_pages_is_listed_and_replayed_whole() {
+    use rdkafka::message::{Header, OwnedHeaders};
+
+    let env = TestEnv::new();
+    assert!(env.kser(&["migrate"]).status.success());
+    let dlq = format!("{}.dlq", env.topic);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()
+        .expect("admin");
+    for topic in [&env.topic, &dlq] {
+        admin
+            .create_topics(
+                &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("create topics");
+    }
+    let count = 2 * kser::dead_letter::PAGE + 37;
+    let producer = large_record_producer(&env);
+    let sends = (0..count).map(|i| {
+        let uuid = format!("dl-{i:04}");
+        let payload = format!("payload {i}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: kser::dead_letter::HEADER_UUID,
+                value: Some(uuid.as_bytes()),
+            })
+            .insert(Header {
+                key: kser::dead_letter::HEADER_TOPIC,
+                value: Some(env.topic.as_bytes()),
+            });
+        let producer = &producer;
+        let dlq = &dlq;
+        async move {
+            let record = FutureRecord::to(dlq)
+                .key(&uuid)
+                .payload(&payload)
+                .headers(headers);
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(err, _)| err)
+                .expect("send");
+        }
+    });
+    futures::future::join_all(sends).await;
+    let expected: std::collections::BTreeSet<String> =
+        (0..count).map(|i| format!("dl-{i:04}")).collect();
+
+    let listed = env.kser(&["dlq", "list", "--json"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let listed: Vec<Value> = serde_json::from_slice(&listed.stdout).expect("one JSON array");
+    let uuids: std::collections::BTreeSet<String> = listed
+        .iter()
+        .map(|e| e["uuid"].as_str().expect("uuid").to_owned())
+        .collect();
+    assert_eq!(listed.len(), count, "each dead letter once");
+    assert_eq!(uuids, expected);
+
+    let table = text(&env.kser(&["dlq", "list"]).stdout);
+    assert_eq!(table.matches("dl-").count(), count, "{table}");
+
+    let out = env.kser(&["dlq", "replay", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("replayed {count} dead letters")),
+        "{}",
+        text(&out.stdout)
+    );
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let replayed = read_all(&kafka, &env.topic).await.expect("read");
+    let payloads: std::collections::BTreeSet<String> = replayed
+        .iter()
+        .map(|e| e.payload.clone().expect("payload"))
+        .collect();
+    assert_eq!(replayed.len(), count);
+    assert_eq!(payloads.len(), count);
+
+    // By name: found on the last page as on the first.
+    let last = format!("dl-{:04}", count - 1);
+    let out = env.kser(&["dlq", "replay", "dl-0000", &last]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("replayed 2 dead letters"));
+}

@@ -405,6 +405,124 @@ fn send_refuses_reused_uuids_and_accepts_a_bom() {
     );
 }
 
+/// Input over `--max-input-bytes` is refused with nothing sent: a batch
+/// file, a params file; standard input stops at the line that passes it.
+/// A batch line over 16 MiB is skipped without being held whole.
+#[test]
+fn send_refuses_input_over_its_cap() {
+    let env = TestEnv::new();
+    assert!(env.kser(&["migrate"]).status.success());
+    let line = |i: usize| {
+        format!(
+            "{{\"entrypoint\": \"showcase.Echo\", \"uuid\": \"cap-{i}\", \"params\": {{\"text\": \"{i}\"}}}}\n"
+        )
+    };
+    let input: String = (0..3).map(line).collect();
+    let file = env.dir.path().join("batch.jsonl");
+    std::fs::write(&file, &input).expect("write");
+    let cap = (input.len() - 1).to_string();
+    let out = env.kser(&[
+        "send",
+        "--batch",
+        file.to_str().expect("path"),
+        "--max-input-bytes",
+        &cap,
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is {} bytes, more than the {cap} bytes allowed (--max-input-bytes): nothing sent",
+            input.len()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(env.sql("SELECT count(*) FROM kser.tasks"), "0");
+    let kafka = kser::KafkaConfig::new(env.brokers.clone());
+    let records = futures::executor::block_on(kser::dead_letter::read_all(&kafka, &env.topic))
+        .expect("read the topic");
+    assert!(records.is_empty(), "nothing reached Kafka: {records:?}");
+
+    // The same file fits under its own size.
+    let fits = input.len().to_string();
+    let path = file.to_str().expect("path");
+    let out = env.kser(&["send", "--batch", path, "--max-input-bytes", &fits]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(env.sql("SELECT count(*) FROM kser.tasks"), "3");
+
+    // Standard input has no size up front: read up to the cap, and nothing
+    // from the line that passes it.
+    let more: String = (3..6).map(line).collect();
+    let cap = (2 * line(3).len() + 10).to_string();
+    let out = env.run(
+        &kser_path(),
+        &["send", "--batch", "-", "--max-input-bytes", &cap],
+        Some(&more),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        ["cap-3", "cap-4"]
+    );
+    assert!(
+        stderr.contains(&format!(
+            "the input passed the {cap} bytes allowed (--max-input-bytes) at line 3: nothing from that line on was sent"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        env.sql("SELECT count(*) FROM kser.tasks WHERE uuid = 'cap-5'"),
+        "0"
+    );
+
+    // A line over 16 MiB is reported and skipped; the next one is sent.
+    let huge = format!("{}\n{}", "x".repeat(17 << 20), line(6));
+    let out = env.run(&kser_path(), &["send", "--batch", "-"], Some(&huge));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 1: not sent: longer than 16777216 bytes"),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout).trim(), "cap-6");
+
+    // A params file over its cap (16 MiB unless told): nothing sent.
+    let params = env.dir.path().join("params.json");
+    std::fs::write(&params, format!("{{\"text\": \"{}\"}}", "y".repeat(300))).expect("write");
+    let params = params.to_str().expect("path");
+    let out = env.kser(&[
+        "send",
+        "showcase.Echo",
+        "--uuid",
+        "cap-params",
+        "--params-file",
+        params,
+        "--max-input-bytes",
+        "100",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is more than the 100 bytes allowed (--max-input-bytes): nothing sent"),
+        "{stderr}"
+    );
+    assert_eq!(
+        env.sql("SELECT count(*) FROM kser.tasks WHERE uuid = 'cap-params'"),
+        "0"
+    );
+    let out = env.kser(&[
+        "send",
+        "showcase.Echo",
+        "--uuid",
+        "cap-params",
+        "--params-file",
+        params,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// Absurd numbers and topic names, from flags or the environment: a clear
 /// error naming the setting, before anything runs; no panic, no clamp.
 #[test]

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::output;
 use crate::config::KafkaConfig;
-use crate::dead_letter::{DeadLetterEntry, default_topic, list};
+use crate::dead_letter::{DeadLetterEntry, DeadLetterStream, PAGE, default_topic, stream};
 use crate::producer::Producer;
 use crate::store::Store;
 
@@ -64,38 +64,54 @@ pub(super) async fn run(
         .dlq_topic
         .clone()
         .unwrap_or_else(|| default_topic(&args.topic));
-    let entries = list(kafka, &dlq_topic, store).await?;
+    // Read a page at a time: a dead-letter topic can hold far more than
+    // fits in memory.
+    let mut entries = stream(kafka, &dlq_topic, store);
     match args.command {
         DlqCommand::List { json } => {
             if json {
-                outln!("{}", serde_json::to_string_pretty(&entries)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let (in_topic, kept_only): (Vec<&DeadLetterEntry>, Vec<&DeadLetterEntry>) =
-                entries.iter().partition(|e| e.in_topic());
-            if !in_topic.is_empty() || kept_only.is_empty() {
-                let in_topic: Vec<DeadLetterEntry> = in_topic.into_iter().cloned().collect();
-                outln!("{}", output::dead_letter_table(&in_topic));
-            }
-            let kept: Vec<&DeadLetterEntry> =
-                entries.iter().filter(|e| e.stored.is_some()).collect();
-            if !kept.is_empty() {
-                outln!(
-                    "\nkept in Postgres (kser.dead_letters): the dead-letter topic refused them\n{}",
-                    kept_table(&kept)
-                );
+                list_json(&mut entries).await?;
+            } else {
+                list_tables(&mut entries).await?;
             }
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Replay { ids, all } => {
-            let chosen: Vec<&DeadLetterEntry> = if all {
-                entries.iter().collect()
+            let mut replayer = Replayer {
+                kafka,
+                store,
+                default_topic: &args.topic,
+                producer: None,
+                replayed: 0,
+            };
+            if all {
+                let mut page = Vec::with_capacity(PAGE);
+                loop {
+                    let next = entries.next().await?;
+                    let done = next.is_none();
+                    page.extend(next);
+                    if page.len() >= PAGE || (done && !page.is_empty()) {
+                        replayer.replay(&page).await?;
+                        page.clear();
+                    }
+                    if done {
+                        break;
+                    }
+                }
             } else {
-                let mut chosen = Vec::new();
-                for id in &ids {
-                    // The latest dead letter of a uuid: it may have failed before.
-                    let found = entries.iter().rev().find(|e| e.is_named(id));
-                    match found {
+                // The latest dead letter of each id: a uuid may have failed
+                // before. Only the chosen ones are kept while reading.
+                let mut latest: Vec<Option<DeadLetterEntry>> = vec![None; ids.len()];
+                while let Some(entry) = entries.next().await? {
+                    for (id, chosen) in ids.iter().zip(&mut latest) {
+                        if entry.is_named(id) {
+                            *chosen = Some(entry.clone());
+                        }
+                    }
+                }
+                let mut chosen = Vec::with_capacity(ids.len());
+                for (id, entry) in ids.iter().zip(latest) {
+                    match entry {
                         Some(entry) => chosen.push(entry),
                         None => bail!(
                             "no dead letter {} in topic '{dlq_topic}'",
@@ -103,53 +119,149 @@ pub(super) async fn run(
                         ),
                     }
                 }
-                chosen
-            };
-            if let Some(store) = store {
-                let uuids: Vec<String> = chosen.iter().filter_map(|e| e.uuid.clone()).collect();
-                store.reset_for_replay(&uuids).await?;
+                replayer.replay(&chosen).await?;
             }
-            let producer = Producer::new(&replay_config(kafka, &chosen))?;
-            for entry in &chosen {
-                let topic = entry.topic.as_deref().unwrap_or(&args.topic);
-                match entry.stored_id {
-                    Some(id) => {
-                        let store = store.with_context(|| {
-                            format!(
-                                "the original of dead letter {} is kept in Postgres: set DATABASE_URL",
-                                entry.id()
-                            )
-                        })?;
-                        let Some(original) = store.dead_letter_original(id).await? else {
-                            bail!("dead letter pg:{id} is no longer in kser.dead_letters");
-                        };
-                        producer
-                            .send_raw(topic, original.key.as_deref(), original.value.as_deref())
-                            .await?;
-                    }
-                    None => {
-                        producer
-                            .send_raw(
-                                topic,
-                                entry.raw_key.as_deref(),
-                                entry.raw_payload.as_deref(),
-                            )
-                            .await?;
-                    }
-                }
-            }
-            outln!("replayed {} dead letters", chosen.len());
+            outln!("replayed {} dead letters", replayer.replayed);
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// The producer settings for a replay: originals kept in Postgres may be
-/// larger than a producer allows by default (the source topic took them), so
-/// `message.max.bytes` grows to fit the largest chosen one.
-fn replay_config(kafka: &KafkaConfig, chosen: &[&DeadLetterEntry]) -> KafkaConfig {
-    let mut kafka = kafka.clone();
-    let largest = chosen
+/// `dlq list --json`: one JSON array, written as the entries are read.
+async fn list_json(entries: &mut DeadLetterStream) -> anyhow::Result<()> {
+    // Laid out as `serde_json::to_string_pretty` lays out the whole array.
+    let mut previous: Option<String> = None;
+    while let Some(entry) = entries.next().await? {
+        let indented = serde_json::to_string_pretty(&entry)?.replace('\n', "\n  ");
+        match previous.replace(indented) {
+            Some(previous) => outln!("  {previous},"),
+            None => outln!("["),
+        }
+    }
+    match previous {
+        Some(last) => outln!("  {last}\n]"),
+        None => outln!("[]"),
+    }
+    Ok(())
+}
+
+/// `dlq list`: the records of the topic in tables of [`PAGE`] rows, as they
+/// are read; then those whose original is kept in Postgres (the topic
+/// refused them: few, and held without their bytes).
+async fn list_tables(entries: &mut DeadLetterStream) -> anyhow::Result<()> {
+    let mut page = Vec::with_capacity(PAGE);
+    let mut kept = Vec::new();
+    let mut in_topic = 0_usize;
+    loop {
+        let next = entries.next().await?;
+        let done = next.is_none();
+        if let Some(mut entry) = next {
+            if entry.stored.is_some() {
+                let mut summary = entry.clone();
+                summary.raw_payload = None;
+                summary.payload = None;
+                kept.push(summary);
+            }
+            if entry.in_topic() {
+                in_topic += 1;
+                entry.raw_payload = None;
+                page.push(entry);
+            }
+        }
+        if page.len() >= PAGE || (done && !page.is_empty()) {
+            outln!("{}", output::dead_letter_table(&page));
+            page.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    if in_topic == 0 && kept.is_empty() {
+        outln!("{}", output::dead_letter_table(&[]));
+    }
+    if !kept.is_empty() {
+        let kept: Vec<&DeadLetterEntry> = kept.iter().collect();
+        outln!(
+            "\nkept in Postgres (kser.dead_letters): the dead-letter topic refused them\n{}",
+            kept_table(&kept)
+        );
+    }
+    Ok(())
+}
+
+/// Sends dead letters back, a page at a time.
+struct Replayer<'a> {
+    kafka: &'a KafkaConfig,
+    store: Option<&'a Store>,
+    /// Where a dead letter without a source topic header goes.
+    default_topic: &'a str,
+    /// The producer, and the `message.max.bytes` it was built with.
+    producer: Option<(Producer, i64)>,
+    replayed: usize,
+}
+
+impl Replayer<'_> {
+    /// Makes the tasks of `chosen` PENDING again, then sends each back to
+    /// the topic it came from.
+    async fn replay(&mut self, chosen: &[DeadLetterEntry]) -> anyhow::Result<()> {
+        let store = self.store;
+        if let Some(store) = store {
+            let uuids: Vec<String> = chosen.iter().filter_map(|e| e.uuid.clone()).collect();
+            store.reset_for_replay(&uuids).await?;
+        }
+        let needed = message_max_bytes(chosen);
+        if self
+            .producer
+            .as_ref()
+            .is_none_or(|(_, built)| *built < needed)
+        {
+            if let Some((old, _)) = self.producer.take() {
+                let _ = old.flush(std::time::Duration::from_secs(10));
+            }
+            let producer = Producer::new(&replay_config(self.kafka, needed))?;
+            self.producer = Some((producer, needed));
+        }
+        let Some((producer, _)) = &self.producer else {
+            bail!("no producer to replay with");
+        };
+        for entry in chosen {
+            let topic = entry.topic.as_deref().unwrap_or(self.default_topic);
+            match entry.stored_id {
+                Some(id) => {
+                    let store = store.with_context(|| {
+                        format!(
+                            "the original of dead letter {} is kept in Postgres: set DATABASE_URL",
+                            entry.id()
+                        )
+                    })?;
+                    let Some(original) = store.dead_letter_original(id).await? else {
+                        bail!("dead letter pg:{id} is no longer in kser.dead_letters");
+                    };
+                    producer
+                        .send_raw(topic, original.key.as_deref(), original.value.as_deref())
+                        .await?;
+                }
+                None => {
+                    producer
+                        .send_raw(
+                            topic,
+                            entry.raw_key.as_deref(),
+                            entry.raw_payload.as_deref(),
+                        )
+                        .await?;
+                }
+            }
+            self.replayed += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The `message.max.bytes` a replay of `chosen` needs: originals kept in
+/// Postgres may be larger than a producer allows by default (the source
+/// topic took them).
+fn message_max_bytes(chosen: &[DeadLetterEntry]) -> i64 {
+    chosen
         .iter()
         .filter(|e| e.stored_id.is_some())
         .map(|e| {
@@ -157,12 +269,15 @@ fn replay_config(kafka: &KafkaConfig, chosen: &[&DeadLetterEntry]) -> KafkaConfi
             key + e.payload_bytes.unwrap_or(0) + RECORD_OVERHEAD
         })
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .clamp(DEFAULT_MESSAGE_MAX_BYTES, LARGEST_MESSAGE_MAX_BYTES)
+}
+
+/// The producer settings for a replay, allowing records of `largest` bytes.
+fn replay_config(kafka: &KafkaConfig, largest: i64) -> KafkaConfig {
+    let mut kafka = kafka.clone();
     if largest > DEFAULT_MESSAGE_MAX_BYTES {
-        kafka.set(
-            "message.max.bytes",
-            largest.min(LARGEST_MESSAGE_MAX_BYTES).to_string(),
-        );
+        kafka.set("message.max.bytes", largest.to_string());
     }
     kafka
 }

@@ -37,7 +37,7 @@ use crate::admin::TopicLayout;
 use crate::config::KafkaConfig;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
-use crate::store::{Store, TaskFilter, TaskStatus};
+use crate::store::{Store, StoreError, TaskFilter, TaskStatus};
 use crate::worker::{DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig};
 
 /// A Kafka-native task consumer with its state in Postgres.
@@ -134,7 +134,8 @@ enum Command {
     },
     /// Inspect the dead-letter topic and send dead letters back.
     Dlq(dlq::DlqArgs),
-    /// Apply the database migrations (the worker also does at start).
+    /// Apply the database migrations (a worker also does at start, unless
+    /// --no-migrate or the database is migrated already).
     Migrate,
     /// List the registered entrypoints and the parameters they expect.
     Entrypoints {
@@ -230,6 +231,12 @@ struct WorkerArgs {
     /// default 0.0.0.0) turns it on too.
     #[arg(long, env = "KSER_HTTP", value_name = "ADDR")]
     http: Option<std::net::SocketAddr>,
+    /// Never apply migrations: stop at start unless the database is migrated
+    /// already (by `kser migrate`, run by an administrator). Without it a
+    /// worker migrates only a database that lacks some migrations, so on a
+    /// migrated one its role never needs CREATE either.
+    #[arg(long, env = "KSER_NO_MIGRATE")]
+    no_migrate: bool,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -348,7 +355,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             // running transactional task holds one more.
             let store =
                 connect_sized(&global.database_url, 8 + config.concurrency.clamp(1, 32)).await?;
-            store.migrate().await.context("migrating the database")?;
+            prepare_schema(&store, args.no_migrate).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(forward_signals(shutdown.clone()));
             Worker::new(config, registry, store).run(shutdown).await?;
@@ -479,6 +486,30 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Makes sure a worker can start on the database: migrated (migrating it
+/// only when migrations are missing and `no_migrate` is not set, so a
+/// migrated schema never needs DDL rights), and the role holding every
+/// privilege a worker uses, so a missing grant stops it here, named, once.
+async fn prepare_schema(store: &Store, no_migrate: bool) -> anyhow::Result<()> {
+    match store.check_migrated().await {
+        Ok(()) => {}
+        Err(err @ StoreError::NotMigrated { .. }) if no_migrate => {
+            return Err(anyhow::Error::new(err).context(
+                "the worker runs with --no-migrate (KSER_NO_MIGRATE) and the database is not migrated",
+            ));
+        }
+        Err(StoreError::NotMigrated { .. }) => {
+            let applied = store.migrate().await.context(
+                "migrating the database (a role without CREATE cannot: run `kser migrate` as the schema's owner first)",
+            )?;
+            tracing::info!(applied = %applied.join(","), "applied migrations");
+        }
+        Err(err) => return Err(err.into()),
+    }
+    store.check_privileges().await?;
+    Ok(())
 }
 
 /// A store for a command that reads or writes kser's tables: it must be

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 
 use crate::admin::{self, TopicLayout};
 use crate::config::KafkaConfig;
@@ -24,6 +24,13 @@ const CHUNK: usize = 1000;
 const BOM: char = '\u{feff}';
 /// How long a chunk waits for more lines once it has one.
 const CHUNK_WAIT: Duration = Duration::from_millis(50);
+/// The most bytes a `--batch` input may hold unless `--max-input-bytes`
+/// says otherwise.
+const DEFAULT_MAX_BATCH_BYTES: u64 = 1 << 30;
+/// The most bytes a `--params-file` may hold unless `--max-input-bytes`
+/// says otherwise; also the longest line of a batch. Kafka takes 1 MB
+/// records by default: a message this large is already far too large.
+const DEFAULT_MAX_MESSAGE_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Args)]
 pub(super) struct SendArgs {
@@ -74,6 +81,12 @@ pub(super) struct SendArgs {
     /// key. Without it, messages go in plain JSON.
     #[arg(long)]
     encrypt: bool,
+    /// Refuse input larger than this, with nothing sent (e.g. 64MiB): a
+    /// --batch file (default 1GiB; standard input is counted as it is read
+    /// and reading stops at the line that passes it) or a --params-file
+    /// (default 16MiB). A batch line is at most 16MiB whatever the size.
+    #[arg(long, value_name = "BYTES", value_parser = super::values::bytes(1, 1 << 40))]
+    max_input_bytes: Option<u64>,
 }
 
 /// One line of `--batch` input.
@@ -124,6 +137,14 @@ pub(super) async fn send(
     if due.is_some() && store.is_none() {
         bail!("--delay and --at need a database (DATABASE_URL): the message waits there until due");
     }
+    // Input over its cap is refused before anything is built or sent.
+    let single = match &args.batch {
+        Some(source) => {
+            check_batch_size(source, batch_cap(&args))?;
+            None
+        }
+        None => Some(single_message(&args)?),
+    };
     let producer = Producer::new(kafka)?;
     let producer = if !args.encrypt {
         producer.without_secretbox()
@@ -142,10 +163,10 @@ pub(super) async fn send(
         store,
         due,
     };
-    match &args.batch {
-        Some(source) => send_batch(source, &target).await,
-        None => {
-            let message = single_message(&args)?;
+    match (&args.batch, single) {
+        (Some(source), _) => send_batch(source, batch_cap(&args), &target).await,
+        (None, None) => bail!("nothing to send"),
+        (None, Some(message)) => {
             let uuid = message.uuid.clone();
             let key = args.key.clone().filter(|key| !key.is_empty());
             let outcome = publish(
@@ -174,8 +195,10 @@ fn single_message(args: &SendArgs) -> anyhow::Result<Message> {
     let params = match (&args.params, &args.params_file) {
         (Some(text), _) => parse_object(text).context("--params")?,
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = read_params_file(
+                path,
+                args.max_input_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            )?;
             let text = text.strip_prefix(BOM).unwrap_or(&text);
             parse_object(text).with_context(|| format!("--params-file {}", path.display()))?
         }
@@ -192,6 +215,113 @@ fn single_message(args: &SendArgs) -> anyhow::Result<Message> {
         message.uuid.clone_from(uuid);
     }
     Ok(message)
+}
+
+/// The most bytes a `--batch` input may hold.
+fn batch_cap(args: &SendArgs) -> u64 {
+    args.max_input_bytes.unwrap_or(DEFAULT_MAX_BATCH_BYTES)
+}
+
+/// Refuses a `--batch` file larger than `cap` before anything is sent.
+/// Standard input and pipes have no size yet: they are counted as read.
+fn check_batch_size(source: &str, cap: u64) -> anyhow::Result<()> {
+    if source == "-" {
+        return Ok(());
+    }
+    let metadata = std::fs::metadata(source).with_context(|| format!("opening {source}"))?;
+    if metadata.is_file() && metadata.len() > cap {
+        bail!(
+            "--batch {source} is {} bytes, more than the {cap} bytes allowed (--max-input-bytes): nothing sent",
+            metadata.len()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a `--params-file` of at most `cap` bytes: a larger one (or a pipe
+/// that goes on) is refused without reading it whole.
+fn read_params_file(path: &std::path::Path, cap: u64) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(cap.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > cap {
+        bail!(
+            "--params-file {} is more than the {cap} bytes allowed (--max-input-bytes): nothing sent",
+            path.display()
+        );
+    }
+    String::from_utf8(bytes)
+        .with_context(|| format!("--params-file {} is not UTF-8", path.display()))
+}
+
+/// A line of `--batch` input, as [`CappedLines`] reads it.
+enum Line {
+    Text(String),
+    /// Longer than the longest line allowed: skipped, never held whole.
+    TooLong,
+    NotUtf8,
+}
+
+/// Lines of at most `max_line` bytes, counting the bytes read. Its state
+/// lives in the struct, between awaits of a cancel-safe `fill_buf`, so a
+/// read abandoned at the chunk deadline loses nothing.
+struct CappedLines<R> {
+    reader: BufReader<R>,
+    line: Vec<u8>,
+    too_long: bool,
+    max_line: usize,
+    /// Bytes read so far.
+    read: u64,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> CappedLines<R> {
+    async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        use tokio::io::AsyncBufReadExt as _;
+        loop {
+            let available = self.reader.fill_buf().await?;
+            if available.is_empty() {
+                if self.line.is_empty() && !self.too_long {
+                    return Ok(None);
+                }
+                return Ok(Some(self.take_line()));
+            }
+            let (chunk, ends_line) = match available.iter().position(|b| *b == b'\n') {
+                Some(end) => (&available[..end], true),
+                None => (available, false),
+            };
+            let used = chunk.len() + usize::from(ends_line);
+            if !self.too_long {
+                if self.line.len() + chunk.len() > self.max_line {
+                    self.too_long = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(chunk);
+                }
+            }
+            self.reader.consume(used);
+            self.read += used as u64;
+            if ends_line {
+                return Ok(Some(self.take_line()));
+            }
+        }
+    }
+
+    fn take_line(&mut self) -> Line {
+        let mut line = std::mem::take(&mut self.line);
+        if std::mem::take(&mut self.too_long) {
+            return Line::TooLong;
+        }
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        match String::from_utf8(line) {
+            Ok(text) => Line::Text(text),
+            Err(_) => Line::NotUtf8,
+        }
+    }
 }
 
 fn parse_object(text: &str) -> anyhow::Result<JsonObject> {
@@ -233,7 +363,7 @@ struct Target<'a> {
     due: Option<DateTime<Utc>>,
 }
 
-async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCode> {
+async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Result<ExitCode> {
     let (topic, producer) = (target.topic, target.producer);
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if source == "-" {
         Box::new(tokio::io::stdin())
@@ -244,14 +374,21 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
                 .with_context(|| format!("opening {source}"))?,
         )
     };
-    let mut lines = BufReader::new(reader).lines();
+    let mut lines = CappedLines {
+        reader: BufReader::new(reader),
+        line: Vec::new(),
+        too_long: false,
+        max_line: usize::try_from(DEFAULT_MAX_MESSAGE_BYTES.min(cap)).unwrap_or(usize::MAX),
+        read: 0,
+    };
+    let mut over_cap = false;
     let progress = progress_bar();
     let (mut sent, mut rejected, mut failed) = (0u64, 0u64, 0u64);
     let mut line_number = 0u64;
     // The uuids the input named, with their line: generated ones are unique.
     let mut uuids: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut input_done = false;
-    while !input_done {
+    while !input_done && !over_cap {
         // A chunk: up to CHUNK lines, or what arrives within CHUNK_WAIT of
         // the first one, so a slow producer of lines still gets sent.
         let mut chunk = Vec::new();
@@ -271,6 +408,26 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
                 break;
             };
             line_number += 1;
+            if lines.read > cap {
+                // Standard input passed the cap: what came before is sent,
+                // nothing from this line on.
+                over_cap = true;
+                break;
+            }
+            let line = match line {
+                Line::Text(line) => line,
+                Line::TooLong | Line::NotUtf8 => {
+                    rejected += 1;
+                    let why = match line {
+                        Line::TooLong => {
+                            format!("longer than {} bytes", DEFAULT_MAX_MESSAGE_BYTES.min(cap))
+                        }
+                        _ => "not UTF-8".to_owned(),
+                    };
+                    progress.suspend(|| eprintln!("line {line_number}: not sent: {why}"));
+                    continue;
+                }
+            };
             // Editors on Windows start UTF-8 files with a byte-order mark.
             let line = match line_number {
                 1 => line.strip_prefix(BOM).unwrap_or(&line),
@@ -329,10 +486,15 @@ async fn send_batch(source: &str, target: &Target<'_>) -> anyhow::Result<ExitCod
     }
     let _ = producer.flush(Duration::from_secs(10));
     progress.finish_and_clear();
+    if over_cap {
+        eprintln!(
+            "error: the input passed the {cap} bytes allowed (--max-input-bytes) at line {line_number}: nothing from that line on was sent"
+        );
+    }
     eprintln!(
         "sent {sent} messages to topic '{topic}'; {rejected} invalid lines, {failed} failed sends"
     );
-    Ok(if rejected + failed == 0 {
+    Ok(if rejected + failed == 0 && !over_cap {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -3,7 +3,8 @@
 //! where it means nothing, a year 200000 or an empty topic is a usage error
 //! naming the flag, never a panic or a silent clamp.
 //!
-//! One parser per kind: [`count`] (a whole number in a range), [`duration`]
+//! One parser per kind: [`count`] (a whole number in a range), [`bytes`] (a
+//! size, `64MiB`), [`duration`]
 //! (`500ms`, `30s`, `5m`, or bare seconds, in a range), [`topic`] (a Kafka
 //! topic name) and [`time`] (an RFC 3339 time not absurdly far away).
 
@@ -32,6 +33,37 @@ where
             return Err(format!("{value} is out of range: {}", range()));
         }
         T::try_from(value).map_err(|_| range())
+    }
+}
+
+/// A size in bytes from `min` to `max`: a whole number of bytes, or one
+/// with a binary unit (`512KiB`, `64MiB`, `1GiB`; `K`, `M`, `G` and `KB`,
+/// `MB`, `GB` mean the same powers of 1024).
+pub(super) fn bytes(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |text: &str| {
+        let range =
+            || format!("expected a size from {min} to {max} bytes (e.g. 512KiB, 64MiB, 1GiB)");
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => return Err(format!("'{text}' is not a size: {}", range())),
+        };
+        let value = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit_bytes))
+            .ok_or_else(|| format!("'{text}' is not a size: {}", range()))?;
+        if !(min..=max).contains(&value) {
+            return Err(format!("'{text}' is out of range: {}", range()));
+        }
+        Ok(value)
     }
 }
 
@@ -135,6 +167,28 @@ mod tests {
             assert!(err.contains("from 1 to 10000"), "{bad}: {err}");
         }
         assert_eq!(count::<i32>(1, 100_000)("6"), Ok(6));
+    }
+
+    #[test]
+    fn sizes_take_binary_units_in_range() {
+        let parse = bytes(1024, 1 << 40);
+        assert_eq!(parse("4096"), Ok(4096));
+        assert_eq!(parse("512KiB"), Ok(512 << 10));
+        assert_eq!(parse("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse("1G"), Ok(1 << 30));
+        for bad in [
+            "0",
+            "1023",
+            "-1",
+            "1.5GiB",
+            "2TiB",
+            "inf",
+            "",
+            "MiB",
+            "99999999999G",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -99,16 +99,38 @@ impl Store {
             .await?)
     }
 
-    /// The dead letters kept for `dlq_topic`, oldest first, without their
-    /// values.
+    /// A page of the dead letters kept for `dlq_topic`: at most `limit`,
+    /// those with an id above `after`, oldest first, without their values.
+    /// `dlq list` reads them a page at a time.
     pub async fn kept_dead_letters(
         &self,
         dlq_topic: &str,
+        after: i64,
+        limit: i64,
     ) -> Result<Vec<StoredDeadLetter>, StoreError> {
         let mut conn = self.conn().await?;
         Ok(dead_letters::table
             .filter(dead_letters::dlq_topic.eq(dlq_topic))
+            .filter(dead_letters::id.gt(after))
             .order(dead_letters::id.asc())
+            .limit(limit)
+            .select(StoredDeadLetter::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+
+    /// The kept dead letters with these ids (those that exist), without
+    /// their values.
+    pub async fn kept_dead_letters_by_id(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        Ok(dead_letters::table
+            .filter(dead_letters::id.eq_any(ids))
             .select(StoredDeadLetter::as_select())
             .load(&mut conn)
             .await?)

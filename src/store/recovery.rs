@@ -153,9 +153,11 @@ impl StoreError {
     /// module docs of `store::recovery` for how it is decided.
     pub fn recovery(&self) -> Recovery {
         match self {
-            Self::Connect { .. } | Self::Migration(_) | Self::NotMigrated { .. } => {
-                Recovery::Transient
-            }
+            // An operator's fix (a migration, a GRANT) cures these.
+            Self::Connect { .. }
+            | Self::Migration(_)
+            | Self::NotMigrated { .. }
+            | Self::Privileges { .. } => Recovery::Transient,
             Self::NotFound(_) | Self::Conflict(_) => Recovery::Permanent,
             Self::Query(err) => query_recovery(err),
         }
