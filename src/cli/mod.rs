@@ -251,13 +251,18 @@ pub fn run(registry: Registry) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli, registry)) {
+    let code = match runtime.block_on(execute(cli, registry)) {
         Ok(code) => code,
         Err(err) => {
             print_error(&err);
             ExitCode::FAILURE
         }
-    }
+    };
+    // Done: do not wait for a read of standard input still blocked in a
+    // thread (`send --batch -` stopped by a signal while its input stays
+    // open).
+    runtime.shutdown_background();
+    code
 }
 
 /// `error: ` and the error with its causes, each said once, escaped like
@@ -362,11 +367,19 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Send(args) => {
+            let kafka = kafka()?;
+            // A bad or missing key is said before anything is touched.
+            if crate::crypto::SecretBox::from_env()?.is_none() && args.encrypt {
+                bail!(
+                    "--encrypt needs the key in {} (the base64 of 32 bytes)",
+                    crate::crypto::KEY_VARIABLE
+                );
+            }
             let store = match &global.database_url {
                 Some(_) => Some(connect(&global.database_url).await?),
                 None => None,
             };
-            send::send(args, &kafka()?, store.as_ref()).await
+            send::send(args, &kafka, store.as_ref()).await
         }
         Command::Status { uuid, json } => {
             let store = connect(&global.database_url).await?;
@@ -557,7 +570,7 @@ fn python_metrics_address(
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
-async fn forward_signals(shutdown: CancellationToken) {
+pub(super) async fn forward_signals(shutdown: CancellationToken) {
     let mut signals = 0;
     loop {
         if wait_for_signal().await.is_err() {

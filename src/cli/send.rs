@@ -10,6 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 use tokio::io::BufReader;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, TopicLayout};
 use crate::config::KafkaConfig;
@@ -80,7 +81,7 @@ pub(super) struct SendArgs {
     /// KSER_SECRETBOX_KEY (the base64 of 32 bytes); workers need the same
     /// key. Without it, messages go in plain JSON.
     #[arg(long)]
-    encrypt: bool,
+    pub(super) encrypt: bool,
     /// Refuse input larger than this, with nothing sent (e.g. 64MiB): a
     /// --batch file (default 1GiB; standard input is counted as it is read
     /// and reading stops at the line that passes it) or a --params-file
@@ -388,21 +389,34 @@ async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Resu
     // The uuids the input named, with their line: generated ones are unique.
     let mut uuids: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut input_done = false;
-    while !input_done && !over_cap {
+    // SIGINT/SIGTERM: stop reading, finish the chunk in hand (its sends are
+    // bounded by message.timeout.ms), and say what was sent. A second
+    // signal exits at once.
+    let interrupted = CancellationToken::new();
+    let signals = tokio::spawn(super::forward_signals(interrupted.clone()));
+    // Why the rest of the input was left unread, if it was.
+    let mut stopped: Option<String> = None;
+    while !input_done && !over_cap && stopped.is_none() {
         // A chunk: up to CHUNK lines, or what arrives within CHUNK_WAIT of
         // the first one, so a slow producer of lines still gets sent.
         let mut chunk = Vec::new();
         let mut deadline = None;
         while chunk.len() < CHUNK {
-            let next = match deadline {
-                None => lines.next_line().await,
-                Some(deadline) => {
-                    match tokio::time::timeout_at(deadline, lines.next_line()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
-                    }
+            // Reading lines is cancel-safe: a signal loses no input.
+            let next = tokio::select! {
+                biased;
+                () = interrupted.cancelled() => {
+                    stopped = Some("interrupted".to_owned());
+                    break;
                 }
+                next = async {
+                    match deadline {
+                        None => Some(lines.next_line().await),
+                        Some(deadline) => tokio::time::timeout_at(deadline, lines.next_line()).await.ok(),
+                    }
+                } => next,
             };
+            let Some(next) = next else { break };
             let Some(line) = next.context("reading messages")? else {
                 input_done = true;
                 break;
@@ -465,7 +479,22 @@ async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Resu
                 }
             }
         }
+        let attempted = chunk.len();
         let outcome = publish(chunk, target).await;
+        // A broker that accepts nothing (gone, or refusing every message)
+        // is not waited for chunk after chunk: give up after one.
+        if attempted > 0 && outcome.sent.is_empty() && outcome.unreachable {
+            stopped.get_or_insert_with(|| {
+                format!(
+                    "gave up: the broker accepted none of the last {attempted} messages ({})",
+                    outcome
+                        .failed
+                        .first()
+                        .map(|(_, err)| err.as_str())
+                        .unwrap_or("")
+                )
+            });
+        }
         sent += outcome.sent.len() as u64;
         progress.inc(outcome.sent.len() as u64);
         progress.suspend(|| {
@@ -484,8 +513,15 @@ async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Resu
             });
         }
     }
+    signals.abort();
     let _ = producer.flush(Duration::from_secs(10));
     progress.finish_and_clear();
+    if let Some(why) = &stopped {
+        eprintln!(
+            "error: {}: nothing after line {line_number} was read or sent",
+            super::output::printable(why)
+        );
+    }
     if over_cap {
         eprintln!(
             "error: the input passed the {cap} bytes allowed (--max-input-bytes) at line {line_number}: nothing from that line on was sent"
@@ -494,7 +530,9 @@ async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Resu
     eprintln!(
         "sent {sent} messages to topic '{topic}'; {rejected} invalid lines, {failed} failed sends"
     );
-    Ok(if rejected + failed == 0 && !over_cap {
+    Ok(if stopped.as_deref() == Some("interrupted") {
+        ExitCode::from(130)
+    } else if rejected + failed == 0 && !over_cap && stopped.is_none() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -506,6 +544,8 @@ struct Published {
     /// The uuids the broker acknowledged, in input order.
     sent: Vec<String>,
     failed: Vec<(String, String)>,
+    /// Every send failed on the broker (not a refusal of kser's own).
+    unreachable: bool,
 }
 
 /// Records `messages` as PENDING (when a database is configured) and then
@@ -526,6 +566,7 @@ async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
     let mut published = Published {
         sent: Vec::new(),
         failed: Vec::new(),
+        unreachable: false,
     };
     let mut messages = messages;
     let mut keys = keys;
@@ -582,6 +623,7 @@ async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
         .zip(&keys)
         .map(|(message, key)| producer.send_keyed(topic, key, message));
     let outcomes = futures::future::join_all(sends).await;
+    published.unreachable = !outcomes.is_empty() && outcomes.iter().all(Result::is_err);
     for (message, outcome) in messages.into_iter().zip(outcomes) {
         match outcome {
             Ok(_) => published.sent.push(message.uuid),
@@ -643,6 +685,7 @@ async fn schedule(
     let mut published = Published {
         sent: Vec::new(),
         failed: Vec::new(),
+        unreachable: false,
     };
     match store.schedule(&rows, &outbox).await {
         Ok(scheduled) => {
