@@ -688,6 +688,20 @@ impl Shared {
             match write().await {
                 Ok(value) => return Some(Ok(value)),
                 Err(err) if err.is_permanent() => return Some(Err(err)),
+                // A grant revoked while the worker runs: an operator's fix,
+                // so waited out, but said as what it is.
+                Err(err) if err.to_string().contains("permission denied") => {
+                    tracing::error!(
+                        error = %err, retry_in_ms = delay.as_millis() as u64,
+                        "could not {what}: the worker's role lacks a privilege; {}; retrying until it is granted (see README, \"Least privilege\")",
+                        crate::store::WORKER_PRIVILEGES
+                    );
+                    tokio::select! {
+                        () = self.abandon.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "could not {what}; retrying");
                     tokio::select! {
