@@ -116,10 +116,11 @@ pub struct WorkerConfig {
     /// sooner is written once, with its outcome, which is what makes short
     /// tasks cheap; `status` shows a longer one as RUNNING from then on.
     pub running_after: Duration,
-    /// The most bytes of records the worker holds: fetched by librdkafka
-    /// and not yet handed over, and in the pipeline until their outcome is
-    /// durable (see [`buffer_budget`] for the shares). Counts bytes, not
-    /// records, so large records cannot take a worker past it.
+    /// The most bytes of records the worker holds: an eighth for
+    /// librdkafka's prefetch queue, an eighth for a fetch in flight, half
+    /// for records in the pipeline until their outcome is durable, a
+    /// quarter of headroom. Counts bytes, not records, so large records
+    /// cannot take a worker past it.
     pub max_buffered_bytes: u64,
 }
 
