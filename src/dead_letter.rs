@@ -232,6 +232,14 @@ impl DeadLetterEntry {
         self.payload_bytes = row.value_bytes.map(i64::from);
     }
 
+    /// About how many bytes it holds: its key and payload, as bytes and as
+    /// text.
+    pub fn held_bytes(&self) -> usize {
+        let len = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len);
+        let text = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        len(&self.raw_key) + len(&self.raw_payload) + text(&self.key) + text(&self.payload)
+    }
+
     /// Whether the dead-letter topic has a record of it.
     pub fn in_topic(&self) -> bool {
         self.dlq_offset >= 0
@@ -258,6 +266,11 @@ impl DeadLetterEntry {
 /// at a time: what `dlq list` and `dlq replay` hold, whatever the size of
 /// the topic.
 pub const PAGE: usize = 256;
+/// The most bytes of dead letters a page holds: a page of large records
+/// ends before [`PAGE`] of them.
+pub const PAGE_BYTES: usize = 16 << 20;
+/// Records read ahead of the page being handed on.
+const READ_AHEAD: usize = 8;
 
 /// How long the reader waits for the next record before it calls the topic
 /// unreadable.
@@ -269,7 +282,7 @@ const READ_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// store, the records alone. At most a few pages are held at once, so a
 /// topic of any size is read in bounded memory.
 pub fn stream(kafka: &KafkaConfig, dlq_topic: &str, store: Option<&Store>) -> DeadLetterStream {
-    let (tx, records) = tokio::sync::mpsc::channel(PAGE);
+    let (tx, records) = tokio::sync::mpsc::channel(READ_AHEAD);
     let kafka = kafka.clone();
     let topic = dlq_topic.to_owned();
     std::thread::spawn(move || {
@@ -313,9 +326,13 @@ impl DeadLetterStream {
             }
             if !self.records_done {
                 let mut page = Vec::with_capacity(PAGE);
-                while page.len() < PAGE {
+                let mut bytes = 0;
+                while page.len() < PAGE && bytes < PAGE_BYTES {
                     match self.records.recv().await {
-                        Some(Ok(entry)) => page.push(entry),
+                        Some(Ok(entry)) => {
+                            bytes += entry.held_bytes();
+                            page.push(entry);
+                        }
                         Some(Err(err)) => return Err(err),
                         None => {
                             self.records_done = true;

@@ -81,4 +81,7 @@ pub use registry::{Registry, RegistryError};
 pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
 pub use task::{Task, TaskContext, TaskError, TransactionalTask};
-pub use worker::{DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig, WorkerStats};
+pub use worker::{
+    DEFAULT_MAX_BUFFERED_BYTES, DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig,
+    WorkerStats,
+};

@@ -142,6 +142,23 @@ fn a_worker_runs_tasks_and_operations_with_only_the_documented_grants() {
     worker.wait_assigned();
     let echo = env.send("showcase", "showcase.Echo", r#"{"text": "again"}"#);
     assert_eq!(env.wait_final(&echo)["status"], "SUCCESS");
+
+    // A grant revoked while it runs: the worker says which, waits, and
+    // finishes the task once it is granted again; nothing is lost.
+    env.sql(&format!("REVOKE UPDATE ON kser.tasks FROM {}", role.name));
+    let blocked = env.send("showcase", "showcase.Echo", r#"{"text": "blocked"}"#);
+    worker.wait_for_log(
+        "the worker's role lacks a privilege",
+        1,
+        Duration::from_secs(60),
+    );
+    assert!(
+        worker.log().contains("permission denied for table tasks"),
+        "{}",
+        worker.log()
+    );
+    env.sql(&format!("GRANT UPDATE ON kser.tasks TO {}", role.name));
+    assert_eq!(env.wait_final(&blocked)["status"], "SUCCESS");
     assert!(worker.terminate(Duration::from_secs(30)).success());
 }
 

@@ -9,7 +9,9 @@ use clap::{Args, Subcommand};
 
 use super::output;
 use crate::config::KafkaConfig;
-use crate::dead_letter::{DeadLetterEntry, DeadLetterStream, PAGE, default_topic, stream};
+use crate::dead_letter::{
+    DeadLetterEntry, DeadLetterStream, PAGE, PAGE_BYTES, default_topic, stream,
+};
 use crate::producer::Producer;
 use crate::store::Store;
 
@@ -86,13 +88,18 @@ pub(super) async fn run(
             };
             if all {
                 let mut page = Vec::with_capacity(PAGE);
+                let mut bytes = 0;
                 loop {
                     let next = entries.next().await?;
                     let done = next.is_none();
-                    page.extend(next);
-                    if page.len() >= PAGE || (done && !page.is_empty()) {
+                    if let Some(entry) = next {
+                        bytes += entry.held_bytes();
+                        page.push(entry);
+                    }
+                    if page.len() >= PAGE || bytes >= PAGE_BYTES || (done && !page.is_empty()) {
                         replayer.replay(&page).await?;
                         page.clear();
+                        bytes = 0;
                     }
                     if done {
                         break;
@@ -160,11 +167,19 @@ async fn list_tables(entries: &mut DeadLetterStream) -> anyhow::Result<()> {
                 let mut summary = entry.clone();
                 summary.raw_payload = None;
                 summary.payload = None;
+                summary.raw_key = None;
                 kept.push(summary);
             }
             if entry.in_topic() {
                 in_topic += 1;
+                // The table shows the start of the value only.
                 entry.raw_payload = None;
+                entry.raw_key = None;
+                if let Some(payload) = &mut entry.payload
+                    && let Some((cut, _)) = payload.char_indices().nth(200)
+                {
+                    payload.truncate(cut);
+                }
                 page.push(entry);
             }
         }

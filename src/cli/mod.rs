@@ -237,6 +237,13 @@ struct WorkerArgs {
     /// migrated one its role never needs CREATE either.
     #[arg(long, env = "KSER_NO_MIGRATE")]
     no_migrate: bool,
+    /// The most bytes of records the worker holds (8MiB to 8GiB; e.g.
+    /// 64MiB, 1GiB): an eighth for librdkafka's prefetch queue, an eighth
+    /// for a fetch in flight (per broker), half for records in the pipeline
+    /// until their outcome is written, a quarter of headroom. Counted in
+    /// bytes, so large records cannot take the worker past it.
+    #[arg(long, env = "KSER_MAX_BUFFERED_BYTES", default_value = "64MiB", value_parser = values::bytes(crate::worker::MIN_BUFFERED_BYTES, crate::worker::MAX_BUFFERED_BYTES))]
+    max_buffered_bytes: u64,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -337,6 +344,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 Some(address) => Some(address),
                 None => python_metrics_address(|name| std::env::var(name).ok())?,
             };
+            config.max_buffered_bytes = args.max_buffered_bytes;
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
             config.layout = TopicLayout {
@@ -625,6 +633,8 @@ mod tests {
             &["kser", "worker", "--concurrency", "0"][..],
             &["kser", "worker", "--concurrency", "18446744073709551615"],
             &["kser", "worker", "--batch-size", "0"],
+            &["kser", "worker", "--max-buffered-bytes", "1MiB"],
+            &["kser", "worker", "--max-buffered-bytes", "1TiB"],
             &["kser", "worker", "--shutdown-timeout", "inf"],
             &["kser", "worker", "--shutdown-timeout", "1e300"],
             &["kser", "worker", "--partitions", "0"],

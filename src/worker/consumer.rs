@@ -79,6 +79,8 @@ pub(crate) struct ConsumerSpec {
     pub(crate) topics: Vec<String>,
     /// Whether librdkafka reports statistics (consumer lag) for `/metrics`.
     pub(crate) statistics: bool,
+    /// What librdkafka may hold of the worker's byte bound.
+    pub(crate) budget: super::BufferBudget,
 }
 
 impl ConsumerSpec {
@@ -89,6 +91,12 @@ impl ConsumerSpec {
     ) -> Result<StreamConsumer<KserContext>, KafkaError> {
         use rdkafka::consumer::Consumer as _;
 
+        // Bound what librdkafka prefetches and fetches in bytes (its
+        // defaults allow 64 MB queued and 50 MB per fetch, per broker):
+        // its share of `--max-buffered-bytes`. Properties set with -X win.
+        let queue_kbytes = self.budget.queue_kbytes.to_string();
+        let fetch_bytes = self.budget.fetch_bytes.to_string();
+        let partition_fetch_bytes = self.budget.partition_fetch_bytes.to_string();
         let mut client = self.kafka.client_config(
             ClientRole::Consumer,
             &[
@@ -97,11 +105,13 @@ impl ConsumerSpec {
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
                 ("enable.partition.eof", "false"),
-                // Bound what librdkafka prefetches (its defaults allow 64 MB
-                // and 100,000 messages); the stages after it are bounded
-                // channels and at most `concurrency` running tasks.
-                ("queued.max.messages.kbytes", "32768"),
+                ("queued.max.messages.kbytes", &queue_kbytes),
                 ("queued.min.messages", "20000"),
+                ("fetch.max.bytes", &fetch_bytes),
+                ("max.partition.fetch.bytes", &partition_fetch_bytes),
+                // A full queue postpones a partition's next fetch by this
+                // (librdkafka's default, 1 s, starves a small queue).
+                ("fetch.queue.backoff.ms", "50"),
             ],
         );
         client.set("group.id", &self.group);

@@ -99,13 +99,26 @@ impl Shared {
                     }
                 }
             };
-            let permit = tokio::select! {
-                () = shutdown.cancelled() => return,
-                permit = tokio::time::timeout(STALL_BEFORE_PAUSE, intake_tx.reserve()) => permit,
+            // The record's share of the byte budget, then a place in the
+            // channel: a pipeline full of large records waits like a full
+            // channel.
+            let cost = record_cost(
+                received.original.key.as_ref().map_or(0, Vec::len),
+                received.original.payload.as_ref().map_or(0, Vec::len),
+                self.buffered_budget,
+            );
+            let ready = async {
+                let budget = Arc::clone(&self.buffered).acquire_many_owned(cost).await;
+                (budget, intake_tx.reserve().await)
             };
-            let permit = match permit {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return,
+            let mut ready = std::pin::pin!(ready);
+            let waited = tokio::select! {
+                () = shutdown.cancelled() => return,
+                ready = tokio::time::timeout(STALL_BEFORE_PAUSE, &mut ready) => ready,
+            };
+            let (budget, permit) = match waited {
+                Ok((budget, Ok(permit))) => (budget, permit),
+                Ok((_, Err(_))) => return,
                 // The pipeline stays full (the database is away, tasks are
                 // slow): stop fetching, but keep polling so the consumer
                 // group does not take this worker for dead.
@@ -116,11 +129,11 @@ impl Shared {
                             "the pipeline is full (is the database away?); pausing fetch until it drains"
                         );
                     }
-                    let permit = loop {
+                    let (budget, permit) = loop {
                         tokio::select! {
                             biased;
                             () = shutdown.cancelled() => return,
-                            permit = intake_tx.reserve() => break permit,
+                            ready = &mut ready => break ready,
                             record = consumer.recv() => {
                                 if let Ok(record) = record {
                                     stash.push_back(self.received(&record, &mut topic_names));
@@ -132,9 +145,14 @@ impl Shared {
                     if consumer.resume(&paused).is_ok() {
                         tracing::info!("the pipeline drains again; resuming fetch");
                     }
-                    permit
+                    (budget, permit)
                 }
             };
+            // Given back when the last copy of the record is dropped: once
+            // its outcome is durable (and dead-lettered).
+            if let Ok(budget) = budget {
+                let _ = received.original.budget.set(budget);
+            }
             permit.send(received);
         }
     }
@@ -214,6 +232,7 @@ impl Shared {
                 key: record.key().map(<[u8]>::to_vec),
                 payload: record.payload().map(<[u8]>::to_vec),
                 timestamp: millis,
+                budget: std::sync::OnceLock::new(),
             }),
             timestamp: decode::storable_timestamp(millis),
         }

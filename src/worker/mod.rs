@@ -124,6 +124,58 @@ pub struct WorkerConfig {
     pub max_result_bytes: usize,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when `None`).
     pub http: Option<std::net::SocketAddr>,
+    /// The most bytes of records the worker holds: an eighth for
+    /// librdkafka's prefetch queue, an eighth for a fetch in flight, half
+    /// for records in the pipeline until their outcome is durable, a
+    /// quarter of headroom. Counts bytes, not records, so large records
+    /// cannot take a worker past it.
+    pub max_buffered_bytes: u64,
+}
+
+/// The default of [`WorkerConfig::max_buffered_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 64 << 20;
+/// The least [`WorkerConfig::max_buffered_bytes`]: librdkafka's fetch must
+/// hold one 1 MB record.
+pub const MIN_BUFFERED_BYTES: u64 = 8 << 20;
+/// The most [`WorkerConfig::max_buffered_bytes`].
+pub const MAX_BUFFERED_BYTES: u64 = 8 << 30;
+
+/// How [`WorkerConfig::max_buffered_bytes`] is shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BufferBudget {
+    /// librdkafka's prefetch queue (`queued.max.messages.kbytes`).
+    pub(crate) queue_kbytes: u64,
+    /// One fetch response (`fetch.max.bytes`; per broker).
+    pub(crate) fetch_bytes: u64,
+    /// One partition's share of a fetch (`max.partition.fetch.bytes`).
+    pub(crate) partition_fetch_bytes: u64,
+    /// What the pipeline holds, records counted twice: their bytes, kept
+    /// to dead-letter them, and their decoded message.
+    pub(crate) pipeline_bytes: u64,
+}
+
+/// An eighth of the bound to librdkafka's queue and an eighth to a fetch in
+/// flight (librdkafka may pass its queue's limit by one fetch), half to the
+/// pipeline; the last quarter is headroom for what counting bytes of
+/// records does not see (the allocator's slack, bookkeeping).
+pub(crate) fn buffer_budget(max_buffered_bytes: u64) -> BufferBudget {
+    let bytes = max_buffered_bytes.clamp(MIN_BUFFERED_BYTES, MAX_BUFFERED_BYTES);
+    let fetch_bytes = bytes / 8;
+    BufferBudget {
+        queue_kbytes: (bytes / 8 / 1024).min(2_097_151),
+        fetch_bytes,
+        partition_fetch_bytes: fetch_bytes.min(1 << 20),
+        pipeline_bytes: bytes / 2,
+    }
+}
+
+/// What a record costs of the pipeline's budget: twice its bytes (see
+/// [`BufferBudget::pipeline_bytes`]) and a little for its bookkeeping; never
+/// more than the whole budget, so a record larger than it still passes,
+/// alone.
+fn record_cost(key: usize, payload: usize, budget: u64) -> u32 {
+    let cost = 2 * (key as u64 + payload as u64) + 1024;
+    u32::try_from(cost.min(budget)).unwrap_or(u32::MAX)
 }
 
 impl WorkerConfig {
@@ -146,6 +198,7 @@ impl WorkerConfig {
             running_after: Duration::from_secs(1),
             max_result_bytes: 16 << 20,
             http: None,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
         }
     }
 }
@@ -207,6 +260,12 @@ impl WorkerConfig {
                 self.concurrency
             ));
         }
+        if !(MIN_BUFFERED_BYTES..=MAX_BUFFERED_BYTES).contains(&self.max_buffered_bytes) {
+            return fail(format!(
+                "max buffered bytes must be between {MIN_BUFFERED_BYTES} and {MAX_BUFFERED_BYTES}, not {}",
+                self.max_buffered_bytes
+            ));
+        }
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
             return fail(format!(
                 "batch size must be between 1 and {MAX_BATCH_SIZE}, not {}",
@@ -235,6 +294,28 @@ impl WorkerConfig {
 mod config_tests {
     use super::*;
 
+    #[test]
+    fn the_buffer_bound_is_shared_out_whole() {
+        let budget = buffer_budget(DEFAULT_MAX_BUFFERED_BYTES);
+        assert_eq!(budget.queue_kbytes, 8 * 1024);
+        assert_eq!(budget.fetch_bytes, 8 << 20);
+        assert_eq!(budget.partition_fetch_bytes, 1 << 20);
+        assert_eq!(budget.pipeline_bytes, 32 << 20);
+        // The queue, overshot by one fetch, one fetch in flight and the
+        // pipeline fit in the bound.
+        assert!(
+            budget.queue_kbytes * 1024 + 2 * budget.fetch_bytes + budget.pipeline_bytes
+                <= DEFAULT_MAX_BUFFERED_BYTES
+        );
+        // librdkafka takes a fetch of one whole record and a queue of 2 GiB
+        // at most.
+        assert!(buffer_budget(MIN_BUFFERED_BYTES).fetch_bytes >= 1_000_000);
+        assert!(buffer_budget(MAX_BUFFERED_BYTES).queue_kbytes <= 2_097_151);
+        // A record larger than the pipeline's share still passes, alone.
+        assert_eq!(record_cost(10, 500_000, 32 << 20), 1_001_044);
+        assert_eq!(record_cost(0, 900_000_000, 32 << 20), 32 << 20);
+    }
+
     fn config() -> WorkerConfig {
         WorkerConfig::new(KafkaConfig::new("localhost:9092"), vec!["jobs".into()], "g")
     }
@@ -250,6 +331,7 @@ mod config_tests {
         assert!(refused(|c| c.concurrency = 0).contains("concurrency"));
         assert!(refused(|c| c.concurrency = usize::MAX).contains("concurrency"));
         assert!(refused(|c| c.batch_size = 0).contains("batch size"));
+        assert!(refused(|c| c.max_buffered_bytes = 1024).contains("buffered bytes"));
         assert!(refused(|c| c.topics = vec![" ".into()]).contains("topics"));
         assert!(refused(|c| c.group = String::new()).contains("group"));
         assert!(refused(|c| c.topics.push("jobs.dlq".into())).contains("jobs.dlq"));
@@ -321,6 +403,9 @@ pub(crate) struct Original {
     pub(crate) payload: Option<Vec<u8>>,
     /// The record timestamp, in milliseconds.
     pub(crate) timestamp: Option<i64>,
+    /// Its share of the pipeline's byte budget, given back when the last
+    /// copy of the record is dropped.
+    pub(crate) budget: std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A task's final state, ready to write.
@@ -437,6 +522,10 @@ struct Shared {
     /// Transactional tasks running at once, each holding a connection: the
     /// pool's size less what the pipeline's own writes need.
     transactions: Semaphore,
+    /// Bytes of records the pipeline may still take in
+    /// ([`BufferBudget::pipeline_bytes`]), one permit per byte.
+    buffered: Arc<Semaphore>,
+    buffered_budget: u64,
 }
 
 impl Worker {
@@ -472,7 +561,9 @@ impl Worker {
         admin::ensure_topics(&config.kafka, &topics, config.layout).await?;
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let budget = buffer_budget(config.max_buffered_bytes);
         let spec = ConsumerSpec {
+            budget,
             kafka: config.kafka.clone(),
             group: config.group.clone(),
             protocol: config.group_protocol,
@@ -489,6 +580,7 @@ impl Worker {
             instance_id = config.instance_id.as_deref().unwrap_or("-"),
             topics = %config.topics.join(","),
             concurrency = config.concurrency,
+            max_buffered_bytes = config.max_buffered_bytes,
             "worker started"
         );
 
@@ -515,6 +607,10 @@ impl Worker {
             dead_letter_tasks: tokio_util::task::TaskTracker::new(),
             retry: config.retry,
             dead_letters: config.dead_letters.clone(),
+            buffered: Arc::new(Semaphore::new(
+                usize::try_from(budget.pipeline_bytes).unwrap_or(usize::MAX >> 4),
+            )),
+            buffered_budget: budget.pipeline_bytes,
         });
 
         let capacity = shared.batch_size * 2;
@@ -632,6 +728,20 @@ impl Shared {
             match written {
                 Ok(value) => return Some(Ok(value)),
                 Err(err) if err.is_permanent() => return Some(Err(err)),
+                // A grant revoked while the worker runs: an operator's fix,
+                // so waited out, but said as what it is.
+                Err(err) if err.to_string().contains("permission denied") => {
+                    tracing::error!(
+                        error = %err, retry_in_ms = delay.as_millis() as u64,
+                        "could not {what}: the worker's role lacks a privilege; {}; retrying until it is granted (see README, \"Least privilege\")",
+                        crate::store::WORKER_PRIVILEGES
+                    );
+                    tokio::select! {
+                        () = self.abandon.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "could not {what}; retrying");
                     tokio::select! {
