@@ -325,6 +325,38 @@ async fn a_dead_letter_too_large_to_write_is_kept_in_postgres_and_its_partition_
         "{table}"
     );
 
+    // A replay whose message the broker refuses changes no row: the task
+    // stays FAILED with its error. (The source topic takes 1 MB for now.)
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()
+        .expect("admin");
+    let set_max = |bytes: &'static str| {
+        let admin = &admin;
+        let topic = env.topic.clone();
+        async move {
+            let config =
+                rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&topic))
+                    .set("max.message.bytes", bytes);
+            let results = admin
+                .alter_configs([&config], &AdminOptions::new())
+                .await
+                .expect("alter configs");
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+        }
+    };
+    set_max("1048588").await;
+    let before = env.sql("SELECT status, error FROM kser.tasks WHERE uuid = 'big'");
+    let out = env.kser(&["dlq", "replay", "big", "-X", "message.timeout.ms=5000"]);
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        env.sql("SELECT status, error FROM kser.tasks WHERE uuid = 'big'"),
+        before,
+        "the row is as it was"
+    );
+    assert!(before.starts_with("FAILED|"), "{before}");
+    set_max("8388608").await;
+
     // Replayed byte for byte from Postgres to the source topic.
     let out = env.kser(&["dlq", "replay", "big"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -217,13 +217,42 @@ struct Replayer<'a> {
 
 impl Replayer<'_> {
     /// Makes the tasks of `chosen` PENDING again, then sends each back to
-    /// the topic it came from.
+    /// the topic it came from. (PENDING first: a worker quick to receive a
+    /// replayed record must find its task runnable.) If a message cannot be
+    /// sent, the rows of it and of those after it are put back as they
+    /// were: a replay changes no row whose message did not go out.
     async fn replay(&mut self, chosen: &[DeadLetterEntry]) -> anyhow::Result<()> {
-        let store = self.store;
-        if let Some(store) = store {
+        let mut reset = Vec::new();
+        if let Some(store) = self.store {
             let uuids: Vec<String> = chosen.iter().filter_map(|e| e.uuid.clone()).collect();
-            store.reset_for_replay(&uuids).await?;
+            reset = store.reset_for_replay(&uuids).await?;
         }
+        let mut sent = std::collections::HashSet::new();
+        let outcome = self.send_all(chosen, &mut sent).await;
+        if outcome.is_err()
+            && let Some(store) = self.store
+        {
+            let unsent: Vec<_> = reset
+                .into_iter()
+                .filter(|row| !sent.contains(&row.uuid))
+                .collect();
+            if let Err(err) = store.restore_after_replay(&unsent).await {
+                eprintln!(
+                    "warning: could not put back the tasks whose messages were not sent: {}",
+                    crate::report::error_chain(&err)
+                );
+            }
+        }
+        outcome
+    }
+
+    /// Sends `chosen` back, noting the uuids sent.
+    async fn send_all(
+        &mut self,
+        chosen: &[DeadLetterEntry],
+        sent: &mut std::collections::HashSet<String>,
+    ) -> anyhow::Result<()> {
+        let store = self.store;
         let needed = message_max_bytes(chosen);
         if self
             .producer
@@ -267,6 +296,9 @@ impl Replayer<'_> {
                 }
             }
             self.replayed += 1;
+            if let Some(uuid) = &entry.uuid {
+                sent.insert(uuid.clone());
+            }
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::models::{AttemptRow, NewOutbox, NewTask};
+use super::models::{AttemptRow, NewOutbox, NewTask, TaskRow};
 use super::schema::kser::{outbox, task_attempts, tasks};
 use super::{INSERT_CHUNK, Store, StoreError, outcome_query};
 
@@ -134,29 +134,66 @@ impl Store {
     }
 
     /// Makes FAILED standalone tasks runnable again, for `dlq replay`: they
-    /// go back to PENDING (their attempt count goes on). Returns how many.
-    pub async fn reset_for_replay(&self, uuids: &[String]) -> Result<usize, StoreError> {
+    /// go back to PENDING (their attempt count goes on). Returns the rows as
+    /// they were, for [`restore_after_replay`](Self::restore_after_replay)
+    /// if their messages cannot be sent after all.
+    pub async fn reset_for_replay(&self, uuids: &[String]) -> Result<Vec<TaskRow>, StoreError> {
         use super::models::TaskStatus;
         if uuids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
-        Ok(diesel::update(
-            tasks::table
+        conn.transaction(async |conn| {
+            let before: Vec<TaskRow> = tasks::table
                 .filter(tasks::uuid.eq_any(uuids))
                 .filter(tasks::status.eq(TaskStatus::Failed.as_str()))
-                .filter(tasks::operation_uuid.is_null()),
-        )
-        .set((
-            tasks::status.eq(TaskStatus::Pending.as_str()),
-            tasks::error.eq(None::<String>),
-            tasks::result.eq(None::<serde_json::Value>),
-            tasks::finished_at.eq(None::<chrono::DateTime<chrono::Utc>>),
-            tasks::next_attempt_at.eq(None::<chrono::DateTime<chrono::Utc>>),
-            tasks::updated_at.eq(chrono::Utc::now()),
-        ))
-        .execute(&mut conn)
-        .await?)
+                .filter(tasks::operation_uuid.is_null())
+                .for_update()
+                .select(TaskRow::as_select())
+                .load(conn)
+                .await?;
+            let reset: Vec<&str> = before.iter().map(|row| row.uuid.as_str()).collect();
+            diesel::update(tasks::table.filter(tasks::uuid.eq_any(&reset)))
+                .set((
+                    tasks::status.eq(TaskStatus::Pending.as_str()),
+                    tasks::error.eq(None::<String>),
+                    tasks::result.eq(None::<serde_json::Value>),
+                    tasks::finished_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+                    tasks::next_attempt_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+                    tasks::updated_at.eq(chrono::Utc::now()),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(before)
+        })
+        .await
+    }
+
+    /// Puts back rows [`reset_for_replay`](Self::reset_for_replay) changed
+    /// whose messages could not be sent, unless a worker took them up since
+    /// (they are PENDING no more). Returns how many were restored.
+    pub async fn restore_after_replay(&self, rows: &[TaskRow]) -> Result<usize, StoreError> {
+        use super::models::TaskStatus;
+        let mut conn = self.conn().await?;
+        let mut restored = 0;
+        for row in rows {
+            restored += diesel::update(
+                tasks::table
+                    .find(&row.uuid)
+                    .filter(tasks::status.eq(TaskStatus::Pending.as_str())),
+            )
+            .set((
+                tasks::status.eq(&row.status),
+                tasks::error.eq(&row.error),
+                tasks::result.eq(&row.result),
+                tasks::finished_at.eq(row.finished_at),
+                tasks::next_attempt_at.eq(row.next_attempt_at),
+                tasks::updated_at.eq(chrono::Utc::now()),
+            ))
+            .execute(&mut conn)
+            .await?;
+        }
+        Ok(restored)
     }
 
     /// The failed attempts of a task that were retried, oldest first.
