@@ -102,6 +102,8 @@ async fn a_message_from_python_kser_runs_on_our_worker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_from_our_cli_is_read_by_python_kser() {
     let env = TestEnv::new();
+    // `send` records the message as PENDING in kser's tables first.
+    assert!(env.kser(&["migrate"]).status.success());
     let out = env.kser(&[
         "send",
         "showcase.Echo",
@@ -213,6 +215,7 @@ async fn an_encrypted_message_from_python_kser_crypto_runs_on_our_worker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_encrypted_message_from_our_cli_is_read_by_python_kser_crypto() {
     let env = TestEnv::new();
+    assert!(env.kser(&["migrate"]).status.success());
     let out = env
         .command(Path::new(env!("CARGO_BIN_EXE_kser")))
         .args([

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::Duration;
 
 use common::cluster::Cluster;
@@ -19,13 +19,13 @@ fn line(n: usize) -> String {
     )
 }
 
-#[test]
-fn sigint_stops_a_batch_with_every_printed_uuid_sent_and_no_orphan_row() {
-    let env = TestEnv::new();
-    assert!(env.kser(&["migrate"]).status.success());
-    let mut send = env
-        .command(Path::new(env!("CARGO_BIN_EXE_kser")))
-        .args(["send", "--batch", "-"])
+/// Starts `send --batch -`, writes lines 0..count and waits until it has
+/// printed their uuids; returns it with its open stdin and stdout.
+fn send_lines(
+    mut command: std::process::Command,
+    count: usize,
+) -> (Child, ChildStdin, BufReader<ChildStdout>, Vec<String>) {
+    let mut send = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -33,13 +33,12 @@ fn sigint_stops_a_batch_with_every_printed_uuid_sent_and_no_orphan_row() {
         .expect("spawn send");
     let mut stdin = send.stdin.take().expect("stdin");
     let mut stdout = BufReader::new(send.stdout.take().expect("stdout"));
-    // A producer of lines that is still writing: five lines, sent.
-    for n in 0..5 {
+    for n in 0..count {
         stdin.write_all(line(n).as_bytes()).expect("write");
     }
     stdin.flush().expect("flush");
     let mut printed = Vec::new();
-    while printed.len() < 5 {
+    while printed.len() < count {
         let mut uuid = String::new();
         assert!(
             stdout.read_line(&mut uuid).expect("read") > 0,
@@ -47,6 +46,17 @@ fn sigint_stops_a_batch_with_every_printed_uuid_sent_and_no_orphan_row() {
         );
         printed.push(uuid.trim().to_owned());
     }
+    (send, stdin, stdout, printed)
+}
+
+#[test]
+fn sigint_stops_a_batch_with_every_printed_uuid_sent_and_no_orphan_row() {
+    let env = TestEnv::new();
+    assert!(env.kser(&["migrate"]).status.success());
+    let mut command = env.command(Path::new(env!("CARGO_BIN_EXE_kser")));
+    command.args(["send", "--batch", "-"]);
+    // A producer of lines that is still writing: five lines, sent.
+    let (send, stdin, mut stdout, mut printed) = send_lines(command, 5);
     // Interrupted while waiting for more input that never comes.
     let status = std::process::Command::new("kill")
         .args(["-INT", &send.id().to_string()])
@@ -88,28 +98,15 @@ fn a_broker_that_dies_mid_batch_is_given_up_after_one_chunk() {
     let env = TestEnv::new();
     assert!(env.kser(&["migrate"]).status.success());
     let cluster = Cluster::up();
-    let mut send = env
-        .command(Path::new(env!("CARGO_BIN_EXE_kser")))
-        .env("KSER_BROKERS", cluster.brokers())
-        .args(["send", "--batch", "-", "-X", "message.timeout.ms=3000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn send");
-    let mut stdin = send.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(send.stdout.take().expect("stdout"));
-    for n in 0..10 {
-        stdin.write_all(line(n).as_bytes()).expect("write");
-    }
-    stdin.flush().expect("flush");
-    for _ in 0..10 {
-        let mut uuid = String::new();
-        assert!(
-            stdout.read_line(&mut uuid).expect("read") > 0,
-            "send ended early"
-        );
-    }
+    let mut command = env.command(Path::new(env!("CARGO_BIN_EXE_kser")));
+    command.env("KSER_BROKERS", cluster.brokers()).args([
+        "send",
+        "--batch",
+        "-",
+        "-X",
+        "message.timeout.ms=3000",
+    ]);
+    let (send, mut stdin, _, _) = send_lines(command, 10);
     for node in 1..=3 {
         cluster.kill(node);
     }

@@ -267,17 +267,12 @@ impl Store {
         if has_table {
             // Said plainly here, or it would be diesel's bare "permission
             // denied for table __diesel_schema_migrations".
-            let readable: bool = diesel::select(diesel::dsl::sql::<Bool>(
+            self.require(
+                &mut conn,
                 "has_table_privilege('__diesel_schema_migrations', 'SELECT')",
-            ))
-            .get_result(&mut conn)
+                "SELECT on public.__diesel_schema_migrations",
+            )
             .await?;
-            if !readable {
-                return Err(StoreError::Privileges {
-                    role: self.role(&mut conn).await?,
-                    missing: "SELECT on public.__diesel_schema_migrations".into(),
-                });
-            }
         }
         let applied: Vec<String> = if has_table {
             diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
@@ -307,7 +302,7 @@ impl Store {
     /// of every write failing later. Asks Postgres (`has_*_privilege`), so
     /// it needs no right of its own and changes nothing.
     pub async fn check_privileges(&self) -> Result<(), StoreError> {
-        use diesel::sql_types::{Array, Bool, Text};
+        use diesel::sql_types::{Array, Text};
 
         #[derive(QueryableByName)]
         struct Missing {
@@ -319,17 +314,12 @@ impl Store {
 
         let mut conn = self.conn().await?;
         // Without USAGE on the schema, Postgres cannot even name its tables.
-        let usage: bool = diesel::select(diesel::dsl::sql::<Bool>(
+        self.require(
+            &mut conn,
             "has_schema_privilege('kser', 'USAGE')",
-        ))
-        .get_result(&mut conn)
+            "USAGE on schema kser",
+        )
         .await?;
-        if !usage {
-            return Err(StoreError::Privileges {
-                role: self.role(&mut conn).await?,
-                missing: "USAGE on schema kser".into(),
-            });
-        }
         let (mut kinds, mut objects, mut privileges) = (Vec::new(), Vec::new(), Vec::new());
         for table in WORKER_TABLES {
             for privilege in WORKER_TABLE_PRIVILEGES {
@@ -379,6 +369,26 @@ impl Store {
     }
 
     /// The role this store's connections act as.
+    /// Fails naming `missing` when `check`, an SQL test of a privilege, is
+    /// false for the connection's role.
+    async fn require(
+        &self,
+        conn: &mut AsyncPgConnection,
+        check: &str,
+        missing: &str,
+    ) -> Result<(), StoreError> {
+        let granted: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(check))
+            .get_result(conn)
+            .await?;
+        if granted {
+            return Ok(());
+        }
+        Err(StoreError::Privileges {
+            role: self.role(conn).await?,
+            missing: missing.into(),
+        })
+    }
+
     async fn role(&self, conn: &mut AsyncPgConnection) -> Result<String, StoreError> {
         Ok(diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
             "current_user::text",
