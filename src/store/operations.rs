@@ -546,34 +546,28 @@ async fn advance(
     merged.merge(&parse_result(step.result.as_ref()));
     let now = Utc::now();
     let merged_value = serde_json::to_value(&merged).ok();
-    if cancelled && position + 1 < op.steps {
-        diesel::update(operations::table.find(op_uuid))
-            .set((
-                operations::result.eq(merged_value),
-                operations::updated_at.eq(now),
-            ))
-            .execute(conn)
-            .await?;
-        return Ok(None);
-    }
-    if succeeded && position + 1 < op.steps {
-        let next: TaskRow = tasks::table
-            .filter(tasks::operation_uuid.eq(op_uuid))
-            .filter(tasks::position.eq(position + 1))
-            .select(TaskRow::as_select())
-            .first(conn)
-            .await?;
-        let message = step_message(
-            op_uuid,
-            op.topic.as_deref(),
-            &pending_row(&next),
-            &op.metadata,
-            Some(&merged),
-        );
-        diesel::insert_into(outbox::table)
-            .values(message)
-            .execute(conn)
-            .await?;
+    // Not the last step: keep the merged result; queue the next step
+    // unless the operation was cancelled.
+    if (cancelled || succeeded) && position + 1 < op.steps {
+        if !cancelled {
+            let next: TaskRow = tasks::table
+                .filter(tasks::operation_uuid.eq(op_uuid))
+                .filter(tasks::position.eq(position + 1))
+                .select(TaskRow::as_select())
+                .first(conn)
+                .await?;
+            let message = step_message(
+                op_uuid,
+                op.topic.as_deref(),
+                &pending_row(&next),
+                &op.metadata,
+                Some(&merged),
+            );
+            diesel::insert_into(outbox::table)
+                .values(message)
+                .execute(conn)
+                .await?;
+        }
         diesel::update(operations::table.find(op_uuid))
             .set((
                 operations::result.eq(merged_value),

@@ -31,10 +31,17 @@ const REFRESH: Duration = Duration::from_secs(5);
 /// How long `/readyz` waits for Postgres or the broker to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Whether anything records: without `--http` the hooks below return at
+/// once instead of building labels for nobody on the hot path.
+fn recording() -> bool {
+    HANDLE.get().is_some_and(Result::is_ok)
+}
+
 /// The process's Prometheus recorder: one per process, installed by the
 /// first worker that serves HTTP.
 fn recorder() -> Result<&'static PrometheusHandle, String> {
-    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             PrometheusBuilder::new()
@@ -62,6 +69,9 @@ fn hostname() -> &'static str {
 
 /// Records the tasks whose final state (or retry) was just written.
 pub(super) fn finished<'a>(rows: impl Iterator<Item = &'a NewTask>) {
+    if !recording() {
+        return;
+    }
     for row in rows {
         let name = row.entrypoint.clone();
         counter!("kser_task_result_total",
@@ -84,6 +94,9 @@ pub(super) fn finished<'a>(rows: impl Iterator<Item = &'a NewTask>) {
 
 /// Records failed attempts that will be retried.
 pub(super) fn retried<'a>(rows: impl Iterator<Item = &'a NewTask>) {
+    if !recording() {
+        return;
+    }
     for row in rows {
         counter!("kser_task_retries_total", "entrypoint" => row.entrypoint.clone()).increment(1);
     }
@@ -91,11 +104,17 @@ pub(super) fn retried<'a>(rows: impl Iterator<Item = &'a NewTask>) {
 
 /// Records records sent to the dead-letter topic, by kind.
 pub(super) fn dead_lettered(kind: &'static str) {
+    if !recording() {
+        return;
+    }
     counter!("kser_dead_letters_total", "kind" => kind).increment(1);
 }
 
 /// Records how long one database write took.
 pub(super) fn wrote(what: &str, took: Duration) {
+    if !recording() {
+        return;
+    }
     histogram!("kser_postgres_write_seconds", "what" => what.to_owned()).record(took.as_secs_f64());
 }
 
