@@ -67,13 +67,40 @@ kafka_install() {
   export KSER_BROKER_LIBS
 }
 
+# A free TCP port below the kernel's ephemeral range: a port the kernel hands
+# out (bind to 0) can be taken as the source port of some outgoing connection
+# before the node that was given it binds it, seconds later. Ports given as
+# arguments are not drawn (those already handed to other nodes).
 kafka_free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 -c '
+import random, socket, sys
+taken = {int(p) for p in sys.argv[1:]}
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+candidates = range(10000, low) if low > 11000 else None
+for _ in range(500):
+    port = random.choice(candidates) if candidates else 0
+    if port in taken:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    chosen = s.getsockname()[1]
+    s.close()
+    print(chosen)
+    break
+else:
+    raise SystemExit("no free port")
+' "$@"
 }
 
 # Writes DIR/node-N/server.properties for every node and formats storage.
 kafka_configure() {
-  local dir=$1 nodes=$2 n voters="" cluster_id rf isr
+  local dir=$1 nodes=$2 n voters="" used="" cluster_id rf isr
   case "$nodes" in
     1) rf=1 isr=1 ;;
     3) rf=3 isr=2 ;;
@@ -81,8 +108,10 @@ kafka_configure() {
   esac
   for n in $(seq 1 "$nodes"); do
     mkdir -p "$dir/node-$n"
-    kafka_free_port > "$dir/node-$n/port"
-    kafka_free_port > "$dir/node-$n/controller-port"
+    kafka_free_port $used > "$dir/node-$n/port"
+    used+=" $(cat "$dir/node-$n/port")"
+    kafka_free_port $used > "$dir/node-$n/controller-port"
+    used+=" $(cat "$dir/node-$n/controller-port")"
     voters+="${voters:+,}$n@127.0.0.1:$(cat "$dir/node-$n/controller-port")"
   done
   # A cluster id starting with '-' would read as an option: draw another.

@@ -9,14 +9,6 @@ use std::time::Duration;
 
 use common::TestEnv;
 
-/// A loopback port nothing listens on.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
-
 /// GETs `path` and returns the status code and body, or `None` when nothing
 /// answers.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -48,7 +40,7 @@ fn sample(metrics: &str, prefix: &str) -> Option<f64> {
 #[test]
 fn a_worker_serves_metrics_liveness_and_readiness() {
     let env = TestEnv::new();
-    let port = free_port();
+    let port = common::free_port();
     let address = format!("127.0.0.1:{port}");
     let mut worker = env.start_worker("showcase", &["--http", &address]);
     common::wait_until("the worker to answer", Duration::from_secs(60), || {

@@ -248,6 +248,37 @@ pub fn seed() -> u64 {
     seed
 }
 
+/// A loopback port nothing listens on, below the kernel's ephemeral range
+/// (as `scripts/kafka.sh` draws them): a port the kernel hands out could be
+/// taken as the source port of an outgoing connection before the process it
+/// was given to binds it.
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut draw = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 ^ std::process::id() as u64)
+        .unwrap_or(1);
+    if low > 11000 {
+        for _ in 0..500 {
+            // xorshift: enough to spread draws over the range.
+            draw ^= draw << 13;
+            draw ^= draw >> 7;
+            draw ^= draw << 17;
+            let port = 10000 + (draw % u64::from(low - 10000)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
