@@ -402,12 +402,17 @@ impl Registry {
     }
 }
 
-fn panic_result(panic: &(dyn std::any::Any + Send)) -> TaskResult {
-    let text = panic
+/// What a panic said, or "(no message)".
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned());
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+fn panic_result(panic: &(dyn std::any::Any + Send)) -> TaskResult {
+    let text = panic_text(panic);
     TaskResult::error(
         500,
         ErrorKind::Panic,

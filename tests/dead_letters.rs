@@ -173,24 +173,6 @@ async fn publish(producer: &FutureProducer, topic: &str, key: &[u8], payload: &[
     (delivery.partition, delivery.offset)
 }
 
-/// The offset the test's consumer group has committed for a partition.
-fn committed_offset(env: &TestEnv, partition: i32) -> Option<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &env.brokers)
-        .set("group.id", &env.group)
-        .create()
-        .expect("consumer");
-    let mut wanted = TopicPartitionList::new();
-    wanted.add_partition(&env.topic, partition);
-    let committed = consumer
-        .committed_offsets(wanted, Duration::from_secs(10))
-        .ok()?;
-    match committed.find_partition(&env.topic, partition)?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
-}
-
 /// The records of `topic`'s `partition` from `from` on, up to its end.
 fn read_partition(env: &TestEnv, topic: &str, partition: i32, from: i64) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -266,7 +248,7 @@ async fn a_dead_letter_too_large_to_write_is_kept_in_postgres_and_its_partition_
     common::wait_until(
         "the partition's offset to be committed past the big record",
         Duration::from_secs(30),
-        || committed_offset(&env, partition).is_some_and(|o| o > last),
+        || env.committed_offset(partition).is_some_and(|o| o > last),
     );
 
     let row = env.sql(
@@ -426,7 +408,7 @@ async fn a_dead_letter_topic_that_refuses_every_record_does_not_hold_the_partiti
     common::wait_until(
         "the partition's offset to be committed past the refused dead letter",
         Duration::from_secs(30),
-        || committed_offset(&env, partition).is_some_and(|o| o > last),
+        || env.committed_offset(partition).is_some_and(|o| o > last),
     );
     let kept = env.sql("SELECT id, uuid, producer_error FROM kser.dead_letters");
     let kept: Vec<&str> = kept.split('|').collect();

@@ -347,3 +347,54 @@ fn startup_problems_get_clear_errors() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("expected key=value"));
 }
+
+#[test]
+fn a_panic_in_kser_s_own_code_ends_the_task_failed_and_the_worker_goes_on() {
+    // A debug-built worker panics in its own code (not in the task's)
+    // right after each showcase.Sized ran. Under partition ordering the
+    // records behind it wait for it: a task left RUNNING would hold them,
+    // and its offset, for good.
+    let env = TestEnv::new();
+    let mut worker = env.start_worker_env(
+        "showcase",
+        &["--ordering", "partition", "--partitions", "1"],
+        &[("KSER_FAULT_PANIC_AFTER_RUN", "showcase.Sized")],
+    );
+    worker.wait_assigned();
+    let broken = env.send("showcase", "showcase.Sized", r#"{"bytes": 10}"#);
+    let behind: Vec<String> = (0..3)
+        .map(|n| {
+            env.send(
+                "showcase",
+                "showcase.Echo",
+                &format!(r#"{{"text": "after {n}"}}"#),
+            )
+        })
+        .collect();
+    let failed = env.wait_final(&broken);
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("kser panicked"), "{failed}");
+    assert!(error.contains("KSER_FAULT_PANIC_AFTER_RUN"), "{failed}");
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert_eq!(failed["params"], json!({"bytes": 10}), "{failed}");
+    for uuid in &behind {
+        assert_eq!(env.wait_final(uuid)["status"], "SUCCESS", "{uuid}");
+    }
+    // Its offset moved on with the others'.
+    let last = env.wait_final(behind.last().expect("three sent"))["kafka_offset"]
+        .as_i64()
+        .expect("an offset");
+    common::wait_until(
+        "the offsets to be committed",
+        Duration::from_secs(30),
+        || env.committed_offset(0).is_some_and(|offset| offset > last),
+    );
+    assert!(worker.exited().is_none(), "the worker lives");
+    assert!(
+        worker
+            .log()
+            .contains("kser panicked while running the task")
+    );
+    worker.terminate(Duration::from_secs(20));
+}

@@ -327,6 +327,8 @@ impl Shared {
             }),
         };
         let result = self.within_cap(result);
+        #[cfg(debug_assertions)]
+        fault::panic_after_run(&message.entrypoint);
         let status = if result.is_success() {
             TaskStatus::Success
         } else {
@@ -429,5 +431,22 @@ fn json_size(value: &impl serde::Serialize) -> usize {
         Ok(()) => count.0,
         // Not serializable: it cannot be stored at all.
         Err(_) => usize::MAX,
+    }
+}
+
+/// Faults injected in debug builds only, so tests can prove the worker
+/// survives a bug in its own code; release builds have none of this.
+#[cfg(debug_assertions)]
+mod fault {
+    use std::sync::OnceLock;
+
+    /// Panics, in kser's code and outside the task's own, right after a
+    /// task of the entrypoint named by `KSER_FAULT_PANIC_AFTER_RUN` ran.
+    pub(super) fn panic_after_run(entrypoint: &str) {
+        static TARGET: OnceLock<Option<String>> = OnceLock::new();
+        let target = TARGET.get_or_init(|| std::env::var("KSER_FAULT_PANIC_AFTER_RUN").ok());
+        if target.as_deref() == Some(entrypoint) {
+            panic!("fault injected after {entrypoint} ran (KSER_FAULT_PANIC_AFTER_RUN)");
+        }
     }
 }

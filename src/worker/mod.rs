@@ -878,6 +878,9 @@ struct InFlight {
     copies: Vec<Position>,
     /// Its RUNNING row, until the marker writes it.
     mark: Option<Mark>,
+    /// The attempt running, as claimed: what a panic in kser's own code
+    /// records FAILED.
+    attempt: Option<StartedTask>,
 }
 
 /// When and what to write for a task that runs long.

@@ -3,6 +3,10 @@
 //! slot in one read before they run; the marker writes RUNNING the tasks
 //! that run long.
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt as _;
+
 use super::*;
 
 impl Shared {
@@ -96,15 +100,87 @@ impl Shared {
                 let finish_tx = finish_tx.clone();
                 let semaphore = Arc::clone(&semaphore);
                 let shutdown = shutdown.clone();
+                let spawned = Spawned::of(&task);
                 let fut = async move {
-                    shared
-                        .run_task(task, permit, semaphore, finish_tx, shutdown)
-                        .await;
+                    let run = Arc::clone(&shared).run_task(
+                        task,
+                        permit,
+                        semaphore,
+                        finish_tx.clone(),
+                        shutdown,
+                    );
+                    let panic = match AssertUnwindSafe(run).catch_unwind().await {
+                        Ok(()) => return,
+                        Err(panic) => crate::registry::panic_text(panic.as_ref()),
+                    };
+                    shared.task_panicked(spawned, &panic, &finish_tx).await;
                 };
                 running.spawn(Box::pin(fut));
             }
         }
         while running.join_next().await.is_some() {}
+    }
+
+    /// Records FAILED a task whose run panicked in kser's own code (user
+    /// code's panics are caught where it runs, as a failed result): the
+    /// task ends with the panic as its error, its lane and offset move on,
+    /// and the worker keeps running. A bug must never leave a task RUNNING
+    /// with its partition held.
+    async fn task_panicked(
+        &self,
+        spawned: Spawned,
+        text: &str,
+        finish_tx: &mpsc::Sender<Finished>,
+    ) {
+        tracing::error!(task.uuid = %spawned.uuid, panic = %text, "kser panicked while running the task; recording it FAILED");
+        let attempt = self
+            .lock_in_flight()
+            .get_mut(&spawned.uuid)
+            .and_then(|task| {
+                task.mark = None;
+                task.attempt.clone()
+            });
+        let Some(attempt) = attempt else {
+            // Not claimed, or already handed over: nothing holds it.
+            self.forget_in_flight(&spawned.uuid, false);
+            return;
+        };
+        let now = Utc::now();
+        let message = match decode(
+            spawned.original.payload.as_deref(),
+            self.producer.secretbox(),
+        ) {
+            Decoded::Message(message) => Some(message),
+            Decoded::Invalid { .. } => None,
+        };
+        let entrypoint = message
+            .as_ref()
+            .map(|m| m.entrypoint.clone())
+            .unwrap_or_default();
+        let error = format!("kser panicked while running the task (a bug in kser): {text}");
+        let result = TaskResult::error(500, ErrorKind::Panic, error.clone(), Value::Null);
+        let mut row = NewTask::new(spawned.uuid, entrypoint, TaskStatus::Failed);
+        if let Some(message) = message {
+            row.params = Value::Object(message.params);
+            row.metadata = Value::Object(message.metadata);
+        }
+        row.result = serde_json::to_value(&result).ok();
+        row.error = Some(error);
+        row.attempts = attempt.attempts;
+        row.operation_uuid = attempt.operation_uuid;
+        row.position = attempt.position;
+        self.locate(&mut row, &spawned.position, spawned.enqueued_at);
+        row.started_at = Some(now);
+        row.finished_at = Some(now);
+        let finished = Finished {
+            kind: Outcome::of_run(&row),
+            position: spawned.position,
+            row,
+            resend: None,
+            original: spawned.original,
+            lane: spawned.lane,
+        };
+        let _ = finish_tx.send(finished).await;
     }
 
     /// Tells the starter that the record holding `lane` is done with it.
@@ -272,13 +348,15 @@ impl Shared {
                         original,
                         lane,
                     } = candidate;
-                    self.lock_in_flight()
-                        .entry(message.uuid.clone())
-                        .or_default()
-                        .mark = Some(Mark {
-                        at: mark_at,
-                        row: running,
-                    });
+                    {
+                        let mut in_flight = self.lock_in_flight();
+                        let task = in_flight.entry(message.uuid.clone()).or_default();
+                        task.mark = Some(Mark {
+                            at: mark_at,
+                            row: running,
+                        });
+                        task.attempt = Some(started.clone());
+                    }
                     ready.push(Ready {
                         position,
                         message,
@@ -428,4 +506,26 @@ pub(super) fn duplicate_error(uuid: &str, state: &str, error: &str) -> String {
         "not recorded: uuid {uuid} belongs to an existing task ({state}), which this record \
          does not change; the record is not a valid message: {error}"
     )
+}
+
+/// What the starter keeps of a task it spawns, to end it should its run
+/// panic.
+struct Spawned {
+    uuid: String,
+    position: Position,
+    enqueued_at: Option<DateTime<Utc>>,
+    original: Arc<Original>,
+    lane: Option<Lane>,
+}
+
+impl Spawned {
+    fn of(task: &Ready) -> Self {
+        Self {
+            uuid: task.message.uuid.clone(),
+            position: task.position.clone(),
+            enqueued_at: task.enqueued_at,
+            original: Arc::clone(&task.original),
+            lane: task.lane.clone(),
+        }
+    }
 }

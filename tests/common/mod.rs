@@ -111,12 +111,23 @@ impl TestEnv {
 
     /// Starts a worker from an example binary, logging to a file.
     pub fn start_worker(&self, example: &str, args: &[&str]) -> WorkerProcess {
+        self.start_worker_env(example, args, &[])
+    }
+
+    /// Starts a worker with more variables in its environment.
+    pub fn start_worker_env(
+        &self,
+        example: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> WorkerProcess {
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
         let log = self.dir.path().join(format!("worker-{n}.log"));
         let child = self
             .command(&example_path(example))
+            .envs(envs.iter().copied())
             .arg("worker")
             .args(args)
             .stdout(Stdio::null())
@@ -124,6 +135,26 @@ impl TestEnv {
             .spawn()
             .expect("spawn worker");
         WorkerProcess { child, log }
+    }
+
+    /// The offset the test's group has committed for `partition` of its
+    /// topic, if any.
+    pub fn committed_offset(&self, partition: i32) -> Option<i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group)
+            .create()
+            .expect("consumer");
+        let mut wanted = rdkafka::TopicPartitionList::new();
+        wanted.add_partition(&self.topic, partition);
+        let committed = consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .ok()?;
+        match committed.find_partition(&self.topic, partition)?.offset() {
+            rdkafka::Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }
     }
 
     /// Sends one message with the example's `send` and returns its uuid.
