@@ -59,17 +59,30 @@ async fn real_postgres_errors_are_classified() {
             &sql[..sql.len().min(80)]
         );
     }
-    let transient = [
-        "SELECT * FROM kser.no_such_table",
-        "SET statement_timeout = 10; SELECT pg_sleep(1)",
-    ];
-    for sql in transient {
-        let (recovery, error) = recovery_of(&mut conn, sql).await;
-        assert_eq!(recovery, Recovery::Transient, "{sql}: {error}");
-        let _ = diesel::sql_query("RESET statement_timeout")
-            .execute(&mut conn)
-            .await;
-    }
+    let (recovery, error) = recovery_of(&mut conn, "SELECT * FROM kser.no_such_table").await;
+    assert_eq!(recovery, Recovery::Transient, "{error}");
+    // 57014: cancelled by the statement timeout.
+    diesel::sql_query("SET statement_timeout = 10")
+        .execute(&mut conn)
+        .await
+        .expect("set");
+    let (recovery, error) = recovery_of(&mut conn, "SELECT pg_sleep(1)").await;
+    assert_eq!(recovery, Recovery::Transient, "{error}");
+    assert!(error.contains("statement timeout"), "{error}");
+    diesel::sql_query("RESET statement_timeout")
+        .execute(&mut conn)
+        .await
+        .expect("reset");
+    // A trigger's words kser never saw: for the database to decide.
+    diesel::sql_query(
+        "CREATE FUNCTION pg_temp.refuse() RETURNS void LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'Zeile abgelehnt'; END $$",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("function");
+    let (recovery, error) = recovery_of(&mut conn, "SELECT pg_temp.refuse()").await;
+    assert_eq!(recovery, Recovery::Unclassified, "{error}");
     // 57P01: the server ends the connection.
     let (recovery, error) =
         recovery_of(&mut conn, "SELECT pg_terminate_backend(pg_backend_pid())").await;
@@ -275,6 +288,73 @@ fn a_result_over_the_cap_ends_failed_and_the_worker_goes_on() {
         Some(3000),
         "{kept}"
     );
+    assert!(worker.exited().is_none(), "the worker lives");
+    worker.terminate(Duration::from_secs(20));
+}
+
+/// Installs a trigger on `kser.tasks` that refuses the rows `condition`
+/// picks with words kser does not know (as a server speaking German would).
+fn refuse_rows_in_german(env: &TestEnv, condition: &str) {
+    env.sql(&format!(
+        "CREATE OR REPLACE FUNCTION kser.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF {condition} THEN RAISE EXCEPTION 'Zeile abgelehnt'; END IF; RETURN NEW; END $$; \
+         CREATE OR REPLACE TRIGGER refuse BEFORE INSERT OR UPDATE ON kser.tasks \
+         FOR EACH ROW EXECUTE FUNCTION kser.refuse()"
+    ));
+}
+
+/// An error kser cannot place (its words unknown, its SQLSTATE lost on the
+/// way) is decided by a known-good write: refused for one record while
+/// others are stored, it ends that record FAILED; refused for every write,
+/// it is waited out like an outage and nothing ends FAILED for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_in_unknown_words_are_decided_by_the_database() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &["--batch-size", "100"]);
+    worker.wait_assigned();
+    let producer = Producer::new(&KafkaConfig::new(env.brokers.clone())).expect("producer");
+    let send_all = async |records: Vec<String>| {
+        let sends = records
+            .iter()
+            .map(|record| producer.send_raw(&env.topic, None, Some(record.as_bytes())));
+        for sent in futures::future::join_all(sends).await {
+            sent.expect("send");
+        }
+    };
+    let echo = |uuid: &str, text: &str| {
+        format!(r#"{{"uuid":"{uuid}","entrypoint":"showcase.Echo","params":{{"text":"{text}"}}}}"#)
+    };
+
+    // One record at fault.
+    refuse_rows_in_german(&env, "NEW.result::text LIKE '%poison%'");
+    let mut records: Vec<String> = (0..20).map(|i| echo(&format!("fine-{i}"), "ok")).collect();
+    records.insert(10, echo("poisoned", "poison"));
+    send_all(records).await;
+    for i in 0..20 {
+        assert_eq!(env.wait_final(&format!("fine-{i}"))["status"], "SUCCESS");
+    }
+    let poisoned = env.wait_final("poisoned");
+    assert_eq!(poisoned["status"], "FAILED", "{poisoned}");
+    let error = poisoned["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Zeile abgelehnt"), "{poisoned}");
+
+    // Every write refused: an outage, waited out.
+    refuse_rows_in_german(&env, "NEW.entrypoint <> ''");
+    send_all((0..5).map(|i| echo(&format!("held-{i}"), "ok")).collect()).await;
+    worker.wait_for_log(
+        "nor write a known-good row; retrying",
+        1,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        env.sql("SELECT count(*) FROM kser.tasks WHERE uuid LIKE 'held-%' AND status = 'FAILED'"),
+        "0"
+    );
+    env.sql("DROP TRIGGER refuse ON kser.tasks");
+    for i in 0..5 {
+        let held = env.wait_final(&format!("held-{i}"));
+        assert_eq!(held["status"], "SUCCESS", "{held}");
+    }
     assert!(worker.exited().is_none(), "the worker lives");
     worker.terminate(Duration::from_secs(20));
 }

@@ -204,6 +204,42 @@ impl Store {
         }
     }
 
+    /// Writes a known-good row into `kser.tasks` and rolls it back: whether
+    /// the database takes kser's writes now (it answers, the schema is
+    /// there, the role may insert, the disk takes pages). Decides
+    /// [`Recovery::Unclassified`] errors: if this succeeds, the statement
+    /// that failed is at fault, not the database.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        use diesel_async::AsyncConnection as _;
+
+        enum Probe {
+            /// Ends the probe's transaction without keeping its row.
+            RolledBack,
+            Failed(StoreError),
+        }
+        impl From<diesel::result::Error> for Probe {
+            fn from(err: diesel::result::Error) -> Self {
+                Self::Failed(err.into())
+            }
+        }
+        let mut conn = self.conn().await?;
+        let probed = conn
+            .transaction::<(), Probe, _>(async |conn| {
+                diesel::sql_query(
+                    "INSERT INTO kser.tasks (uuid, entrypoint, status) \
+                     VALUES ('kser-probe-' || gen_random_uuid(), 'kser.probe', 'PENDING')",
+                )
+                .execute(conn)
+                .await?;
+                Err(Probe::RolledBack)
+            })
+            .await;
+        match probed {
+            Ok(()) | Err(Probe::RolledBack) => Ok(()),
+            Err(Probe::Failed(err)) => Err(err),
+        }
+    }
+
     /// Applies the pending embedded migrations and returns their names.
     /// Concurrent callers (several workers starting at once) take turns on
     /// an advisory lock.

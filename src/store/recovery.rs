@@ -16,9 +16,11 @@
 //! so the code itself is lost. [`StoreError::recovery`] therefore uses the
 //! kind where diesel kept it and otherwise reconstructs the code from
 //! Postgres' primary message ([`guess_sqlstate`]), which is English unless
-//! the server's `lc_messages` says otherwise. A message it does not know
-//! counts as transient: the pipeline waits rather than record a row FAILED
-//! for what might be an outage. Errors raised on the client side carry no
+//! the server's `lc_messages` says otherwise. A message it does not know is
+//! [`Recovery::Unclassified`]: the worker then tries a known-good write
+//! (rolled back) and lets its outcome decide, so neither an outage is taken
+//! for a bad row (recording rows FAILED that could have been stored) nor a
+//! bad row for an outage (stalling the worker on it forever). Errors raised on the client side carry no
 //! SQLSTATE at all; tokio-postgres names their kind in fixed words, which
 //! [`client_recovery`] reads. Once diesel exposes the code (diesel-rs/diesel
 //! PR 5232), [`of_sqlstate`] takes it directly.
@@ -38,6 +40,15 @@ pub enum Recovery {
     /// statement too large): retrying changes nothing. Find the rows at
     /// fault and record them without the offending values.
     Permanent,
+    /// A server error kser cannot place: its SQLSTATE is lost and its words
+    /// are not ones kser knows (a server whose `lc_messages` is not English,
+    /// a message from a trigger or an extension). Ask the database: if a
+    /// known-good write goes through ([`Store::probe_write`]), the statement
+    /// is at fault (as [`Permanent`](Self::Permanent)); if not, the database
+    /// is (as [`Transient`](Self::Transient)).
+    ///
+    /// [`Store::probe_write`]: super::Store::probe_write
+    Unclassified,
 }
 
 /// How an error of SQLSTATE `code` recovers.
@@ -185,7 +196,7 @@ fn query_recovery(err: &Error) -> Recovery {
             DatabaseErrorKind::ClosedConnection => of_sqlstate("08006"),
             DatabaseErrorKind::UnableToSendCommand => client_recovery(info.message()),
             // `Unknown`: a server error whose code diesel dropped.
-            _ => guess_sqlstate(info.message()).map_or(Recovery::Transient, of_sqlstate),
+            _ => guess_sqlstate(info.message()).map_or(Recovery::Unclassified, of_sqlstate),
         },
         // A value diesel could not serialize, or a query it could not build:
         // the same every time.
@@ -251,9 +262,16 @@ mod tests {
             "out of memory",
             "relation \"kser.tasks\" does not exist",
             "permission denied for table tasks",
-            "something Postgres may say one day",
         ] {
             assert_eq!(unknown(message), Recovery::Transient, "{message}");
+        }
+        // Not English, or words kser never saw: the database decides.
+        for message in [
+            "something Postgres may say one day",
+            "FEHLER:  Relation »kser.tasks« existiert nicht",
+        ] {
+            assert_eq!(unknown(message), Recovery::Unclassified, "{message}");
+            assert!(!unknown(message).eq(&Recovery::Permanent));
         }
     }
 

@@ -62,8 +62,8 @@ use crate::producer::Producer;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{
-    FinishedOperation, NewOutbox, NewTask, Retry, StartedTask, Store, StoreError, TaskRow,
-    TaskStatus,
+    FinishedOperation, NewOutbox, NewTask, Recovery, Retry, StartedTask, Store, StoreError,
+    TaskRow, TaskStatus,
 };
 use crate::task::TaskContext;
 use consumer::ConsumerSpec;
@@ -714,7 +714,10 @@ impl Shared {
     /// Runs a database write until it succeeds or fails for good. Errors a
     /// retry can cure (an outage, a deadlock: [`Recovery::Transient`]) are
     /// retried with backoff; a permanent one is returned at once, never
-    /// retried. `None` when the shutdown deadline passed.
+    /// retried. An error kser cannot place ([`Recovery::Unclassified`]) is
+    /// returned as permanent if a known-good write goes through meanwhile
+    /// ([`Store::probe_write`]), and waited out as an outage if not. `None`
+    /// when the shutdown deadline passed.
     async fn retry_db<T, F, Fut>(&self, what: &str, mut write: F) -> Option<Result<T, StoreError>>
     where
         F: FnMut() -> Fut,
@@ -728,6 +731,22 @@ impl Shared {
             match written {
                 Ok(value) => return Some(Ok(value)),
                 Err(err) if err.is_permanent() => return Some(Err(err)),
+                Err(err) if err.recovery() == Recovery::Unclassified => {
+                    match self.store.probe_write().await {
+                        Ok(()) => {
+                            tracing::warn!(error = %err, "could not {what}: Postgres refused the statement with an error kser does not know, while it takes a known-good write; the statement is at fault, so it is not retried");
+                            return Some(Err(err));
+                        }
+                        Err(probe) => {
+                            tracing::warn!(error = %err, probe = %probe, retry_in_ms = delay.as_millis() as u64, "could not {what}, nor write a known-good row; retrying");
+                            tokio::select! {
+                                () = self.abandon.cancelled() => return None,
+                                () = tokio::time::sleep(delay) => {}
+                            }
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
                 // A grant revoked while the worker runs: an operator's fix,
                 // so waited out, but said as what it is.
                 Err(err) if err.to_string().contains("permission denied") => {
