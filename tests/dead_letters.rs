@@ -522,6 +522,64 @@ async fn a_malformed_copy_of_a_running_or_final_task_changes_nothing() {
     assert!(exit.success(), "{}", worker.log());
 }
 
+/// A valid message waiting for its turn (behind an earlier record of its
+/// partition, under `--ordering partition`) is as much its task as one
+/// running: a malformed copy arriving meanwhile is dead-lettered, and the
+/// valid one runs when its turn comes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_copy_of_a_task_waiting_for_its_turn_changes_nothing() {
+    let env = TestEnv::new();
+    // One partition: "waiting" is read after "blocker", and waits for it.
+    let mut worker = env.start_worker(
+        "showcase",
+        &["--ordering", "partition", "--partitions", "1"],
+    );
+    worker.wait_assigned();
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let producer = Producer::new(&kafka).expect("producer");
+    for (uuid, entrypoint, params) in [
+        ("blocker", "showcase.Sleep", r#"{"ms": 4000}"#),
+        ("waiting", "showcase.Echo", r#"{"text": "valid"}"#),
+    ] {
+        let out = env.example_cmd(
+            "showcase",
+            &["send", entrypoint, "--uuid", uuid, "--params", params],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    common::wait_until("the blocker to run", Duration::from_secs(30), || {
+        env.status("blocker")["status"] == "RUNNING"
+    });
+    // "waiting" waits for its turn. A copy of it that is not a message
+    // arrives in a later batch.
+    let malformed = br#"{"uuid": "waiting", "entrypoint": "showcase.Echo", "params": [1]}"#;
+    producer
+        .send_raw(&env.topic, None, Some(malformed.as_slice()))
+        .await
+        .expect("send");
+    let dlq = format!("{}.dlq", env.topic);
+    let mut entries: Vec<DeadLetterEntry> = Vec::new();
+    common::wait_until(
+        "the malformed copy's dead letter",
+        Duration::from_secs(30),
+        || {
+            entries = futures::executor::block_on(read_all(&kafka, &dlq)).expect("read");
+            !entries.is_empty()
+        },
+    );
+    let error = entries[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("not recorded: uuid waiting belongs to an existing task (in flight)"),
+        "{error}"
+    );
+    assert_eq!(env.wait_final("blocker")["status"], "SUCCESS");
+    let waiting = env.wait_final("waiting");
+    assert_eq!(waiting["status"], "SUCCESS", "{waiting}");
+    assert_eq!(waiting["result"]["stdout"], "valid", "{waiting}");
+    let exit = worker.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "{}", worker.log());
+}
+
 /// `dlq list` and `dlq replay` read the topic a page at a time
 /// (`kser::dead_letter::PAGE`); every page is listed and replayed.
 #[tokio::test(flavor = "multi_thread")]

@@ -142,10 +142,11 @@ impl<T> Lanes<T> {
         self.busy.is_empty()
     }
 
-    /// Forgets every lane and waiting record (the worker is stopping).
-    pub(crate) fn clear(&mut self) {
-        self.busy.clear();
+    /// Forgets every lane and returns the records waiting (the worker is
+    /// stopping).
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = T> + use<T> {
         self.waiting = 0;
+        std::mem::take(&mut self.busy).into_values().flatten()
     }
 }
 

@@ -42,8 +42,9 @@ impl Shared {
                 ready.extend(lanes.release(&lane));
             }
             if shutdown.is_cancelled() {
-                ready.clear();
-                lanes.clear();
+                for candidate in ready.drain(..).chain(lanes.drain()) {
+                    self.forget_in_flight(&candidate.message.uuid, false);
+                }
             }
             if ready.is_empty() {
                 tokio::select! {
@@ -88,9 +89,14 @@ impl Shared {
             for candidate in ready.drain(..permits.len()) {
                 if self.is_current(&candidate.position) {
                     group.push(candidate);
-                } else if let Some(lane) = candidate.lane {
-                    // Its partition was revoked: the lane's next record
-                    // (dropped in turn) may be of a partition still ours.
+                    continue;
+                }
+                // Its partition was revoked: whoever owns it now reads it
+                // (and the copies of it) again.
+                self.forget_in_flight(&candidate.message.uuid, false);
+                if let Some(lane) = candidate.lane {
+                    // The lane's next record (dropped in turn) may be of a
+                    // partition still ours.
                     self.lane_done(lane);
                 }
             }
@@ -183,6 +189,14 @@ impl Shared {
         let _ = finish_tx.send(finished).await;
     }
 
+    /// Drops candidates that will not start here (the worker is stopping):
+    /// they and the copies of their messages are delivered again.
+    fn abandon(&self, candidates: impl IntoIterator<Item = Candidate>) {
+        for candidate in candidates {
+            self.forget_in_flight(&candidate.message.uuid, false);
+        }
+    }
+
     /// Tells the starter that the record holding `lane` is done with it.
     pub(super) fn lane_done(&self, lane: Lane) {
         let _ = self.lane_done.send(lane);
@@ -233,6 +247,11 @@ impl Shared {
                         operations.push((received, message));
                         continue;
                     }
+                    // In flight from now on, waiting for its turn and a slot
+                    // included: a copy arriving meanwhile, valid or not,
+                    // changes nothing.
+                    self.lock_in_flight()
+                        .insert(message.uuid.clone(), InFlight::default());
                     let lane = ordering::lane(
                         self.ordering,
                         &received.position,
@@ -282,6 +301,7 @@ impl Shared {
                         lane: None,
                     };
                     if finish_tx.send(finished).await.is_err() {
+                        self.abandon(candidates);
                         return Vec::new();
                     }
                 }
@@ -311,6 +331,7 @@ impl Shared {
         // their offsets move only once it has them.
         self.dead_letter_later(dead);
         if !operations.is_empty() && !self.start_operations(operations, now).await {
+            self.abandon(candidates);
             return Vec::new();
         }
         candidates
@@ -330,6 +351,7 @@ impl Shared {
         }
         let uuids: Vec<String> = group.iter().map(|c| c.message.uuid.clone()).collect();
         let Some(mut started) = self.claim(&uuids).await else {
+            self.abandon(group);
             return Vec::new();
         };
         let now = Utc::now();
@@ -381,6 +403,8 @@ impl Shared {
                 }
                 None => {
                     tracing::info!(task.uuid = %candidate.message.uuid, "task already finished; not run again");
+                    // The copies that came meanwhile are done with too.
+                    self.forget_in_flight(&candidate.message.uuid, true);
                     already_final.push(candidate.position);
                     if let Some(lane) = candidate.lane {
                         self.lane_done(lane);

@@ -169,7 +169,13 @@ impl Shared {
     /// Keeps the outbox and in-flight gauges current.
     async fn refresh_gauges(self: Arc<Self>) {
         loop {
-            gauge!("kser_tasks_in_flight").set(self.lock_in_flight().len() as f64);
+            // Started (claimed), not those waiting for their turn or a slot.
+            let started = self
+                .lock_in_flight()
+                .values()
+                .filter(|task| task.attempt.is_some())
+                .count();
+            gauge!("kser_tasks_in_flight").set(started as f64);
             match self.store.outbox_backlog().await {
                 Ok((rows, oldest)) => {
                     gauge!("kser_outbox_backlog").set(rows as f64);
