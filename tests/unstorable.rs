@@ -358,3 +358,50 @@ async fn errors_in_unknown_words_are_decided_by_the_database() {
     assert!(worker.exited().is_none(), "the worker lives");
     worker.terminate(Duration::from_secs(20));
 }
+
+/// A task whose outcome Postgres refuses is stored FAILED without the
+/// refused values, still fenced by its attempt: if a newer attempt started
+/// elsewhere meanwhile, the stripped row leaves that attempt's row alone.
+#[test]
+fn a_stripped_outcome_never_overwrites_a_newer_attempt() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    // Words kser knows as a data exception (22P02): permanent.
+    env.sql(
+        "CREATE FUNCTION kser.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.status = 'SUCCESS' AND NEW.result::text LIKE '%slept_ms%' THEN \
+         RAISE EXCEPTION 'invalid input syntax for a sleep'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON kser.tasks \
+         FOR EACH ROW EXECUTE FUNCTION kser.refuse()",
+    );
+    let out = env.example_cmd(
+        "showcase",
+        &[
+            "send",
+            "showcase.Sleep",
+            "--uuid",
+            "sleeper",
+            "--params",
+            r#"{"ms": 3000}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    common::wait_until("the task to run", Duration::from_secs(30), || {
+        env.status("sleeper")["status"] == "RUNNING"
+    });
+    // A redelivery started it again on another worker.
+    env.sql("UPDATE kser.tasks SET attempts = attempts + 1, worker = 'elsewhere:1' WHERE uuid = 'sleeper'");
+    // The stripped row was written, or fenced out.
+    worker.wait_for_log(
+        "stored the task FAILED without the values Postgres refused",
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        env.sql("SELECT status || ' ' || attempts || ' ' || worker FROM kser.tasks WHERE uuid = 'sleeper'"),
+        "RUNNING 2 elsewhere:1"
+    );
+    assert!(worker.exited().is_none(), "the worker lives");
+    worker.terminate(Duration::from_secs(20));
+}

@@ -268,11 +268,12 @@ impl Shared {
             let mut stripped = row.clone();
             unstorable(&mut stripped, &err);
             let single = std::slice::from_ref(&stripped);
-            // A step still moves its operation along (to FAILED).
-            let kind = if kind == Outcome::Step {
-                Outcome::Step
-            } else {
-                Outcome::Rejected
+            // A step still moves its operation along (to FAILED). A task
+            // that ran stays fenced by its attempt: its stripped row never
+            // overwrites a newer attempt started elsewhere meanwhile.
+            let kind = match kind {
+                Outcome::Step | Outcome::Ran => kind,
+                _ => Outcome::Rejected,
             };
             match self
                 .retry_db("record an unstorable task", || {
