@@ -82,6 +82,6 @@ pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
 pub use task::{Task, TaskContext, TaskError, TransactionalTask};
 pub use worker::{
-    DEFAULT_MAX_BUFFERED_BYTES, DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig,
-    WorkerStats,
+    DEFAULT_MAX_BUFFERED_BYTES, DeadLetters, GroupProtocol, Ordering, Retention, Worker,
+    WorkerConfig, WorkerStats,
 };

@@ -22,6 +22,7 @@ macro_rules! outln {
 mod dlq;
 mod lookup;
 mod output;
+mod prune;
 mod send;
 mod values;
 mod watch;
@@ -38,7 +39,7 @@ use crate::config::KafkaConfig;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, StoreError, TaskFilter, TaskStatus};
-use crate::worker::{DeadLetters, GroupProtocol, Ordering, Worker, WorkerConfig};
+use crate::worker::{DeadLetters, GroupProtocol, Ordering, Retention, Worker, WorkerConfig};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
@@ -134,6 +135,10 @@ enum Command {
     },
     /// Inspect the dead-letter topic and send dead letters back.
     Dlq(dlq::DlqArgs),
+    /// Delete old finished tasks and operations (with their steps and
+    /// attempts) in short batches; nothing PENDING or RUNNING, and no step
+    /// of a live operation, is ever removed.
+    Prune(prune::PruneArgs),
     /// Apply the database migrations (a worker also does at start, unless
     /// --no-migrate or the database is migrated already).
     Migrate,
@@ -244,6 +249,11 @@ struct WorkerArgs {
     /// bytes, so large records cannot take the worker past it.
     #[arg(long, env = "KSER_MAX_BUFFERED_BYTES", default_value = "64MiB", value_parser = values::bytes(crate::worker::MIN_BUFFERED_BYTES, crate::worker::MAX_BUFFERED_BYTES))]
     max_buffered_bytes: u64,
+    /// Prune finished work older than this (e.g. 30d), at start and then
+    /// hourly, off the hot path; one worker of the fleet at a time (see
+    /// `prune`). Off by default.
+    #[arg(long, env = "KSER_RETENTION", value_name = "AGE", value_parser = prune::retention)]
+    retention: Option<Duration>,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -347,6 +357,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.max_buffered_bytes = args.max_buffered_bytes;
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
+            config.retention = args.retention.map(Retention::older_than);
             config.layout = TopicLayout {
                 partitions: args.partitions,
                 replication_factor: args.replication_factor,
@@ -483,6 +494,11 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             dlq::run(args, &kafka()?, store.as_ref()).await
+        }
+        Command::Prune(args) => {
+            let store = connect_sized(&global.database_url, 1).await?;
+            store.check_migrated().await?;
+            prune::run(args, &store).await
         }
         Command::Migrate => {
             let store = connect_sized(&global.database_url, 1).await?;

@@ -9,6 +9,7 @@
 mod dead_letters;
 mod models;
 mod operations;
+mod prune;
 mod recovery;
 mod retries;
 mod schema;
@@ -31,6 +32,9 @@ pub use models::{
 pub use operations::{
     FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,
 };
+#[doc(hidden)]
+pub use prune::prune_batch_statements;
+pub use prune::{DEFAULT_PRUNE_BATCH, PRUNE_LOCK, PruneRequest, Pruned};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;

@@ -36,6 +36,7 @@ mod intake;
 mod offsets;
 mod operations;
 mod ordering;
+mod retention;
 mod start;
 mod telemetry;
 
@@ -75,6 +76,7 @@ use decode::{Decoded, decode};
 use offsets::{OffsetTracker, Position};
 pub use ordering::Ordering;
 use ordering::{Lane, Lanes};
+pub use retention::{DEFAULT_RETENTION_EVERY, Retention};
 
 /// How long the pipeline may stay full before the worker pauses fetching.
 const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(5);
@@ -130,6 +132,9 @@ pub struct WorkerConfig {
     /// quarter of headroom. Counts bytes, not records, so large records
     /// cannot take a worker past it.
     pub max_buffered_bytes: u64,
+    /// Prune old finished work periodically ([`Retention`]); off when
+    /// `None`, the default.
+    pub retention: Option<Retention>,
 }
 
 /// The default of [`WorkerConfig::max_buffered_bytes`]: 64 MiB.
@@ -199,6 +204,7 @@ impl WorkerConfig {
             max_result_bytes: 16 << 20,
             http: None,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            retention: None,
         }
     }
 }
@@ -638,6 +644,13 @@ impl Worker {
         });
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(Arc::clone(&shared).relay(relay_stop.clone()));
+        let retention = config.retention.clone().map(|retention| {
+            tokio::spawn(retention::run(
+                shared.store.clone(),
+                retention,
+                shutdown.clone(),
+            ))
+        });
         let stop_polling = CancellationToken::new();
         let intake = tokio::spawn(Arc::clone(&shared).intake(
             intake_tx,
@@ -668,6 +681,10 @@ impl Worker {
         .await;
         reporter.abort();
         marker.abort();
+        if let Some(retention) = retention {
+            // It stops at the shutdown signal, a batch cut short at most.
+            let _ = retention.await;
+        }
         let mut stats = shared.counters.snapshot();
         if drained.is_err() {
             shared.abandon.cancel();
