@@ -398,3 +398,82 @@ fn a_panic_in_kser_s_own_code_ends_the_task_failed_and_the_worker_goes_on() {
     );
     worker.terminate(Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_pattern_takes_matching_topics_old_and_new_but_no_dead_letter_topic() {
+    let env = TestEnv::new();
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let (a, b) = (format!("{}.a", env.topic), format!("{}.b", env.topic));
+    let dead = format!("{a}.dlq");
+    kser::admin::ensure_topics(&kafka, &[a.clone(), dead.clone()], Default::default())
+        .await
+        .expect("topics");
+    let pattern = format!(r"{}\..*", regex::escape(&env.topic));
+    let log = env.dir.path().join("pattern-worker.log");
+    let mut command = env.command(&common::example_path("showcase"));
+    command
+        .env_remove("KSER_TOPIC")
+        .args([
+            "worker",
+            "--topic-pattern",
+            &pattern,
+            "--topic-refresh",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let mut worker = common::WorkerProcess::spawn(&mut command, log);
+    worker.wait_for_log(
+        "subscribed to the topics the pattern matches",
+        1,
+        Duration::from_secs(60),
+    );
+
+    let producer = Producer::new(&kafka).expect("producer");
+    let echo = |uuid: &str| {
+        format!(r#"{{"uuid":"{uuid}","entrypoint":"showcase.Echo","params":{{"text":"{uuid}"}}}}"#)
+    };
+    // A message in a dead-letter topic is never run, whatever the pattern.
+    producer
+        .send_raw(&dead, None, Some(echo("in-dlq").as_bytes()))
+        .await
+        .expect("send");
+    producer
+        .send_raw(&a, None, Some(echo("in-a").as_bytes()))
+        .await
+        .expect("send");
+    assert_eq!(env.wait_final("in-a")["status"], "SUCCESS");
+
+    // A topic created while the worker runs is picked up.
+    kser::admin::ensure_topics(&kafka, std::slice::from_ref(&b), Default::default())
+        .await
+        .expect("topic");
+    worker.wait_for_log(
+        "subscribed to the topics the pattern matches",
+        2,
+        Duration::from_secs(60),
+    );
+    producer
+        .send_raw(&b, None, Some(echo("in-b").as_bytes()))
+        .await
+        .expect("send");
+    assert_eq!(env.wait_final("in-b")["status"], "SUCCESS");
+    assert_eq!(
+        env.sql("SELECT count(*) FROM kser.tasks WHERE uuid = 'in-dlq'"),
+        "0"
+    );
+    let log = worker.log();
+    let subscribed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("subscribed to the topics the pattern matches"))
+        .collect();
+    assert!(
+        subscribed.iter().all(|line| !line.contains(".dlq")),
+        "{subscribed:#?}"
+    );
+    assert!(
+        subscribed.last().is_some_and(|line| line.contains(&b)),
+        "{subscribed:#?}"
+    );
+    worker.terminate(Duration::from_secs(20));
+}

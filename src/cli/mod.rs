@@ -39,7 +39,9 @@ use crate::config::KafkaConfig;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, StoreError, TaskFilter, TaskStatus};
-use crate::worker::{DeadLetters, GroupProtocol, Ordering, Retention, Worker, WorkerConfig};
+use crate::worker::{
+    DeadLetters, GroupProtocol, Ordering, Retention, TopicPattern, Worker, WorkerConfig,
+};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
@@ -153,16 +155,26 @@ enum Command {
 #[derive(Debug, Args)]
 struct WorkerArgs {
     /// Topics to consume, comma-separated: names, not patterns (a name
-    /// starting with '^' is refused). None may be the dead-letter topic of
-    /// another.
+    /// starting with '^' is refused; see --topic-pattern). None may be the
+    /// dead-letter topic of another. Default: kser, unless --topic-pattern
+    /// is given.
     #[arg(
         long,
         env = "KSER_TOPIC",
-        default_value = "kser",
         value_delimiter = ',',
         value_parser = values::topic
     )]
     topics: Vec<String>,
+    /// Also consume every existing topic whose whole name matches this
+    /// regular expression (e.g. 'jobs\..*'), except dead-letter topics
+    /// (*.dlq, --dlq-topic) and Kafka's internal ones; topics created later
+    /// are picked up within --topic-refresh.
+    #[arg(long, env = "KSER_TOPIC_PATTERN", value_parser = values::topic_pattern)]
+    topic_pattern: Option<TopicPattern>,
+    /// How often the topics are listed again for --topic-pattern (1s to 1
+    /// day).
+    #[arg(long, env = "KSER_TOPIC_REFRESH", default_value = "30s", value_parser = values::duration(Duration::from_secs(1), Duration::from_secs(86_400)))]
+    topic_refresh: Duration,
     /// Consumer group; workers in one group share the partitions.
     #[arg(long, env = "KSER_GROUP", default_value = "kser-workers", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     group: String,
@@ -343,7 +355,14 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                     humantime::format_duration(args.retry_backoff)
                 );
             }
-            let mut config = WorkerConfig::new(kafka, args.topics, args.group);
+            let topics = if args.topics.is_empty() && args.topic_pattern.is_none() {
+                vec!["kser".to_owned()]
+            } else {
+                args.topics
+            };
+            let mut config = WorkerConfig::new(kafka, topics, args.group);
+            config.topic_pattern = args.topic_pattern;
+            config.topic_refresh = args.topic_refresh;
             config.concurrency = args.concurrency;
             config.batch_size = args.batch_size;
             config.group_protocol = args.group_protocol;

@@ -99,6 +99,11 @@ pub(super) fn duration(
     }
 }
 
+/// A regular expression that whole topic names must match.
+pub(super) fn topic_pattern(text: &str) -> Result<crate::worker::TopicPattern, String> {
+    crate::worker::TopicPattern::new(text)
+}
+
 /// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
 /// A name starting with `^` would be a regular expression to librdkafka and
 /// subscribe to whatever it matches, kser's dead-letter topics included:
@@ -109,7 +114,7 @@ pub(super) fn topic(text: &str) -> Result<String, String> {
     }
     if text.starts_with('^') {
         return Err(format!(
-            "'{text}' would be a regular expression to librdkafka; kser consumes named topics only: list them"
+            "'{text}' would be a regular expression to librdkafka; list topics by name, or give a pattern with --topic-pattern"
         ));
     }
     if text.len() > TOPIC_MAX {

@@ -76,7 +76,9 @@ pub(crate) struct ConsumerSpec {
     pub(crate) group: String,
     pub(crate) protocol: GroupProtocol,
     pub(crate) instance_id: Option<String>,
-    pub(crate) topics: Vec<String>,
+    /// The topics subscribed to: those named, and with a pattern those it
+    /// matches now (the topic watcher keeps it current).
+    pub(crate) topics: Arc<Mutex<Vec<String>>>,
     /// Whether librdkafka reports statistics (consumer lag) for `/metrics`.
     pub(crate) statistics: bool,
     /// What librdkafka may hold of the worker's byte bound.
@@ -137,8 +139,16 @@ impl ConsumerSpec {
         let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
             tracker: Arc::clone(tracker),
         })?;
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        let topics = self
+            .topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        // None yet: a pattern that matched nothing so far.
+        if !topics.is_empty() {
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
         Ok(consumer)
     }
 }

@@ -39,6 +39,7 @@ mod ordering;
 mod retention;
 mod start;
 mod telemetry;
+mod topics;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{self, AtomicU64};
@@ -77,6 +78,7 @@ use offsets::{OffsetTracker, Position};
 pub use ordering::Ordering;
 use ordering::{Lane, Lanes};
 pub use retention::{DEFAULT_RETENTION_EVERY, Retention};
+pub use topics::TopicPattern;
 
 /// How long the pipeline may stay full before the worker pauses fetching.
 const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(5);
@@ -90,8 +92,15 @@ const REBUILD_DELAY_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub kafka: KafkaConfig,
-    /// Topics to consume; missing ones are created with `layout`.
+    /// Topics to consume; missing ones are created with `layout`. May be
+    /// empty when `topic_pattern` is set.
     pub topics: Vec<String>,
+    /// Also consume every existing topic whose whole name this matches,
+    /// except dead-letter and internal topics ([`TopicPattern`]); topics
+    /// created later are picked up within `topic_refresh`.
+    pub topic_pattern: Option<TopicPattern>,
+    /// How often the cluster's topics are listed again for `topic_pattern`.
+    pub topic_refresh: Duration,
     /// The consumer group; workers of one group share the partitions.
     pub group: String,
     /// How many tasks run at once.
@@ -189,6 +198,8 @@ impl WorkerConfig {
         Self {
             kafka,
             topics,
+            topic_pattern: None,
+            topic_refresh: Duration::from_secs(30),
             group: group.into(),
             concurrency: 64,
             batch_size: 1000,
@@ -254,8 +265,17 @@ impl WorkerConfig {
     /// in code cannot start with values that would make it panic or stall.
     pub fn validate(&self) -> Result<(), WorkerError> {
         let fail = |what: String| Err(WorkerError::Config(what));
-        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+        if self.topics.iter().any(|t| t.trim().is_empty()) {
             return fail("topics must be named (empty names are refused)".into());
+        }
+        if self.topics.is_empty() && self.topic_pattern.is_none() {
+            return fail("no topic to consume: name topics or give a topic pattern".into());
+        }
+        if self.topic_pattern.is_some() && self.topic_refresh < Duration::from_secs(1) {
+            return fail(format!(
+                "the topic refresh interval must be at least 1s, not {:?}",
+                self.topic_refresh
+            ));
         }
         if self.group.trim().is_empty() {
             return fail("the consumer group must be named".into());
@@ -558,13 +578,16 @@ impl Worker {
                 DeadLetters::Topic(dlq) => topics.push(dlq.clone()),
             }
         }
+        topics.sort();
         topics.dedup();
         // A port in use stops the worker before it joins anything.
         let listener = match config.http {
             Some(address) => Some(telemetry::listen(address).await?),
             None => None,
         };
-        admin::ensure_topics(&config.kafka, &topics, config.layout).await?;
+        if !topics.is_empty() {
+            admin::ensure_topics(&config.kafka, &topics, config.layout).await?;
+        }
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         let budget = buffer_budget(config.max_buffered_bytes);
@@ -574,7 +597,7 @@ impl Worker {
             group: config.group.clone(),
             protocol: config.group_protocol,
             instance_id: config.instance_id.clone(),
-            topics: config.topics.clone(),
+            topics: Arc::new(Mutex::new(config.topics.clone())),
             statistics: config.http.is_some(),
         };
         let consumer = spec.create(&tracker)?;
@@ -585,6 +608,7 @@ impl Worker {
             ordering = %config.ordering,
             instance_id = config.instance_id.as_deref().unwrap_or("-"),
             topics = %config.topics.join(","),
+            topic_pattern = config.topic_pattern.as_ref().map_or("-", TopicPattern::as_str),
             concurrency = config.concurrency,
             max_buffered_bytes = config.max_buffered_bytes,
             "worker started"
@@ -651,6 +675,16 @@ impl Worker {
                 shutdown.clone(),
             ))
         });
+        let watch_stop = CancellationToken::new();
+        let watcher = config.topic_pattern.clone().map(|pattern| {
+            let watch = topics::Watch {
+                pattern,
+                named: config.topics.clone(),
+                every: config.topic_refresh,
+                layout: config.layout,
+            };
+            tokio::spawn(Arc::clone(&shared).watch_topics(watch, watch_stop.clone()))
+        });
         let stop_polling = CancellationToken::new();
         let intake = tokio::spawn(Arc::clone(&shared).intake(
             intake_tx,
@@ -681,6 +715,11 @@ impl Worker {
         .await;
         reporter.abort();
         marker.abort();
+        watch_stop.cancel();
+        if let Some(watcher) = watcher {
+            // A listing in progress is not waited for.
+            watcher.abort();
+        }
         if let Some(retention) = retention {
             // It stops at the shutdown signal, a batch cut short at most.
             let _ = retention.await;
