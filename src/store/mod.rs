@@ -12,6 +12,7 @@ mod operations;
 mod recovery;
 mod retries;
 mod schema;
+mod workers;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,6 +35,7 @@ pub use operations::{
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;
+pub use workers::{Beat, Control, ControlAction, NewWorker, WorkerRow, WorkerState};
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -60,6 +62,8 @@ const WORKER_TABLES: &[&str] = &[
     "kser.outbox",
     "kser.task_attempts",
     "kser.dead_letters",
+    "kser.workers",
+    "kser.controls",
 ];
 const WORKER_TABLE_PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// The sequences behind `bigserial` ids, which inserts advance.

@@ -81,6 +81,8 @@ pub(crate) struct ConsumerSpec {
     pub(crate) statistics: bool,
     /// What librdkafka may hold of the worker's byte bound.
     pub(crate) budget: super::BufferBudget,
+    /// Set once a consumer built from this joined its group.
+    pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ConsumerSpec {
@@ -136,6 +138,7 @@ impl ConsumerSpec {
         }
         let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
             tracker: Arc::clone(tracker),
+            joined: Arc::clone(&self.joined),
         })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;

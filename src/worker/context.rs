@@ -12,6 +12,9 @@ use super::offsets::OffsetTracker;
 
 pub(crate) struct KserContext {
     pub(crate) tracker: Arc<Mutex<OffsetTracker>>,
+    /// Set at the first assignment (even an empty one): the consumer is in
+    /// its group.
+    pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ClientContext for KserContext {
@@ -40,6 +43,8 @@ impl ConsumerContext for KserContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            self.joined
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(partitions = %describe(partitions), "partitions assigned");
         }
     }

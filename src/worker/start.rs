@@ -25,6 +25,7 @@ impl Shared {
         finish_tx: mpsc::Sender<Finished>,
         semaphore: Arc<Semaphore>,
         shutdown: CancellationToken,
+        mut holding: fleet::Holding,
     ) {
         let mut running = JoinSet::new();
         let mut batch = Vec::with_capacity(self.batch_size);
@@ -37,9 +38,12 @@ impl Shared {
             while let Ok(lane) = lane_done_rx.try_recv() {
                 ready.extend(lanes.release(&lane));
             }
+            // Paused entrypoints wait in `holding`, their lanes taken.
+            holding.sort(&mut ready);
             if shutdown.is_cancelled() {
                 ready.clear();
                 lanes.clear();
+                holding.clear();
             }
             if ready.is_empty() {
                 tokio::select! {
@@ -63,7 +67,8 @@ impl Shared {
                         Some(lane) => ready.extend(lanes.release(&lane)),
                         None => break,
                     },
-                    () = shutdown.cancelled(), if !lanes.is_empty() => {}
+                    () = shutdown.cancelled(), if !lanes.is_empty() || !holding.is_empty() => {}
+                    () = holding.changed() => {}
                 }
                 continue;
             }
