@@ -262,6 +262,18 @@ fn a_drained_worker_exits_and_hands_its_partitions_over() {
     let late = env.wait_final(&late);
     assert_eq!(late["worker"], b_id.as_str());
     assert_eq!(count(&env, "SELECT count(*) FROM kser.controls"), 0);
+
+    // The scaling hint, once librdkafka's statistics came: between one
+    // worker and the partition count.
+    wait_row(&env, &b, "the scaling hint", |row| {
+        row["desired"]
+            .as_i64()
+            .is_some_and(|d| (1..=6).contains(&d))
+            && row["partitions"] == 6
+            && row["lag"].as_i64().is_some()
+    });
+    let table = text(&env.kser(&["workers"]).stdout);
+    assert!(table.contains(" desired (lag "), "{table}");
 }
 
 #[test]

@@ -35,7 +35,7 @@ pub use operations::{
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;
-pub use workers::{Beat, Control, ControlAction, NewWorker, WorkerRow, WorkerState};
+pub use workers::{Beat, BeatReply, Control, ControlAction, NewWorker, WorkerRow, WorkerState};
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");

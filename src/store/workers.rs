@@ -170,12 +170,24 @@ pub struct Control {
     pub entrypoint: Option<String>,
 }
 
-#[derive(diesel::QueryableByName)]
-struct Counted {
+/// What a heartbeat learns back.
+#[derive(Debug, Clone, diesel::QueryableByName)]
+pub struct BeatReply {
+    /// Whether the worker's row was there (it registers again if not).
     #[diesel(sql_type = BigInt)]
-    beat: i64,
+    pub beat: i64,
+    /// How many workers it marked LOST.
     #[diesel(sql_type = BigInt)]
-    lost: i64,
+    pub lost: i64,
+    /// The other live workers of its group, as their last beats said.
+    #[diesel(sql_type = BigInt)]
+    pub others: i64,
+    /// Their lag, summed.
+    #[diesel(sql_type = BigInt)]
+    pub others_lag: i64,
+    /// Their throughput, summed.
+    #[diesel(sql_type = Double)]
+    pub others_throughput: f64,
 }
 
 /// The state of `kser.workers` as people should see it: overdue is LOST.
@@ -211,11 +223,16 @@ impl Store {
     }
 
     /// Writes a worker's heartbeat and marks LOST the other workers whose
-    /// heartbeat is overdue, in one statement. Returns whether the worker's
-    /// row was there (it registers again if not) and how many it marked.
-    pub async fn heartbeat(&self, id: &str, beat: &Beat) -> Result<(bool, u64), StoreError> {
+    /// heartbeat is overdue, in one statement, which also reads what the
+    /// other live workers of `group` said last (for the scaling hint).
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        group: &str,
+        beat: &Beat,
+    ) -> Result<BeatReply, StoreError> {
         let mut conn = self.conn().await?;
-        let counted: Counted = diesel::sql_query(
+        let reply: BeatReply = diesel::sql_query(
             "WITH beat AS ( \
                 UPDATE kser.workers SET state = $2, paused = $3, heartbeat_at = now(), \
                 assigned = $4, partitions = $5, in_flight = $6, counters = $7, lag = $8, \
@@ -225,7 +242,13 @@ impl Store {
                 AND state NOT IN ('STOPPED', 'LOST') \
                 AND heartbeat_at < now() - lost_after_ms * interval '1 millisecond' \
                 RETURNING id \
-             ) SELECT (SELECT count(*) FROM beat) AS beat, (SELECT count(*) FROM lost) AS lost",
+             ), others AS ( \
+                SELECT count(*) AS n, coalesce(sum(lag), 0)::bigint AS lag, \
+                coalesce(sum(throughput), 0)::float8 AS throughput FROM kser.workers \
+                WHERE consumer_group = $11 AND id <> $1 AND state NOT IN ('STOPPED', 'LOST') \
+                AND heartbeat_at >= now() - lost_after_ms * interval '1 millisecond' \
+             ) SELECT (SELECT count(*) FROM beat) AS beat, (SELECT count(*) FROM lost) AS lost, \
+             n AS others, lag AS others_lag, throughput AS others_throughput FROM others",
         )
         .bind::<Text, _>(id)
         .bind::<Text, _>(beat.state.as_str())
@@ -237,9 +260,10 @@ impl Store {
         .bind::<Nullable<BigInt>, _>(beat.lag)
         .bind::<Double, _>(beat.throughput)
         .bind::<Nullable<Integer>, _>(beat.desired)
+        .bind::<Text, _>(group)
         .get_result(&mut conn)
         .await?;
-        Ok((counted.beat > 0, u64::try_from(counted.lost).unwrap_or(0)))
+        Ok(reply)
     }
 
     /// The controls that apply to worker `id`: its own and the fleet's.

@@ -77,12 +77,15 @@ pub(crate) struct ConsumerSpec {
     pub(crate) protocol: GroupProtocol,
     pub(crate) instance_id: Option<String>,
     pub(crate) topics: Vec<String>,
-    /// Whether librdkafka reports statistics (consumer lag) for `/metrics`.
+    /// Whether librdkafka reports statistics (consumer lag) for `/metrics`
+    /// and the scaling hint.
     pub(crate) statistics: bool,
     /// What librdkafka may hold of the worker's byte bound.
     pub(crate) budget: super::BufferBudget,
     /// Set once a consumer built from this joined its group.
     pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
+    /// What librdkafka's statistics say of lag and partitions.
+    pub(crate) backlog: Arc<super::fleet::Backlog>,
 }
 
 impl ConsumerSpec {
@@ -139,6 +142,7 @@ impl ConsumerSpec {
         let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
             tracker: Arc::clone(tracker),
             joined: Arc::clone(&self.joined),
+            backlog: Arc::clone(&self.backlog),
         })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;

@@ -15,11 +15,14 @@ pub(crate) struct KserContext {
     /// Set at the first assignment (even an empty one): the consumer is in
     /// its group.
     pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
+    /// Lag and partition count, for the scaling hint.
+    pub(crate) backlog: Arc<super::fleet::Backlog>,
 }
 
 impl ClientContext for KserContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
         super::telemetry::lag(&statistics);
+        self.backlog.observe(&statistics);
     }
 }
 

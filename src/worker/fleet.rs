@@ -16,7 +16,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 
 use tokio::sync::watch;
 
@@ -142,6 +142,82 @@ impl Holding {
     }
 }
 
+/// What librdkafka's statistics (every 5 s) say of the worker's backlog:
+/// records behind on its assigned partitions, and how many partitions its
+/// topics have. `-1` until the first statistics.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    lag: AtomicI64,
+    partitions: AtomicI64,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Self {
+            lag: AtomicI64::new(-1),
+            partitions: AtomicI64::new(-1),
+        }
+    }
+}
+
+impl Backlog {
+    pub(crate) fn observe(&self, stats: &rdkafka::Statistics) {
+        let mut lag = 0;
+        let mut partitions = 0;
+        for topic in stats.topics.values() {
+            for (partition, stats) in &topic.partitions {
+                // librdkafka's internal partition.
+                if *partition < 0 {
+                    continue;
+                }
+                partitions += 1;
+                if !stats.desired || stats.hi_offset < 0 {
+                    continue;
+                }
+                lag += if stats.consumer_lag >= 0 {
+                    stats.consumer_lag
+                } else {
+                    stats.hi_offset - stats.committed_offset.max(stats.lo_offset.max(0))
+                }
+                .max(0);
+            }
+        }
+        self.lag.store(lag, atomic::Ordering::Relaxed);
+        self.partitions.store(partitions, atomic::Ordering::Relaxed);
+    }
+
+    fn lag(&self) -> Option<i64> {
+        Some(self.lag.load(atomic::Ordering::Relaxed)).filter(|lag| *lag >= 0)
+    }
+
+    fn partitions(&self) -> Option<i64> {
+        Some(self.partitions.load(atomic::Ordering::Relaxed)).filter(|p| *p > 0)
+    }
+}
+
+/// How many workers would keep up with the group's throughput and drain its
+/// lag within `target`, at the throughput one worker reaches now, between 1
+/// and the partition count (more would idle). `None` without data: no
+/// throughput measured while records wait (starting, paused, stuck).
+fn desired_workers(
+    workers: u64,
+    lag: i64,
+    throughput: f64,
+    target: Duration,
+    partitions: i64,
+) -> Option<i64> {
+    let cap = partitions.max(1);
+    if lag <= 0 && throughput <= 0.0 {
+        return Some(1);
+    }
+    if throughput <= 0.0 || workers == 0 {
+        return None;
+    }
+    let per_worker = throughput / workers as f64;
+    let needed = (throughput + lag.max(0) as f64 / target.as_secs_f64()) / per_worker;
+    Some((needed.ceil() as i64).clamp(1, cap))
+}
+
 /// How a worker takes part in its fleet.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -197,6 +273,7 @@ pub(super) struct Fleet {
     /// Set once the consumer joined its group (its first assignment,
     /// empty or not).
     pub(super) joined: Arc<AtomicBool>,
+    pub(super) backlog: Arc<Backlog>,
     /// The worker's shutdown: cancelled by a drain.
     pub(super) shutdown: CancellationToken,
 }
@@ -237,8 +314,11 @@ impl Shared {
             me,
             hold,
             joined,
+            backlog,
             shutdown,
         } = fleet;
+        // What the other live workers of the group said last.
+        let mut others: Option<(u64, i64, f64)> = None;
         let mut registered = false;
         let mut outage = false;
         let mut controls: Vec<Control> = Vec::new();
@@ -314,22 +394,47 @@ impl Shared {
                 }
             };
             if registered && due {
+                let lag = backlog.lag();
+                let throughput = rate.per_second();
+                let partitions = backlog.partitions();
+                let desired = match (others, lag, partitions) {
+                    (Some((n, others_lag, others_rate)), Some(lag), Some(partitions)) => {
+                        desired_workers(
+                            n + 1,
+                            lag + others_lag,
+                            throughput + others_rate,
+                            config.drain_target,
+                            partitions,
+                        )
+                    }
+                    _ => None,
+                };
+                if let Some(desired) = desired {
+                    metrics::gauge!("kser_desired_workers", "group" => me.group.clone())
+                        .set(desired as f64);
+                }
                 let beat = Beat {
                     state,
                     paused: paused.clone(),
                     assigned: self.assigned(),
-                    partitions: 0,
+                    partitions: partitions.and_then(|p| i32::try_from(p).ok()).unwrap_or(0),
                     in_flight: i32::try_from(in_flight).unwrap_or(i32::MAX),
                     counters: serde_json::to_value(stats).unwrap_or_default(),
-                    lag: None,
-                    throughput: rate.per_second(),
-                    desired: None,
+                    lag,
+                    throughput,
+                    desired: desired.and_then(|d| i32::try_from(d).ok()),
                 };
-                match self.store.heartbeat(&me.id, &beat).await {
-                    Ok((found, lost)) => {
+                match self.store.heartbeat(&me.id, &me.group, &beat).await {
+                    Ok(reply) => {
                         last_beat = Some((tokio::time::Instant::now(), state, paused));
                         // Deleted by hand: record it again.
-                        registered = found;
+                        registered = reply.beat > 0;
+                        others = Some((
+                            u64::try_from(reply.others).unwrap_or(0),
+                            reply.others_lag,
+                            reply.others_throughput,
+                        ));
+                        let lost = reply.lost;
                         if lost > 0 {
                             tracing::warn!(
                                 lost,
@@ -429,6 +534,21 @@ mod tests {
             worker_id: worker.map(Into::into),
             entrypoint: entrypoint.map(Into::into),
         }
+    }
+
+    #[test]
+    fn the_scaling_hint_drains_the_lag_within_the_target() {
+        let minute = Duration::from_secs(60);
+        // Caught up and idle: one worker is enough.
+        assert_eq!(desired_workers(3, 0, 0.0, minute, 12), Some(1));
+        // Caught up: as many as keep up with the throughput now.
+        assert_eq!(desired_workers(3, 0, 300.0, minute, 12), Some(3));
+        // 100 tasks/s each; 36,000 behind is 600/s more for a minute.
+        assert_eq!(desired_workers(2, 36_000, 200.0, minute, 12), Some(8));
+        // Never more than the partitions.
+        assert_eq!(desired_workers(2, 36_000_000, 200.0, minute, 12), Some(12));
+        // Records wait and nothing runs: no estimate.
+        assert_eq!(desired_workers(2, 500, 0.0, minute, 12), None);
     }
 
     #[test]

@@ -589,8 +589,10 @@ impl Worker {
             protocol: config.group_protocol,
             instance_id: config.instance_id.clone(),
             topics: config.topics.clone(),
-            statistics: config.http.is_some(),
+            // Every 5 s: consumer lag for `/metrics` and the scaling hint.
+            statistics: true,
             joined: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            backlog: Arc::default(),
         };
         let consumer = spec.create(&tracker)?;
         tracing::info!(
@@ -652,6 +654,7 @@ impl Worker {
             },
             hold: hold_tx,
             joined: Arc::clone(&shared.spec.joined),
+            backlog: Arc::clone(&shared.spec.backlog),
             shutdown: shutdown.clone(),
         }));
 
