@@ -327,3 +327,43 @@ fn a_killed_worker_becomes_lost_and_control_names_what_it_knows() {
     let table = text(&env.kser(&["workers"]).stdout);
     assert!(table.contains("LOST") && table.contains(&b_id), "{table}");
 }
+
+#[test]
+fn heartbeats_and_controls_ride_out_a_postgres_outage() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", FLEET);
+    worker.wait_assigned();
+    wait_row(&env, &worker, "the worker in its group", in_group);
+
+    env.database_outage(Duration::from_secs(4));
+    let after = env.sql("SELECT clock_timestamp()");
+    worker.wait_for_log(
+        "heartbeat and controls reach Postgres again",
+        1,
+        Duration::from_secs(60),
+    );
+    assert!(
+        worker
+            .log()
+            .contains("could not read controls or write the heartbeat"),
+        "{}",
+        worker.log()
+    );
+    // It beats again, obeys a control given after the outage, and runs tasks.
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM kser.workers WHERE heartbeat_at > '{}'::timestamptz",
+            after.trim()
+        ),
+        1,
+        Duration::from_secs(60),
+    );
+    let out = env.kser(&["control", "pause", "--entrypoint", "showcase.Fail"]);
+    assert!(out.status.success(), "pause: {}", text(&out.stderr));
+    wait_row(&env, &worker, "the pause to be obeyed", |row| {
+        row["paused"] == serde_json::json!(["showcase.Fail"])
+    });
+    let ok = env.send("showcase", "showcase.Echo", r#"{"text": "after"}"#);
+    assert_eq!(env.wait_final(&ok)["status"], "SUCCESS");
+    assert!(worker.exited().is_none(), "{}", worker.log());
+}
