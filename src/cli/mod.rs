@@ -1,8 +1,8 @@
 //! The command line shared by the `kser` binary and users' worker binaries.
 //!
 //! A user's binary builds a [`Registry`] and calls [`run`]; it then has the
-//! `worker`, `send`, `status`, `list`, `migrate` and `entrypoints`
-//! subcommands. Settings come from flags, or from `KSER_BROKERS`,
+//! `worker`, `send`, `status`, `list`, `migrate`, `entrypoints`, `workers`
+//! and `control` subcommands. Settings come from flags, or from `KSER_BROKERS`,
 //! `DATABASE_URL`, `KSER_TOPIC`, `KSER_GROUP` and `KSER_KAFKA_*`.
 
 /// `println!` that ends the process quietly when stdout is closed, as in
@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod dlq;
+mod fleet;
 mod lookup;
 mod output;
 mod prune;
@@ -144,6 +145,14 @@ enum Command {
     /// Apply the database migrations (a worker also does at start, unless
     /// --no-migrate or the database is migrated already).
     Migrate,
+    /// Show the workers of the fleet: state, partitions, pauses, heartbeats.
+    Workers {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Steer running workers: pause or resume entrypoints, drain a worker.
+    Control(fleet::ControlArgs),
     /// List the registered entrypoints and the parameters they expect.
     Entrypoints {
         /// Print a JSON array instead of a table.
@@ -266,6 +275,18 @@ struct WorkerArgs {
     /// `prune`). Off by default.
     #[arg(long, env = "KSER_RETENTION", value_name = "AGE", value_parser = prune::retention)]
     retention: Option<Duration>,
+    /// How often the worker writes its heartbeat to `kser.workers` (100ms
+    /// to 1h). Controls are read every second regardless.
+    #[arg(long, env = "KSER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = values::duration(Duration::from_millis(100), Duration::from_secs(3600)))]
+    heartbeat_interval: Duration,
+    /// How long without a heartbeat before other workers mark this one LOST
+    /// (at least twice --heartbeat-interval).
+    #[arg(long, env = "KSER_LOST_AFTER", default_value = "30s", value_parser = values::duration(Duration::from_millis(200), Duration::from_secs(86_400)))]
+    lost_after: Duration,
+    /// The scaling hint (`kser_desired_workers`): how many workers would
+    /// drain the backlog within this long.
+    #[arg(long, env = "KSER_DRAIN_TARGET", default_value = "60s", value_parser = values::duration(Duration::from_secs(1), Duration::from_secs(86_400)))]
+    drain_target: Duration,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -374,6 +395,15 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 None => python_metrics_address(|name| std::env::var(name).ok())?,
             };
             config.max_buffered_bytes = args.max_buffered_bytes;
+            config.fleet = crate::worker::FleetConfig {
+                heartbeat_interval: args.heartbeat_interval,
+                lost_after: args.lost_after,
+                drain_target: args.drain_target,
+                // Python kser's pause lock file.
+                pause_lock: std::env::var_os("LOCK_PATH")
+                    .filter(|path| !path.is_empty())
+                    .map(|path| crate::worker::pause_lock_file(std::path::Path::new(&path))),
+            };
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
             config.retention = args.retention.map(Retention::older_than);
@@ -529,6 +559,14 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 outln!("applied {version}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers { json } => {
+            let store = connect(&global.database_url).await?;
+            fleet::workers(&store, json).await
+        }
+        Command::Control(args) => {
+            let store = connect(&global.database_url).await?;
+            fleet::control(args, &store, &registry).await
         }
         Command::Entrypoints { json } => {
             let entries: Vec<_> = registry.entrypoints().collect();

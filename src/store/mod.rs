@@ -13,6 +13,7 @@ mod prune;
 mod recovery;
 mod retries;
 mod schema;
+mod workers;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub use prune::{DEFAULT_PRUNE_BATCH, PRUNE_LOCK, PruneRequest, Pruned};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 use schema::kser::tasks;
+pub use workers::{Beat, BeatReply, Control, ControlAction, NewWorker, WorkerRow, WorkerState};
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -64,6 +66,8 @@ const WORKER_TABLES: &[&str] = &[
     "kser.outbox",
     "kser.task_attempts",
     "kser.dead_letters",
+    "kser.workers",
+    "kser.controls",
 ];
 const WORKER_TABLE_PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// The sequences behind `bigserial` ids, which inserts advance.

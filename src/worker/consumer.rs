@@ -79,10 +79,15 @@ pub(crate) struct ConsumerSpec {
     /// The topics subscribed to: those named, and with a pattern those it
     /// matches now (the topic watcher keeps it current).
     pub(crate) topics: Arc<Mutex<Vec<String>>>,
-    /// Whether librdkafka reports statistics (consumer lag) for `/metrics`.
+    /// Whether librdkafka reports statistics (consumer lag) for `/metrics`
+    /// and the scaling hint.
     pub(crate) statistics: bool,
     /// What librdkafka may hold of the worker's byte bound.
     pub(crate) budget: super::BufferBudget,
+    /// Set once a consumer built from this joined its group.
+    pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
+    /// What librdkafka's statistics say of lag and partitions.
+    pub(crate) backlog: Arc<super::fleet::Backlog>,
 }
 
 impl ConsumerSpec {
@@ -138,6 +143,8 @@ impl ConsumerSpec {
         }
         let consumer: StreamConsumer<KserContext> = client.create_with_context(KserContext {
             tracker: Arc::clone(tracker),
+            joined: Arc::clone(&self.joined),
+            backlog: Arc::clone(&self.backlog),
         })?;
         let topics = self
             .topics

@@ -12,11 +12,17 @@ use super::offsets::OffsetTracker;
 
 pub(crate) struct KserContext {
     pub(crate) tracker: Arc<Mutex<OffsetTracker>>,
+    /// Set at the first assignment (even an empty one): the consumer is in
+    /// its group.
+    pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
+    /// Lag and partition count, for the scaling hint.
+    pub(crate) backlog: Arc<super::fleet::Backlog>,
 }
 
 impl ClientContext for KserContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
         super::telemetry::lag(&statistics);
+        self.backlog.observe(&statistics);
     }
 }
 
@@ -40,6 +46,8 @@ impl ConsumerContext for KserContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            self.joined
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(partitions = %describe(partitions), "partitions assigned");
         }
     }

@@ -126,7 +126,7 @@ impl Shared {
                     let paused = consumer.assignment().unwrap_or_default();
                     if consumer.pause(&paused).is_ok() {
                         tracing::warn!(
-                            "the pipeline is full (is the database away?); pausing fetch until it drains"
+                            "the pipeline is full (is the database away? are entrypoints paused?); pausing fetch until it drains"
                         );
                     }
                     let (budget, permit) = loop {

@@ -32,6 +32,7 @@ mod dead_letter;
 mod decode;
 mod execute;
 mod finish;
+mod fleet;
 mod intake;
 mod offsets;
 mod operations;
@@ -74,6 +75,7 @@ use context::KserContext;
 use dead_letter::DeadLetter;
 pub use dead_letter::DeadLetters;
 use decode::{Decoded, decode};
+pub use fleet::{FleetConfig, pause_lock_file};
 use offsets::{OffsetTracker, Position};
 pub use ordering::Ordering;
 use ordering::{Lane, Lanes};
@@ -144,6 +146,9 @@ pub struct WorkerConfig {
     /// Prune old finished work periodically ([`Retention`]); off when
     /// `None`, the default.
     pub retention: Option<Retention>,
+    /// Heartbeats, the LOST threshold, the pause lock file, the scaling
+    /// hint's drain target.
+    pub fleet: FleetConfig,
 }
 
 /// The default of [`WorkerConfig::max_buffered_bytes`]: 64 MiB.
@@ -216,18 +221,13 @@ impl WorkerConfig {
             http: None,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             retention: None,
+            fleet: FleetConfig::default(),
         }
     }
 }
 
 fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}:{}", std::process::id())
+    format!("{}:{}", fleet::host_name(), std::process::id())
 }
 
 /// Errors that stop a worker from starting.
@@ -298,6 +298,19 @@ impl WorkerConfig {
                 self.batch_size
             ));
         }
+        let fleet = &self.fleet;
+        if fleet.heartbeat_interval < Duration::from_millis(100) {
+            return fail("the heartbeat interval must be at least 100ms".into());
+        }
+        if fleet.lost_after < fleet.heartbeat_interval * 2 {
+            return fail(format!(
+                "the LOST threshold ({:?}) must be at least twice the heartbeat interval ({:?}), or a live worker could be taken for lost",
+                fleet.lost_after, fleet.heartbeat_interval
+            ));
+        }
+        if fleet.drain_target.is_zero() {
+            return fail("the drain target must be longer than zero".into());
+        }
         for topic in &self.topics {
             let dlq = match &self.dead_letters {
                 DeadLetters::Disabled => continue,
@@ -360,6 +373,11 @@ mod config_tests {
         assert!(refused(|c| c.max_buffered_bytes = 1024).contains("buffered bytes"));
         assert!(refused(|c| c.topics = vec![" ".into()]).contains("topics"));
         assert!(refused(|c| c.group = String::new()).contains("group"));
+        assert!(refused(|c| c.fleet.lost_after = Duration::from_secs(1)).contains("LOST"));
+        assert!(
+            refused(|c| c.fleet.heartbeat_interval = Duration::from_millis(1))
+                .contains("heartbeat")
+        );
         assert!(refused(|c| c.topics.push("jobs.dlq".into())).contains("jobs.dlq"));
         assert!(refused(|c| c.dead_letters = DeadLetters::Topic("jobs".into())).contains("'jobs'"));
     }
@@ -570,6 +588,8 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
         let config = self.config;
         config.validate()?;
+        // A drain (`kser control drain`) stops this worker as a signal would.
+        let shutdown = shutdown.child_token();
         let mut topics = config.topics.clone();
         for topic in &config.topics {
             match &config.dead_letters {
@@ -598,7 +618,10 @@ impl Worker {
             protocol: config.group_protocol,
             instance_id: config.instance_id.clone(),
             topics: Arc::new(Mutex::new(config.topics.clone())),
-            statistics: config.http.is_some(),
+            // Every 5 s: consumer lag for `/metrics` and the scaling hint.
+            statistics: true,
+            joined: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            backlog: Arc::default(),
         };
         let consumer = spec.create(&tracker)?;
         tracing::info!(
@@ -643,6 +666,28 @@ impl Worker {
             buffered_budget: budget.pipeline_bytes,
         });
 
+        // Pauses in force when the worker starts apply to its first record.
+        let hold = fleet::initial_hold(&shared.store, &config.worker_id, &config.fleet).await;
+        let (hold_tx, hold_rx) = tokio::sync::watch::channel(hold);
+        let fleet = tokio::spawn(Arc::clone(&shared).fleet(fleet::Fleet {
+            config: config.fleet.clone(),
+            me: crate::store::NewWorker {
+                id: config.worker_id.clone(),
+                host: fleet::host_name(),
+                pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+                group: config.group.clone(),
+                topics: config.topics.clone(),
+                entrypoints: fleet::entrypoints_json(&shared.registry),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                lost_after_ms:
+                    i64::try_from(config.fleet.lost_after.as_millis()).unwrap_or(i64::MAX),
+            },
+            hold: hold_tx,
+            joined: Arc::clone(&shared.spec.joined),
+            backlog: Arc::clone(&shared.spec.backlog),
+            shutdown: shutdown.clone(),
+        }));
+
         let capacity = shared.batch_size * 2;
         let (intake_tx, intake_rx) = mpsc::channel::<Received>(capacity);
         let (finish_tx, finish_rx) = mpsc::channel::<Finished>(capacity);
@@ -655,6 +700,7 @@ impl Worker {
             finish_tx,
             semaphore,
             shutdown.clone(),
+            fleet::Holding::new(hold_rx),
         ));
         let reporter = tokio::spawn(Arc::clone(&shared).reporter());
         let marker = tokio::spawn(Arc::clone(&shared).marker());
@@ -756,6 +802,8 @@ impl Worker {
         if let Some(http) = http {
             let _ = http.await;
         }
+        fleet.abort();
+        shared.stopped(&config.worker_id, &stats).await;
         tracing::info!(?stats, "worker stopped");
         Ok(stats)
     }

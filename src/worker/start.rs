@@ -29,6 +29,7 @@ impl Shared {
         finish_tx: mpsc::Sender<Finished>,
         semaphore: Arc<Semaphore>,
         shutdown: CancellationToken,
+        mut holding: fleet::Holding,
     ) {
         let mut running = JoinSet::new();
         let mut batch = Vec::with_capacity(self.batch_size);
@@ -41,8 +42,13 @@ impl Shared {
             while let Ok(lane) = lane_done_rx.try_recv() {
                 ready.extend(lanes.release(&lane));
             }
+            // Paused entrypoints wait in `holding`, their lanes taken.
+            holding.sort(&mut ready);
             if shutdown.is_cancelled() {
                 for candidate in ready.drain(..).chain(lanes.drain()) {
+                    self.forget_in_flight(&candidate.message.uuid, false);
+                }
+                for candidate in holding.drain() {
                     self.forget_in_flight(&candidate.message.uuid, false);
                 }
             }
@@ -68,7 +74,8 @@ impl Shared {
                         Some(lane) => ready.extend(lanes.release(&lane)),
                         None => break,
                     },
-                    () = shutdown.cancelled(), if !lanes.is_empty() => {}
+                    () = shutdown.cancelled(), if !lanes.is_empty() || !holding.is_empty() => {}
+                    () = holding.changed() => {}
                 }
                 continue;
             }

@@ -1,0 +1,2 @@
+DROP TABLE kser.controls;
+DROP TABLE kser.workers;

@@ -1,0 +1,360 @@
+//! `kser workers` and `kser control`: see the fleet and steer it. Controls
+//! are rows of `kser.controls`, which every worker reads about once a
+//! second; they stay in force until lifted, so a worker started later obeys
+//! them too.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::output::{add_row, new_table, printable};
+use crate::registry::Registry;
+use crate::store::{ControlAction, Store, WorkerRow};
+
+#[derive(Debug, Args)]
+pub(super) struct ControlArgs {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// Hold back new tasks: of one entrypoint, or every one; on one worker,
+    /// or every worker (also those started later). Their records wait with
+    /// their offsets held; running tasks finish.
+    Pause(Scope),
+    /// Lift the pauses within a scope (all of them without flags).
+    Resume(Scope),
+    /// Ask a worker to finish its running tasks, leave its group and exit 0;
+    /// its partitions go to the other workers of the group.
+    Drain {
+        /// The worker's id, as `kser workers` shows it.
+        #[arg(long)]
+        worker: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Scope {
+    /// Only this worker (its id, as `kser workers` shows it).
+    #[arg(long)]
+    worker: Option<String>,
+    /// Only this entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+}
+
+/// `kser workers`.
+pub(super) async fn workers(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = store.workers().await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        outln!("no workers have registered (a worker records itself when it starts)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("{}", workers_table(&rows));
+    for line in hints(&rows) {
+        outln!("{line}");
+    }
+    let controls = store.controls().await?;
+    for control in controls {
+        outln!(
+            "in force: {} {} on {}",
+            control.action,
+            control
+                .entrypoint
+                .as_deref()
+                .map_or("every entrypoint".into(), printable),
+            control
+                .worker_id
+                .as_deref()
+                .map_or("every worker".into(), printable),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kser control`.
+pub(super) async fn control(
+    args: ControlArgs,
+    store: &Store,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
+    let rows = store.workers().await?;
+    match args.action {
+        Action::Pause(scope) => {
+            check_scope(&scope, &rows, registry)?;
+            let added = store
+                .add_control(
+                    ControlAction::Pause,
+                    scope.worker.as_deref(),
+                    scope.entrypoint.as_deref(),
+                )
+                .await?;
+            let what = describe(&scope);
+            if added {
+                outln!("paused {what}; running workers obey within 2s, workers started later too");
+            } else {
+                outln!("{what} was paused already");
+            }
+        }
+        Action::Resume(scope) => {
+            check_scope(&scope, &rows, registry)?;
+            let lifted = store
+                .remove_pauses(scope.worker.as_deref(), scope.entrypoint.as_deref())
+                .await?;
+            let what = describe(&scope);
+            if lifted > 0 {
+                outln!("resumed {what} ({lifted} pause(s) lifted); workers obey within 2s");
+            } else {
+                outln!("no pause of {what} was in force");
+            }
+            let remaining: Vec<_> = store
+                .controls()
+                .await?
+                .into_iter()
+                .filter(|c| c.action == "pause")
+                .collect();
+            for pause in remaining {
+                outln!(
+                    "still paused: {} on {}",
+                    pause
+                        .entrypoint
+                        .as_deref()
+                        .map_or("every entrypoint".into(), printable),
+                    pause
+                        .worker_id
+                        .as_deref()
+                        .map_or("every worker".into(), printable),
+                );
+            }
+        }
+        Action::Drain { worker } => {
+            let live: Vec<&WorkerRow> = rows.iter().filter(|w| w.is_live()).collect();
+            if !live.iter().any(|w| w.id == worker) {
+                let state = rows
+                    .iter()
+                    .find(|w| w.id == worker)
+                    .map(|w| w.state.as_str());
+                let known = names(live.iter().map(|w| w.id.as_str()));
+                match state {
+                    Some(state) => bail!(
+                        "worker '{}' is {state}, not running; running workers: {known}",
+                        printable(&worker)
+                    ),
+                    None => bail!(
+                        "unknown worker '{}'; running workers: {known}",
+                        printable(&worker)
+                    ),
+                }
+            }
+            store
+                .add_control(ControlAction::Drain, Some(&worker), None)
+                .await?;
+            outln!(
+                "draining worker {}: it finishes its running tasks, leaves its group and exits",
+                printable(&worker)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses a worker or entrypoint no worker has registered, naming the
+/// known ones.
+fn check_scope(scope: &Scope, rows: &[WorkerRow], registry: &Registry) -> anyhow::Result<()> {
+    let target: Vec<&WorkerRow> = match &scope.worker {
+        Some(id) => {
+            let found: Vec<_> = rows.iter().filter(|w| &w.id == id).collect();
+            if found.is_empty() {
+                bail!(
+                    "unknown worker '{}'; known workers: {}",
+                    printable(id),
+                    names(rows.iter().map(|w| w.id.as_str()))
+                );
+            }
+            found
+        }
+        None => rows.iter().collect(),
+    };
+    if let Some(name) = &scope.entrypoint {
+        let mut known: BTreeSet<&str> = target.iter().flat_map(|w| w.task_entrypoints()).collect();
+        if scope.worker.is_none() {
+            known.extend(
+                registry
+                    .entrypoints()
+                    .filter(|e| e.kind != "operation")
+                    .map(|e| e.name),
+            );
+        }
+        if !known.contains(name.as_str()) {
+            let operation = target.iter().any(|w| {
+                w.entrypoints.as_array().into_iter().flatten().any(|e| {
+                    e.get("name").and_then(Value::as_str) == Some(name)
+                        && e.get("kind").and_then(Value::as_str) == Some("operation")
+                })
+            }) || registry
+                .entrypoints()
+                .any(|e| e.name == name && e.kind == "operation");
+            let hint = if operation {
+                " (it is an operation: pause the entrypoints of its steps)"
+            } else {
+                ""
+            };
+            bail!(
+                "unknown entrypoint '{}'{hint}; {} task entrypoints: {}",
+                printable(name),
+                if scope.worker.is_some() {
+                    "the worker's"
+                } else {
+                    "known"
+                },
+                names(known.into_iter())
+            );
+        }
+    }
+    Ok(())
+}
+
+fn describe(scope: &Scope) -> String {
+    format!(
+        "{} on {}",
+        scope
+            .entrypoint
+            .as_deref()
+            .map_or("every entrypoint".into(), |e| format!(
+                "entrypoint {}",
+                printable(e)
+            )),
+        scope
+            .worker
+            .as_deref()
+            .map_or("every worker".into(), |w| format!(
+                "worker {}",
+                printable(w)
+            )),
+    )
+}
+
+fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<String> = names.map(|n| printable(n).into_owned()).collect();
+    if names.is_empty() {
+        "(none)".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The fleet for people: one row per worker.
+fn workers_table(rows: &[WorkerRow]) -> String {
+    let mut table = new_table(&[
+        "WORKER",
+        "GROUP",
+        "STATE",
+        "PAUSED",
+        "PARTITIONS",
+        "IN FLIGHT",
+        "DONE",
+        "HEARTBEAT",
+        "STARTED",
+        "VERSION",
+    ]);
+    let now = chrono::Utc::now();
+    for row in rows {
+        let done = ["succeeded", "failed"]
+            .iter()
+            .filter_map(|k| row.counters.get(*k).and_then(Value::as_u64))
+            .sum::<u64>();
+        add_row(
+            &mut table,
+            vec![
+                row.id.clone(),
+                row.group.clone(),
+                row.state.clone(),
+                if row.paused.is_empty() {
+                    "-".into()
+                } else {
+                    row.paused.join(",")
+                },
+                partitions(&row.assigned),
+                row.in_flight.to_string(),
+                done.to_string(),
+                ago(now - row.heartbeat_at),
+                row.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                row.version.clone(),
+            ],
+        );
+    }
+    table.to_string()
+}
+
+/// `topic[0,1,2]`, for the table.
+fn partitions(assigned: &Value) -> String {
+    let Some(topics) = assigned.as_object().filter(|t| !t.is_empty()) else {
+        return "-".into();
+    };
+    topics
+        .iter()
+        .map(|(topic, partitions)| {
+            let list: Vec<String> = partitions
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(Value::to_string)
+                .collect();
+            format!("{topic}[{}]", list.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn ago(elapsed: chrono::TimeDelta) -> String {
+    let secs = elapsed.num_seconds().max(0);
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+/// The scaling hint of each group, from its live workers' beats.
+fn hints(rows: &[WorkerRow]) -> Vec<String> {
+    let mut groups: Vec<&str> = rows.iter().map(|w| w.group.as_str()).collect();
+    groups.dedup();
+    let mut lines = Vec::new();
+    for group in groups {
+        let live: Vec<&WorkerRow> = rows
+            .iter()
+            .filter(|w| w.group == group && w.is_live())
+            .collect();
+        let Some(desired) = live.iter().filter_map(|w| w.desired).max() else {
+            continue;
+        };
+        let lag: i64 = live.iter().filter_map(|w| w.lag).sum();
+        let rate: f64 = live.iter().map(|w| w.throughput).sum();
+        lines.push(format!(
+            "group {}: {} worker(s) running, {desired} desired (lag {lag} records, {rate:.1} tasks/s)",
+            printable(group),
+            live.len()
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_read_as_topic_partition_lists() {
+        let assigned = serde_json::json!({"jobs": [0, 2], "other": [1]});
+        assert_eq!(partitions(&assigned), "jobs[0,2] other[1]");
+        assert_eq!(partitions(&serde_json::json!({})), "-");
+    }
+}

@@ -1,0 +1,572 @@
+//! The worker in its fleet: records itself in `kser.workers`, beats on a
+//! timer, reads the controls that apply to it about once a second, and tells
+//! the starter which entrypoints to hold back.
+//!
+//! All of it runs off the hot path, in one task: a heartbeat is one small
+//! statement every `heartbeat_interval` (sooner when the state changes),
+//! never a write per record. A Postgres outage is logged and waited out:
+//! the worker keeps working and obeys the controls it read last.
+//!
+//! A held record stays in the pipeline: its offset is unfinished, so the
+//! watermark stops below it (`offsets.rs`), and its lane stays taken, so
+//! the records after it in its lane wait too and nothing is reordered. The
+//! records it holds count against the byte budget; when they fill it, the
+//! intake pauses fetching (and keeps polling, so the worker stays in its
+//! group) until the entrypoint is resumed.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64};
+
+use tokio::sync::watch;
+
+use super::*;
+use crate::store::{Beat, Control, NewWorker, WorkerState};
+
+/// How often the controls are read (and the lock file looked at).
+const CONTROL_POLL: Duration = Duration::from_secs(1);
+/// How long the last heartbeat may take when the worker stops.
+const STOPPED_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the starter holds back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Hold {
+    /// Every entrypoint (a pause of the whole worker, or the lock file).
+    pub(crate) all: bool,
+    /// These entrypoints.
+    pub(crate) entrypoints: BTreeSet<String>,
+}
+
+impl Hold {
+    /// From the controls in force for this worker and the lock file.
+    fn of(controls: &[Control], lock_file: bool) -> Self {
+        let mut hold = Self {
+            all: lock_file,
+            entrypoints: BTreeSet::new(),
+        };
+        for control in controls.iter().filter(|c| c.action == "pause") {
+            match &control.entrypoint {
+                None => hold.all = true,
+                Some(name) => {
+                    hold.entrypoints.insert(name.clone());
+                }
+            }
+        }
+        hold
+    }
+
+    pub(crate) fn holds(&self, entrypoint: &str) -> bool {
+        self.all || self.entrypoints.contains(entrypoint)
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.all && self.entrypoints.is_empty()
+    }
+
+    /// For `kser.workers.paused` and logs: `*`, or the names.
+    fn names(&self) -> Vec<String> {
+        if self.all {
+            vec!["*".to_owned()]
+        } else {
+            self.entrypoints.iter().cloned().collect()
+        }
+    }
+}
+
+/// The starter's side: the records it holds back, and what to hold.
+pub(crate) struct Holding {
+    rx: watch::Receiver<Hold>,
+    current: Hold,
+    held: VecDeque<Candidate>,
+}
+
+impl Holding {
+    pub(crate) fn new(rx: watch::Receiver<Hold>) -> Self {
+        // The value it was made with counts as seen: take it now.
+        let current = rx.borrow().clone();
+        Self {
+            rx,
+            current,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// Takes in a change of what to hold: records let go go back to the
+    /// front of `ready`, in the order they arrived; records to hold leave
+    /// `ready`.
+    pub(super) fn sort(&mut self, ready: &mut VecDeque<Candidate>) {
+        match self.rx.has_changed() {
+            Ok(true) => self.current = self.rx.borrow_and_update().clone(),
+            Ok(false) => {}
+            // The control task is gone (the worker stops): hold nothing.
+            Err(_) => self.current = Hold::default(),
+        }
+        if !self.held.is_empty() {
+            let (keep, go): (VecDeque<_>, VecDeque<_>) = self
+                .held
+                .drain(..)
+                .partition(|c| self.current.holds(&c.message.entrypoint));
+            self.held = keep;
+            for candidate in go.into_iter().rev() {
+                ready.push_front(candidate);
+            }
+        }
+        if !self.current.is_empty() {
+            let (hold, run): (VecDeque<_>, VecDeque<_>) = ready
+                .drain(..)
+                .partition(|c| self.current.holds(&c.message.entrypoint));
+            *ready = run;
+            self.held.extend(hold);
+        }
+    }
+
+    /// Resolves when what to hold may have changed while records are held;
+    /// never otherwise.
+    pub(super) async fn changed(&mut self) {
+        if self.held.is_empty() || self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        // Seen now: `sort` would not see it as a change.
+        self.current = self.rx.borrow_and_update().clone();
+    }
+
+    /// Whether records are held.
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Returns the held records, to drop unfinished (the worker stops):
+    /// they are delivered again to the next owner of their partitions.
+    pub(super) fn drain(&mut self) -> impl Iterator<Item = Candidate> + '_ {
+        self.held.drain(..)
+    }
+}
+
+/// What librdkafka's statistics (every 5 s) say of the worker's backlog:
+/// records behind on its assigned partitions, and how many partitions its
+/// topics have. `-1` until the first statistics.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    lag: AtomicI64,
+    partitions: AtomicI64,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Self {
+            lag: AtomicI64::new(-1),
+            partitions: AtomicI64::new(-1),
+        }
+    }
+}
+
+impl Backlog {
+    pub(crate) fn observe(&self, stats: &rdkafka::Statistics) {
+        let mut lag = 0;
+        let mut partitions = 0;
+        for topic in stats.topics.values() {
+            for (partition, stats) in &topic.partitions {
+                // librdkafka's internal partition.
+                if *partition < 0 {
+                    continue;
+                }
+                partitions += 1;
+                if !stats.desired || stats.hi_offset < 0 {
+                    continue;
+                }
+                lag += if stats.consumer_lag >= 0 {
+                    stats.consumer_lag
+                } else {
+                    stats.hi_offset - stats.committed_offset.max(stats.lo_offset.max(0))
+                }
+                .max(0);
+            }
+        }
+        self.lag.store(lag, atomic::Ordering::Relaxed);
+        self.partitions.store(partitions, atomic::Ordering::Relaxed);
+    }
+
+    fn lag(&self) -> Option<i64> {
+        Some(self.lag.load(atomic::Ordering::Relaxed)).filter(|lag| *lag >= 0)
+    }
+
+    fn partitions(&self) -> Option<i64> {
+        Some(self.partitions.load(atomic::Ordering::Relaxed)).filter(|p| *p > 0)
+    }
+}
+
+/// How many workers would keep up with the group's throughput and drain its
+/// lag within `target`, at the throughput one worker reaches now, between 1
+/// and the partition count (more would idle). `None` without data: no
+/// throughput measured while records wait (starting, paused, stuck).
+fn desired_workers(
+    workers: u64,
+    lag: i64,
+    throughput: f64,
+    target: Duration,
+    partitions: i64,
+) -> Option<i64> {
+    let cap = partitions.max(1);
+    if lag <= 0 && throughput <= 0.0 {
+        return Some(1);
+    }
+    if throughput <= 0.0 || workers == 0 {
+        return None;
+    }
+    let per_worker = throughput / workers as f64;
+    let needed = (throughput + lag.max(0) as f64 / target.as_secs_f64()) / per_worker;
+    Some((needed.ceil() as i64).clamp(1, cap))
+}
+
+/// How a worker takes part in its fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// How often the worker writes its heartbeat.
+    pub heartbeat_interval: Duration,
+    /// How long without a heartbeat before other workers mark it LOST.
+    pub lost_after: Duration,
+    /// The scaling hint's goal: how many workers would drain the backlog
+    /// within this long.
+    pub drain_target: Duration,
+    /// Python kser's pause lock file: every entrypoint is held while it
+    /// exists.
+    pub pause_lock: Option<PathBuf>,
+}
+
+impl Default for FleetConfig {
+    /// A heartbeat every 5 s, LOST after 30 s, a drain target of 60 s.
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            lost_after: Duration::from_secs(30),
+            drain_target: Duration::from_secs(60),
+            pause_lock: None,
+        }
+    }
+}
+
+/// Python kser's pause lock file under `LOCK_PATH`:
+/// `$LOCK_PATH/kser-$HOSTNAME-pause.lock`.
+pub fn pause_lock_file(lock_path: &std::path::Path) -> PathBuf {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(host_name);
+    lock_path.join(format!("kser-{}-pause.lock", host.trim()))
+}
+
+/// The host name, as the kernel or `$HOSTNAME` says.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// What the control task needs beside [`Shared`].
+pub(super) struct Fleet {
+    pub(super) config: FleetConfig,
+    pub(super) me: NewWorker,
+    pub(super) hold: watch::Sender<Hold>,
+    /// Set once the consumer joined its group (its first assignment,
+    /// empty or not).
+    pub(super) joined: Arc<AtomicBool>,
+    pub(super) backlog: Arc<Backlog>,
+    /// The worker's shutdown: cancelled by a drain.
+    pub(super) shutdown: CancellationToken,
+}
+
+/// What to hold from the start: the pauses in force and the lock file.
+/// Postgres not answering within a few seconds holds nothing for now; the
+/// control task reads again every second.
+pub(super) async fn initial_hold(store: &Store, id: &str, config: &FleetConfig) -> Hold {
+    let lock_file = config.pause_lock.as_deref().is_some_and(|p| p.exists());
+    let controls = match tokio::time::timeout(STOPPED_WRITE_TIMEOUT, store.controls_for(id)).await {
+        Ok(Ok(controls)) => controls,
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "could not read the controls in force; reading them again every second");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    };
+    let hold = Hold::of(&controls, lock_file);
+    if !hold.is_empty() {
+        tracing::info!(paused = %hold.names().join(","), lock_file, "starting paused: records of these entrypoints wait, their offsets held");
+    }
+    hold
+}
+
+/// The registered entrypoints as `kser.workers` keeps them.
+pub(super) fn entrypoints_json(registry: &Registry) -> Value {
+    let mut entries: Vec<_> = registry.entrypoints().collect();
+    entries.sort_by_key(|e| e.name);
+    serde_json::to_value(entries).unwrap_or(Value::Array(Vec::new()))
+}
+
+impl Shared {
+    /// Registers the worker, then reads its controls every second and beats
+    /// every `heartbeat_interval`, until aborted.
+    pub(super) async fn fleet(self: Arc<Self>, fleet: Fleet) {
+        let Fleet {
+            config,
+            me,
+            hold,
+            joined,
+            backlog,
+            shutdown,
+        } = fleet;
+        // What the other live workers of the group said last.
+        let mut others: Option<(u64, i64, f64)> = None;
+        let mut registered = false;
+        let mut outage = false;
+        let mut controls: Vec<Control> = Vec::new();
+        let mut last_beat: Option<(tokio::time::Instant, WorkerState, Vec<String>)> = None;
+        let mut last_received = 0;
+        let mut rate = Rate::default();
+        let mut interval = tokio::time::interval(CONTROL_POLL.min(config.heartbeat_interval));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let mut failed = None;
+            if !registered {
+                match self.store.register_worker(&me).await {
+                    Ok(()) => registered = true,
+                    Err(err) => failed = Some(err),
+                }
+            }
+            match self.store.controls_for(&me.id).await {
+                Ok(read) => controls = read,
+                Err(err) => failed = failed.or(Some(err)),
+            }
+            let lock_file = config.pause_lock.as_deref().is_some_and(|p| p.exists());
+            let wanted = Hold::of(&controls, lock_file);
+            hold.send_if_modified(|current| {
+                if *current == wanted {
+                    return false;
+                }
+                if wanted.is_empty() {
+                    tracing::info!("resumed: every entrypoint runs again");
+                } else {
+                    tracing::info!(
+                        paused = %wanted.names().join(","), lock_file,
+                        "paused: records of these entrypoints wait, their offsets held"
+                    );
+                }
+                *current = wanted.clone();
+                true
+            });
+            let drain = controls.iter().any(|c| c.action == "drain");
+            if drain && !shutdown.is_cancelled() {
+                tracing::info!(
+                    "drain requested: finishing the running tasks, then leaving the group and exiting"
+                );
+                // Cleared first: the worker may be gone before a later write.
+                if let Err(err) = self.store.drained(&me.id).await {
+                    tracing::debug!(error = %err, "could not clear the drain request");
+                }
+                shutdown.cancel();
+            }
+
+            let stats = self.counters.snapshot();
+            let in_flight = self.lock_in_flight().len();
+            rate.add(stats.succeeded + stats.failed + stats.retried);
+            let state = if shutdown.is_cancelled() {
+                WorkerState::Draining
+            } else if !joined.load(atomic::Ordering::Relaxed) {
+                WorkerState::Starting
+            } else if wanted.all {
+                WorkerState::Paused
+            } else if in_flight > 0 || stats.received != last_received {
+                WorkerState::Active
+            } else {
+                WorkerState::Ready
+            };
+            last_received = stats.received;
+            let paused = wanted.names();
+            let due = match &last_beat {
+                None => true,
+                Some((at, last_state, last_paused)) => {
+                    at.elapsed() >= config.heartbeat_interval
+                        || *last_state != state
+                        || *last_paused != paused
+                }
+            };
+            if registered && due {
+                let lag = backlog.lag();
+                let throughput = rate.per_second();
+                let partitions = backlog.partitions();
+                let desired = match (others, lag, partitions) {
+                    (Some((n, others_lag, others_rate)), Some(lag), Some(partitions)) => {
+                        desired_workers(
+                            n + 1,
+                            lag + others_lag,
+                            throughput + others_rate,
+                            config.drain_target,
+                            partitions,
+                        )
+                    }
+                    _ => None,
+                };
+                if let Some(desired) = desired {
+                    metrics::gauge!("kser_desired_workers", "group" => me.group.clone())
+                        .set(desired as f64);
+                }
+                let beat = Beat {
+                    state,
+                    paused: paused.clone(),
+                    assigned: self.assigned(),
+                    partitions: partitions.and_then(|p| i32::try_from(p).ok()).unwrap_or(0),
+                    in_flight: i32::try_from(in_flight).unwrap_or(i32::MAX),
+                    counters: serde_json::to_value(stats).unwrap_or_default(),
+                    lag,
+                    throughput,
+                    desired: desired.and_then(|d| i32::try_from(d).ok()),
+                };
+                match self.store.heartbeat(&me.id, &me.group, &beat).await {
+                    Ok(reply) => {
+                        last_beat = Some((tokio::time::Instant::now(), state, paused));
+                        // Deleted by hand: record it again.
+                        registered = reply.beat > 0;
+                        others = Some((
+                            u64::try_from(reply.others).unwrap_or(0),
+                            reply.others_lag,
+                            reply.others_throughput,
+                        ));
+                        let lost = reply.lost;
+                        if lost > 0 {
+                            tracing::warn!(
+                                lost,
+                                "marked workers LOST: their heartbeat stopped (see `kser workers`)"
+                            );
+                        }
+                    }
+                    Err(err) => failed = failed.or(Some(err)),
+                }
+            }
+            match failed {
+                Some(err) if !outage => {
+                    outage = true;
+                    tracing::warn!(error = %err, "could not read controls or write the heartbeat; working on with the controls read last, retrying every second");
+                }
+                Some(err) => tracing::debug!(error = %err, "heartbeat still failing"),
+                None if outage => {
+                    outage = false;
+                    tracing::info!("heartbeat and controls reach Postgres again");
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// `{topic: [partition...]}` of the partitions assigned now.
+    fn assigned(&self) -> Value {
+        let mut by_topic: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
+        if let Ok(assignment) = self.consumer().assignment() {
+            for element in assignment.elements() {
+                by_topic
+                    .entry(element.topic().to_owned())
+                    .or_default()
+                    .push(element.partition());
+            }
+        }
+        for partitions in by_topic.values_mut() {
+            partitions.sort_unstable();
+        }
+        serde_json::to_value(by_topic).unwrap_or_default()
+    }
+
+    /// Writes the worker STOPPED, if Postgres answers soon.
+    pub(super) async fn stopped(&self, id: &str, stats: &WorkerStats) {
+        let counters = serde_json::to_value(stats).unwrap_or_default();
+        match tokio::time::timeout(
+            STOPPED_WRITE_TIMEOUT,
+            self.store.worker_stopped(id, &counters),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "could not record the worker STOPPED"),
+            Err(_) => tracing::warn!("could not record the worker STOPPED: Postgres is slow"),
+        }
+    }
+}
+
+/// Tasks finished per second over about the last minute.
+#[derive(Default)]
+struct Rate {
+    samples: VecDeque<(std::time::Instant, u64)>,
+}
+
+impl Rate {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn add(&mut self, finished: u64) {
+        let now = std::time::Instant::now();
+        self.samples.push_back((now, finished));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > Self::WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    fn per_second(&self) -> f64 {
+        match (self.samples.front(), self.samples.back()) {
+            (Some((from, first)), Some((to, last))) if to > from => {
+                last.saturating_sub(*first) as f64 / to.duration_since(*from).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pause(worker: Option<&str>, entrypoint: Option<&str>) -> Control {
+        Control {
+            action: "pause".into(),
+            worker_id: worker.map(Into::into),
+            entrypoint: entrypoint.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn the_scaling_hint_drains_the_lag_within_the_target() {
+        let minute = Duration::from_secs(60);
+        // Caught up and idle: one worker is enough.
+        assert_eq!(desired_workers(3, 0, 0.0, minute, 12), Some(1));
+        // Caught up: as many as keep up with the throughput now.
+        assert_eq!(desired_workers(3, 0, 300.0, minute, 12), Some(3));
+        // 100 tasks/s each; 36,000 behind is 600/s more for a minute.
+        assert_eq!(desired_workers(2, 36_000, 200.0, minute, 12), Some(8));
+        // Never more than the partitions.
+        assert_eq!(desired_workers(2, 36_000_000, 200.0, minute, 12), Some(12));
+        // Records wait and nothing runs: no estimate.
+        assert_eq!(desired_workers(2, 500, 0.0, minute, 12), None);
+    }
+
+    #[test]
+    fn pauses_and_the_lock_file_say_what_to_hold() {
+        let none = Hold::of(&[], false);
+        assert!(none.is_empty() && !none.holds("a"));
+        let one = Hold::of(&[pause(None, Some("a"))], false);
+        assert!(one.holds("a") && !one.holds("b"));
+        assert_eq!(one.names(), ["a"]);
+        let all = Hold::of(&[pause(Some("w"), None), pause(None, Some("a"))], false);
+        assert!(all.holds("b"));
+        assert_eq!(all.names(), ["*"]);
+        assert!(Hold::of(&[], true).holds("anything"));
+        let drain = Control {
+            action: "drain".into(),
+            worker_id: Some("w".into()),
+            entrypoint: None,
+        };
+        assert!(Hold::of(&[drain], false).is_empty());
+    }
+}
