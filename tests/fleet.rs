@@ -279,7 +279,14 @@ fn a_drained_worker_exits_and_hands_its_partitions_over() {
 #[test]
 fn a_killed_worker_becomes_lost_and_control_names_what_it_knows() {
     let env = TestEnv::new();
-    let (mut a, b) = two_workers(&env);
+    let mut a = env.start_worker("showcase", FLEET);
+    let port = common::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut b = env.start_worker("showcase", &[FLEET, &["--http", &address]].concat());
+    a.wait_assigned();
+    b.wait_assigned();
+    wait_row(&env, &a, "worker a in its group", in_group);
+    wait_row(&env, &b, "worker b in its group", in_group);
     let a_id = id_of(&env, &a);
     let b_id = id_of(&env, &b);
 
@@ -326,6 +333,25 @@ fn a_killed_worker_becomes_lost_and_control_names_what_it_knows() {
     );
     let table = text(&env.kser(&["workers"]).stdout);
     assert!(table.contains("LOST") && table.contains(&b_id), "{table}");
+    // For alerts: the group's workers by state, and those marked LOST.
+    let group = &env.group;
+    common::wait_until("LOST in /metrics", Duration::from_secs(30), || {
+        common::http_get(port, "/metrics").is_some_and(|(_, metrics)| {
+            common::sample(
+                &metrics,
+                &format!("kser_workers{{group=\"{group}\",state=\"LOST\"}}"),
+            ) == Some(1.0)
+                && common::sample(
+                    &metrics,
+                    &format!("kser_workers{{group=\"{group}\",state=\"ACTIVE\"}}"),
+                )
+                .is_some()
+                && common::sample(
+                    &metrics,
+                    &format!("kser_workers_marked_lost_total{{group=\"{group}\"}}"),
+                ) == Some(1.0)
+        })
+    });
 }
 
 #[test]

@@ -3,39 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use common::TestEnv;
-
-/// GETs `path` and returns the status code and body, or `None` when nothing
-/// answers.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-/// The value of the first sample line that starts with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
 
 #[test]
 fn a_worker_serves_metrics_liveness_and_readiness() {
@@ -44,12 +15,12 @@ fn a_worker_serves_metrics_liveness_and_readiness() {
     let address = format!("127.0.0.1:{port}");
     let mut worker = env.start_worker("showcase", &["--http", &address]);
     common::wait_until("the worker to answer", Duration::from_secs(60), || {
-        get(port, "/healthz").is_some()
+        common::http_get(port, "/healthz").is_some()
     });
-    assert_eq!(get(port, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(common::http_get(port, "/healthz").map(|r| r.0), Some(200));
     worker.wait_assigned();
     common::wait_until("the worker to be ready", Duration::from_secs(30), || {
-        get(port, "/readyz").is_some_and(|(status, _)| status == 200)
+        common::http_get(port, "/readyz").is_some_and(|(status, _)| status == 200)
     });
 
     let ok = env.send("showcase", "showcase.Echo", r#"{"text": "hi"}"#);
@@ -57,7 +28,7 @@ fn a_worker_serves_metrics_liveness_and_readiness() {
     assert_eq!(env.wait_final(&ok)["status"], "SUCCESS");
     assert_eq!(env.wait_final(&failed)["status"], "FAILED");
 
-    let (status, metrics) = get(port, "/metrics").expect("metrics");
+    let (status, metrics) = common::http_get(port, "/metrics").expect("metrics");
     assert_eq!(status, 200, "{metrics}");
     // Python kser's counter, its name and labels unchanged.
     let counted = |name: &str, status: &str| {
@@ -78,25 +49,25 @@ fn a_worker_serves_metrics_liveness_and_readiness() {
         "kser_postgres_write_seconds_count{what=\"record finished tasks\"",
     ] {
         assert!(
-            sample(&metrics, histogram).is_some(),
+            common::sample(&metrics, histogram).is_some(),
             "{histogram}: {metrics}"
         );
     }
     assert_eq!(
-        sample(&metrics, "kser_dead_letters_total{kind=\"fatal\""),
+        common::sample(&metrics, "kser_dead_letters_total{kind=\"fatal\""),
         Some(1.0),
         "{metrics}"
     );
     // Gauges refreshed in the background: lag from librdkafka's statistics
     // (every 5 s), the outbox and in-flight tasks from the worker.
     common::wait_until("the lag and outbox gauges", Duration::from_secs(30), || {
-        get(port, "/metrics").is_some_and(|(_, metrics)| {
+        common::http_get(port, "/metrics").is_some_and(|(_, metrics)| {
             metrics.lines().any(|line| {
                 line.starts_with("kser_consumer_lag{")
                     && line.contains(&format!("topic=\"{}\"", env.topic))
                     && line.ends_with(" 0")
-            }) && sample(&metrics, "kser_outbox_backlog").is_some()
-                && sample(&metrics, "kser_tasks_in_flight").is_some()
+            }) && common::sample(&metrics, "kser_outbox_backlog").is_some()
+                && common::sample(&metrics, "kser_tasks_in_flight").is_some()
         })
     });
 
@@ -104,8 +75,8 @@ fn a_worker_serves_metrics_liveness_and_readiness() {
     let outage = std::thread::scope(|scope| {
         let outage = scope.spawn(|| env.database_outage(Duration::from_secs(6)));
         std::thread::sleep(Duration::from_secs(1));
-        let ready = get(port, "/readyz").expect("readyz");
-        let alive = get(port, "/healthz").expect("healthz");
+        let ready = common::http_get(port, "/readyz").expect("readyz");
+        let alive = common::http_get(port, "/healthz").expect("healthz");
         outage.join().expect("outage");
         (ready, alive)
     });
@@ -114,12 +85,12 @@ fn a_worker_serves_metrics_liveness_and_readiness() {
     assert!(reason.contains("Postgres"), "{reason}");
     assert_eq!(alive, 200);
     common::wait_until("ready again", Duration::from_secs(30), || {
-        get(port, "/readyz").is_some_and(|(status, _)| status == 200)
+        common::http_get(port, "/readyz").is_some_and(|(status, _)| status == 200)
     });
 
     assert!(worker.terminate(Duration::from_secs(30)).success());
     assert!(
-        get(port, "/healthz").is_none(),
+        common::http_get(port, "/healthz").is_none(),
         "the server stopped with the worker"
     );
 }

@@ -33,6 +33,17 @@ pub enum WorkerState {
 }
 
 impl WorkerState {
+    /// Every state, in the order a worker goes through them.
+    pub const ALL: [Self; 7] = [
+        Self::Starting,
+        Self::Ready,
+        Self::Active,
+        Self::Paused,
+        Self::Draining,
+        Self::Stopped,
+        Self::Lost,
+    ];
+
     /// The name stored in `kser.workers.state`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -188,6 +199,10 @@ pub struct BeatReply {
     /// Their throughput, summed.
     #[diesel(sql_type = Double)]
     pub others_throughput: f64,
+    /// How many workers of its group are in each state (`{"ACTIVE": 2}`),
+    /// LOST and STOPPED rows included.
+    #[diesel(sql_type = Jsonb)]
+    pub states: serde_json::Value,
 }
 
 /// The state of `kser.workers` as people should see it: overdue is LOST.
@@ -247,8 +262,13 @@ impl Store {
                 coalesce(sum(throughput), 0)::float8 AS throughput FROM kser.workers \
                 WHERE consumer_group = $11 AND id <> $1 AND state NOT IN ('STOPPED', 'LOST') \
                 AND heartbeat_at >= now() - lost_after_ms * interval '1 millisecond' \
+             ), states AS ( \
+                SELECT state, count(*) AS n FROM kser.workers WHERE consumer_group = $11 \
+                GROUP BY state \
              ) SELECT (SELECT count(*) FROM beat) AS beat, (SELECT count(*) FROM lost) AS lost, \
-             n AS others, lag AS others_lag, throughput AS others_throughput FROM others",
+             n AS others, lag AS others_lag, throughput AS others_throughput, \
+             (SELECT coalesce(jsonb_object_agg(state, n), '{}') FROM states) AS states \
+             FROM others",
         )
         .bind::<Text, _>(id)
         .bind::<Text, _>(beat.state.as_str())

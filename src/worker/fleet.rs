@@ -434,7 +434,14 @@ impl Shared {
                             reply.others_lag,
                             reply.others_throughput,
                         ));
+                        for state in WorkerState::ALL {
+                            let n = reply.states[state.as_str()].as_f64().unwrap_or(0.0);
+                            metrics::gauge!("kser_workers", "group" => me.group.clone(), "state" => state.as_str())
+                                .set(n);
+                        }
                         let lost = reply.lost;
+                        metrics::counter!("kser_workers_marked_lost_total", "group" => me.group.clone())
+                            .increment(u64::try_from(lost).unwrap_or(0));
                         if lost > 0 {
                             tracing::warn!(
                                 lost,
