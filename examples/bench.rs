@@ -9,7 +9,9 @@
 //! 3. Python kser 0.8.27's own consumer on the same kind of backlog
 //!    (`scripts/bench_python_kser.py`, nothing persisted), and kser's rate
 //!    over it;
-//! 4. the gap between an operation step finishing and the next one
+//! 4. the `--ordering none` run again with `--http` (the metrics recorder on,
+//!    `/metrics` scraped every second), and its rate over the run without;
+//! 5. the gap between an operation step finishing and the next one
 //!    starting, over 200 three-step operations sent one at a time.
 //!
 //! ```text
@@ -302,6 +304,8 @@ async fn full_run(bench: &mut Bench, count: usize) -> anyhow::Result<()> {
     produce(&bench.kafka, &one_topic, slow, Noop::ENTRYPOINT).await?;
     let python_topic = bench.topic("python");
     produce(&bench.kafka, &python_topic, slow, Noop::ENTRYPOINT).await?;
+    let http_topic = bench.topic("http");
+    produce(&bench.kafka, &http_topic, count, Noop::ENTRYPOINT).await?;
 
     println!("  {count} no-op tasks per run ({slow} for the runs one task at a time)");
     println!("  produce (kser producer, idempotent, acks=all)     {produce_rate:>10.0} msg/s");
@@ -344,6 +348,22 @@ async fn full_run(bench: &mut Bench, count: usize) -> anyhow::Result<()> {
     println!(
         "  key / none: {:.2}",
         key_rate / none_rate.max(f64::EPSILON)
+    );
+
+    // The same run with the metrics recorder on and /metrics scraped every
+    // second, as Prometheus would.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let scraper = Scraper::start(&address);
+    let run = bench
+        .run_worker(&http_topic, count, "none", 256, &[("KSER_HTTP", &address)])
+        .await?;
+    let scrapes = scraper.stop();
+    print_worker_run("worker --ordering none, --http (scraped 1/s)", &run);
+    println!(
+        "  --http / none: {:.2} ({scrapes} scrapes answered)",
+        run.rate / none_rate.max(f64::EPSILON)
     );
 
     match python_kser(bench, &python_topic, slow).await? {
@@ -399,6 +419,50 @@ async fn memory_run(bench: &mut Bench, records: usize) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads a worker's `/metrics` every second, on a thread of its own.
+struct Scraper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Scraper {
+    fn start(address: &str) -> Self {
+        use std::io::{Read as _, Write as _};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let address = address.to_owned();
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut answered = 0;
+            while !std::sync::atomic::AtomicBool::load(
+                &stopping,
+                std::sync::atomic::Ordering::Relaxed,
+            ) {
+                if let Ok(mut stream) = std::net::TcpStream::connect(&address) {
+                    let mut body = String::new();
+                    let asked = stream.write_all(
+                        b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+                    );
+                    if asked.is_ok()
+                        && stream.read_to_string(&mut body).is_ok()
+                        && body.contains("kser_task_result_total")
+                    {
+                        answered += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            answered
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops and says how many scrapes got metrics back.
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 fn print_worker_run(label: &str, run: &WorkerRun) {
