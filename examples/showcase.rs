@@ -56,7 +56,23 @@ struct Echo;
 impl Task for Echo {
     const ENTRYPOINT: &'static str = "showcase.Echo";
     const DESCRIPTION: &'static str = "Prints its text back";
+    const EVENTS: &'static [&'static str] = &["showcase.greet"];
     type Params = EchoParams;
+
+    /// `kser control event showcase.greet --params '{"to": "you"}'` logs a
+    /// greeting; `{"fail": true}` makes the handler fail.
+    async fn on_event(&self, event: &kser::Event) -> Result<(), TaskError> {
+        if event.params.get("fail") == Some(&Value::Bool(true)) {
+            return Err(TaskError::fatal("asked to fail"));
+        }
+        let to = event
+            .params
+            .get("to")
+            .and_then(Value::as_str)
+            .unwrap_or("nobody");
+        tracing::info!(event = %event.name, "showcase.Echo greets {to}");
+        Ok(())
+    }
 
     async fn run(&self, ctx: &TaskContext, params: EchoParams) -> Result<TaskResult, TaskError> {
         let mut result = TaskResult::ok().with_stdout(params.text);

@@ -80,7 +80,7 @@ pub use producer::Producer;
 pub use registry::{Registry, RegistryError};
 pub use retry::RetryPolicy;
 pub use store::{Store, TaskStatus};
-pub use task::{Task, TaskContext, TaskError, TransactionalTask};
+pub use task::{Event, Task, TaskContext, TaskError, TransactionalTask};
 pub use worker::{
     DEFAULT_MAX_BUFFERED_BYTES, DeadLetters, GroupProtocol, Ordering, Retention, Worker,
     WorkerConfig, WorkerStats,

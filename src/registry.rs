@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::message::{ErrorKind, JsonObject, TaskResult};
 use crate::operation::{Operation, OperationContext, Step};
 use crate::retry::RetryPolicy;
-use crate::task::{Task, TaskContext, TransactionalTask};
+use crate::task::{Event, Task, TaskContext, TaskError, TransactionalTask};
 use diesel_async::AsyncPgConnection;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -36,6 +36,17 @@ type FinishHook = Arc<dyn Fn(OperationContext, TaskResult) -> BoxFuture<()> + Se
 #[derive(Clone, Default)]
 pub struct Registry {
     entries: BTreeMap<&'static str, Entry>,
+    /// The custom events each task handles ([`Task::EVENTS`]).
+    events: BTreeMap<&'static str, EventEntry>,
+}
+
+/// Delivers a custom event to one task's [`Task::on_event`].
+type EventHandler = Arc<dyn Fn(Event) -> BoxFuture<Result<(), TaskError>> + Send + Sync>;
+
+#[derive(Clone)]
+struct EventEntry {
+    names: &'static [&'static str],
+    handler: EventHandler,
 }
 
 #[derive(Clone)]
@@ -103,10 +114,13 @@ impl Registry {
         }
         let retry = task.retry_policy();
         let task = Arc::new(task);
-        let handler: Handler = Arc::new(move |ctx, params| {
+        let handler: Handler = {
             let task = Arc::clone(&task);
-            Box::pin(async move { execute(&*task, ctx, params).await })
-        });
+            Arc::new(move |ctx, params| {
+                let task = Arc::clone(&task);
+                Box::pin(async move { execute(&*task, ctx, params).await })
+            })
+        };
         let validate: Validator = Arc::new(|params| {
             deserialize_params::<T::Params>(T::ENTRYPOINT, params.clone()).map(drop)
         });
@@ -116,10 +130,59 @@ impl Registry {
             description: T::DESCRIPTION,
             params_schema: schemars::schema_for!(T::Params).to_value(),
         };
+        if !T::EVENTS.is_empty() {
+            let handler: EventHandler = Arc::new(move |event| {
+                let task = Arc::clone(&task);
+                Box::pin(async move { task.on_event(&event).await })
+            });
+            let names = T::EVENTS;
+            self.events
+                .insert(T::ENTRYPOINT, EventEntry { names, handler });
+        }
         let kind = Kind::Task { handler, validate };
         let entry = Entry { info, kind, retry };
         self.entries.insert(T::ENTRYPOINT, entry);
         Ok(self)
+    }
+
+    /// The custom events `entrypoint` handles (none for an unknown name).
+    pub fn events_of(&self, entrypoint: &str) -> &'static [&'static str] {
+        self.events.get(entrypoint).map_or(&[], |e| e.names)
+    }
+
+    /// The entrypoints that handle event `name`, restricted to
+    /// `entrypoint` when given.
+    pub(crate) fn handlers_of<'a>(
+        &'a self,
+        name: &'a str,
+        entrypoint: Option<&'a str>,
+    ) -> impl Iterator<Item = &'static str> + 'a {
+        self.events
+            .iter()
+            .filter(move |(task, entry)| {
+                entry.names.contains(&name) && entrypoint.is_none_or(|e| e == **task)
+            })
+            .map(|(task, _)| *task)
+    }
+
+    /// Delivers `event` to `entrypoint`'s handler within `limit`; a panic,
+    /// an error or the time running out comes back as the error.
+    pub(crate) async fn deliver(
+        &self,
+        entrypoint: &str,
+        event: Event,
+        limit: std::time::Duration,
+    ) -> Result<(), String> {
+        let Some(entry) = self.events.get(entrypoint) else {
+            return Err(format!("{entrypoint} handles no events"));
+        };
+        let handled = AssertUnwindSafe((entry.handler)(event)).catch_unwind();
+        match tokio::time::timeout(limit, handled).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(err))) => Err(err.to_string()),
+            Ok(Err(panic)) => Err(format!("panicked: {}", panic_text(panic.as_ref()))),
+            Err(_) => Err(format!("timed out after {:.1}s", limit.as_secs_f64())),
+        }
     }
 
     /// Registers a [`TransactionalTask`] under its entrypoint: its database

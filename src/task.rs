@@ -98,6 +98,54 @@ pub trait Task: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// The custom events this task handles, by name: `kser control event
+    /// NAME --params JSON` calls [`on_event`](Task::on_event) on the
+    /// workers it targets. None by default.
+    const EVENTS: &'static [&'static str] = &[];
+
+    /// Handles one of [`EVENTS`](Task::EVENTS), on each worker the event
+    /// targets, once per worker (a reload of its settings, a cache to
+    /// drop...). Runs beside the worker's tasks, not in their place; an
+    /// error is recorded as the event's delivery on this worker.
+    ///
+    /// ```
+    /// use kser::{Event, Task, TaskContext, TaskError, TaskResult};
+    ///
+    /// struct Resize;
+    ///
+    /// impl Task for Resize {
+    ///     const ENTRYPOINT: &'static str = "images.Resize";
+    ///     const EVENTS: &'static [&'static str] = &["reload"];
+    ///     type Params = serde_json::Map<String, serde_json::Value>;
+    ///
+    ///     async fn run(&self, _ctx: &TaskContext, _params: Self::Params) -> Result<TaskResult, TaskError> {
+    ///         Ok(TaskResult::ok())
+    ///     }
+    ///
+    ///     async fn on_event(&self, event: &Event) -> Result<(), TaskError> {
+    ///         // event.name == "reload"; event.params holds its JSON parameters.
+    ///         Ok(())
+    ///     }
+    /// }
+    /// ```
+    fn on_event(&self, _event: &Event) -> impl Future<Output = Result<(), TaskError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A custom event delivered to a task's [`on_event`](Task::on_event).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Event {
+    /// Its id in `kser.events`.
+    pub id: i64,
+    /// Its name, one of the task's [`EVENTS`](Task::EVENTS).
+    pub name: String,
+    /// The JSON parameters it was sent with.
+    pub params: JsonObject,
+    /// The worker delivering it (`host:pid`).
+    pub worker: String,
 }
 
 /// A task whose writes to Postgres commit together with its final state:

@@ -393,3 +393,83 @@ fn heartbeats_and_controls_ride_out_a_postgres_outage() {
     assert_eq!(env.wait_final(&ok)["status"], "SUCCESS");
     assert!(worker.exited().is_none(), "{}", worker.log());
 }
+
+#[test]
+fn a_custom_event_reaches_the_tasks_that_handle_it_on_each_worker() {
+    let env = TestEnv::new();
+    let (a, b) = two_workers(&env);
+    let a_id = id_of(&env, &a);
+
+    // Every running worker: each one's showcase.Echo greets.
+    let out = env.kser(&[
+        "control",
+        "event",
+        "showcase.greet",
+        "--params",
+        r#"{"to": "the fleet"}"#,
+        "--wait",
+        "30s",
+    ]);
+    let printed = text(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", text(&out.stderr));
+    assert!(
+        printed.contains("2 running worker(s) handle it"),
+        "{printed}"
+    );
+    assert_eq!(printed.matches("handled").count(), 2, "{printed}");
+    for worker in [&a, &b] {
+        assert!(
+            worker.log().contains("showcase.Echo greets the fleet"),
+            "{}",
+            worker.log()
+        );
+    }
+
+    // One worker, and a handler that fails: exit 1, the error shown.
+    let out = env.kser(&[
+        "control",
+        "event",
+        "showcase.greet",
+        "--params",
+        r#"{"fail": true}"#,
+        "--worker",
+        &a_id,
+        "--wait",
+        "30s",
+    ]);
+    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(printed.contains("failed: asked to fail"), "{printed}");
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM kser.event_deliveries WHERE error IS NOT NULL"
+        ),
+        1
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM kser.event_deliveries"), 3);
+
+    // Nothing handles it: refused, with what is handled.
+    let out = env.kser(&["control", "event", "showcase.nope"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no task handles event 'showcase.nope'")
+            && err.contains("showcase.greet (showcase.Echo)"),
+        "{err}"
+    );
+    let out = env.kser(&[
+        "control",
+        "event",
+        "showcase.greet",
+        "--entrypoint",
+        "showcase.Sleep",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("showcase.Sleep handles no event 'showcase.greet'"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM kser.events"), 2);
+}

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -34,6 +34,21 @@ enum Action {
         /// The worker's id, as `kser workers` shows it.
         #[arg(long)]
         worker: String,
+    },
+    /// Send a custom event to the tasks that handle it (`Task::EVENTS`),
+    /// on the running workers (or one), and report who handled it. Exits
+    /// 1 if a handler failed, 2 if not every worker answered in --wait.
+    Event {
+        /// The event's name, one a task declares.
+        name: String,
+        /// Its parameters, a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        #[command(flatten)]
+        scope: Scope,
+        /// How long to wait for the workers' answers (0: do not wait).
+        #[arg(long, default_value = "10s", value_parser = super::values::duration(std::time::Duration::ZERO, std::time::Duration::from_secs(3600)))]
+        wait: std::time::Duration,
     },
 }
 
@@ -162,6 +177,151 @@ pub(super) async fn control(
                 printable(&worker)
             );
         }
+        Action::Event {
+            name,
+            params,
+            scope,
+            wait,
+        } => return event(store, registry, &rows, &name, &params, &scope, wait).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kser control event`: checks that some task handles the event where it
+/// is sent, records it, and waits for the workers' answers.
+async fn event(
+    store: &Store,
+    registry: &Registry,
+    rows: &[WorkerRow],
+    name: &str,
+    params: &str,
+    scope: &Scope,
+    wait: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let params = super::send::parse_object(params).context("--params")?;
+    let live: Vec<&WorkerRow> = rows.iter().filter(|w| w.is_live()).collect();
+    let targets: Vec<&WorkerRow> = match &scope.worker {
+        Some(id) => {
+            let found: Vec<_> = live.iter().copied().filter(|w| &w.id == id).collect();
+            if found.is_empty() {
+                bail!(
+                    "unknown or stopped worker '{}'; running workers: {}",
+                    printable(id),
+                    names(live.iter().map(|w| w.id.as_str()))
+                );
+            }
+            found
+        }
+        None => live.clone(),
+    };
+    // Who handles what: the running workers' tasks, and this binary's.
+    let mut handlers: BTreeSet<(String, String)> = targets
+        .iter()
+        .flat_map(|w| w.events())
+        .map(|(entrypoint, event)| (event.to_owned(), entrypoint.to_owned()))
+        .collect();
+    if scope.worker.is_none() {
+        for entry in registry.entrypoints() {
+            for event in registry.events_of(entry.name) {
+                handlers.insert(((*event).to_owned(), entry.name.to_owned()));
+            }
+        }
+    }
+    let handles = |entrypoint: &str| {
+        handlers.iter().any(|(e, t)| {
+            e == name && scope.entrypoint.as_deref().is_none_or(|s| s == t) && t == entrypoint
+        })
+    };
+    if !handlers
+        .iter()
+        .any(|(e, t)| e == name && scope.entrypoint.as_deref().is_none_or(|s| s == t))
+    {
+        let known = names(
+            handlers
+                .iter()
+                .map(|(e, t)| format!("{e} ({t})"))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str),
+        );
+        match &scope.entrypoint {
+            Some(entrypoint) => bail!(
+                "{} handles no event '{}' here; events handled: {known}",
+                printable(entrypoint),
+                printable(name)
+            ),
+            None => bail!(
+                "no task handles event '{}' here; events handled: {known}",
+                printable(name)
+            ),
+        }
+    }
+    let id = store
+        .add_event(
+            name,
+            &Value::Object(params),
+            scope.worker.as_deref(),
+            scope.entrypoint.as_deref(),
+        )
+        .await?;
+    // The running workers with a task that handles it.
+    let expected: BTreeSet<&str> = targets
+        .iter()
+        .filter(|w| w.events().any(|(t, e)| e == name && handles(t)))
+        .map(|w| w.id.as_str())
+        .collect();
+    outln!(
+        "event {id} '{}' sent to {}; {} running worker(s) handle it",
+        printable(name),
+        describe(scope),
+        expected.len()
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut deliveries = store.deliveries(id).await?;
+    while !wait.is_zero() && tokio::time::Instant::now() < deadline {
+        let answered: BTreeSet<&str> = deliveries.iter().map(|d| d.worker_id.as_str()).collect();
+        if expected.iter().all(|w| answered.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        deliveries = store.deliveries(id).await?;
+    }
+    if wait.is_zero() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = new_table(&["worker", "entrypoint", "outcome"]);
+    for delivery in &deliveries {
+        let outcome = delivery.error.as_deref().map_or("handled".to_owned(), |e| {
+            format!("failed: {}", printable(e))
+        });
+        add_row(
+            &mut table,
+            vec![
+                printable(&delivery.worker_id).into_owned(),
+                printable(&delivery.entrypoint).into_owned(),
+                outcome,
+            ],
+        );
+    }
+    if !deliveries.is_empty() {
+        outln!("{table}");
+    }
+    let answered: BTreeSet<&str> = deliveries.iter().map(|d| d.worker_id.as_str()).collect();
+    let silent: Vec<&str> = expected
+        .iter()
+        .copied()
+        .filter(|w| !answered.contains(w))
+        .collect();
+    if deliveries.iter().any(|d| d.error.is_some()) {
+        return Ok(ExitCode::from(1));
+    }
+    if !silent.is_empty() {
+        outln!(
+            "no answer within {} from: {}",
+            humantime::format_duration(wait),
+            silent.join(", ")
+        );
+        return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
 }

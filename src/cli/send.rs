@@ -325,7 +325,7 @@ impl<R: tokio::io::AsyncRead + Unpin> CappedLines<R> {
     }
 }
 
-fn parse_object(text: &str) -> anyhow::Result<JsonObject> {
+pub(super) fn parse_object(text: &str) -> anyhow::Result<JsonObject> {
     match serde_json::from_str(text).context("not valid JSON")? {
         serde_json::Value::Object(object) => Ok(object),
         _ => bail!("expected a JSON object, like {{\"sides\": 6}}"),

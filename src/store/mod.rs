@@ -7,6 +7,7 @@
 //! or redo finished work.
 
 mod dead_letters;
+mod events;
 mod models;
 mod operations;
 mod prune;
@@ -27,6 +28,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
+pub use events::{Delivery, EventRow};
 pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
 };
@@ -68,6 +70,8 @@ const WORKER_TABLES: &[&str] = &[
     "kser.dead_letters",
     "kser.workers",
     "kser.controls",
+    "kser.events",
+    "kser.event_deliveries",
 ];
 const WORKER_TABLE_PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// The sequences behind `bigserial` ids, which inserts advance.

@@ -141,6 +141,21 @@ impl WorkerRow {
         !matches!(self.state.as_str(), "STOPPED" | "LOST")
     }
 
+    /// The custom events its tasks handle: (entrypoint, event) pairs.
+    pub fn events(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entrypoints
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e.get("name")?.as_str()?, e.get("events")?.as_array()?)))
+            .flat_map(|(name, events)| {
+                events
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(move |event| (name, event))
+            })
+    }
+
     /// The task entrypoints it registered (operations left out).
     pub fn task_entrypoints(&self) -> impl Iterator<Item = &str> {
         self.entrypoints

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64};
 use tokio::sync::watch;
 
 use super::*;
-use crate::store::{Beat, Control, NewWorker, WorkerState};
+use crate::store::{Beat, Control, EventRow, NewWorker, WorkerState};
 
 /// How often the controls are read (and the lock file looked at).
 const CONTROL_POLL: Duration = Duration::from_secs(1);
@@ -265,6 +265,62 @@ pub(crate) fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+impl Shared {
+    /// Hands each event to the tasks here that handle it, one after the
+    /// other, and records who handled it and how. An event no task here
+    /// handles is left alone; recording waits out a short outage.
+    async fn deliver_events(self: Arc<Self>, events: Vec<EventRow>, worker: String) {
+        for event in events {
+            let handlers: Vec<&'static str> = self
+                .registry
+                .handlers_of(&event.name, event.entrypoint.as_deref())
+                .collect();
+            if handlers.is_empty() {
+                continue;
+            }
+            let params = match event.params {
+                Value::Object(params) => params,
+                _ => crate::message::JsonObject::new(),
+            };
+            let mut handled = Vec::with_capacity(handlers.len());
+            for entrypoint in handlers {
+                let delivered = crate::task::Event {
+                    id: event.id,
+                    name: event.name.clone(),
+                    params: params.clone(),
+                    worker: worker.clone(),
+                };
+                let outcome = self
+                    .registry
+                    .deliver(entrypoint, delivered, EVENT_TIMEOUT)
+                    .await;
+                match &outcome {
+                    Ok(()) => {
+                        tracing::info!(event.id = event.id, event.name = %event.name, entrypoint, "event handled")
+                    }
+                    Err(err) => {
+                        tracing::warn!(event.id = event.id, event.name = %event.name, entrypoint, error = %err, "event handler failed")
+                    }
+                }
+                handled.push((entrypoint.to_owned(), outcome.err()));
+            }
+            for _ in 0..30 {
+                match self
+                    .store
+                    .record_deliveries(event.id, &worker, &handled)
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(err) => {
+                        tracing::debug!(event.id = event.id, error = %err, "could not record the event's delivery; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What the control task needs beside [`Shared`].
 pub(super) struct Fleet {
     pub(super) config: FleetConfig,
@@ -302,8 +358,22 @@ pub(super) async fn initial_hold(store: &Store, id: &str, config: &FleetConfig) 
 pub(super) fn entrypoints_json(registry: &Registry) -> Value {
     let mut entries: Vec<_> = registry.entrypoints().collect();
     entries.sort_by_key(|e| e.name);
-    serde_json::to_value(entries).unwrap_or(Value::Array(Vec::new()))
+    let entries = entries
+        .into_iter()
+        .map(|entry| {
+            let mut value = serde_json::to_value(entry).unwrap_or_default();
+            let events = registry.events_of(entry.name);
+            if let (Value::Object(map), false) = (&mut value, events.is_empty()) {
+                map.insert("events".into(), serde_json::json!(events));
+            }
+            value
+        })
+        .collect();
+    Value::Array(entries)
 }
+
+/// How long one task's event handler may take.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Shared {
     /// Registers the worker, then reads its controls every second and beats
@@ -322,6 +392,7 @@ impl Shared {
         let mut registered = false;
         let mut outage = false;
         let mut controls: Vec<Control> = Vec::new();
+        let mut last_event: Option<i64> = None;
         let mut last_beat: Option<(tokio::time::Instant, WorkerState, Vec<String>)> = None;
         let mut last_received = 0;
         let mut rate = Rate::default();
@@ -339,6 +410,22 @@ impl Shared {
             match self.store.controls_for(&me.id).await {
                 Ok(read) => controls = read,
                 Err(err) => failed = failed.or(Some(err)),
+            }
+            // Events sent once this worker runs, not those sent before.
+            match last_event {
+                None => match self.store.last_event_id().await {
+                    Ok(id) => last_event = Some(id),
+                    Err(err) => failed = failed.or(Some(err)),
+                },
+                Some(after) => match self.store.events_after(&me.id, after).await {
+                    Ok(events) => {
+                        if let Some(last) = events.last() {
+                            last_event = Some(last.id);
+                            tokio::spawn(Arc::clone(&self).deliver_events(events, me.id.clone()));
+                        }
+                    }
+                    Err(err) => failed = failed.or(Some(err)),
+                },
             }
             let lock_file = config.pause_lock.as_deref().is_some_and(|p| p.exists());
             let wanted = Hold::of(&controls, lock_file);

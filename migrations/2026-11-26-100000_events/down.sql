@@ -1,0 +1,2 @@
+DROP TABLE kser.event_deliveries;
+DROP TABLE kser.events;
