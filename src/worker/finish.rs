@@ -98,6 +98,7 @@ impl Shared {
                         error: error.or_else(|| row.error.clone()).unwrap_or_default(),
                         attempts: row.attempts,
                         uuid: Some(row.uuid.clone()),
+                        trace: row.trace.map(|trace| trace.as_parent()),
                     })
                 })
                 .collect();

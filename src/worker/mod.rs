@@ -412,6 +412,8 @@ pub(crate) struct Original {
     /// Its share of the pipeline's byte budget, given back when the last
     /// copy of the record is dropped.
     pub(crate) budget: std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>,
+    /// The record's `traceparent` header, if it had a valid one.
+    pub(crate) trace: Option<crate::trace::TraceParent>,
 }
 
 /// A task's final state, ready to write.

@@ -288,6 +288,7 @@ impl Shared {
                             error: duplicate_error(&uuid, "in flight", &error),
                             attempts: 1,
                             uuid: Some(uuid),
+                            trace: None,
                         });
                         continue;
                     }
@@ -322,6 +323,7 @@ impl Shared {
                         error,
                         attempts: 1,
                         uuid: None,
+                        trace: None,
                     });
                 }
             }
