@@ -265,6 +265,12 @@ struct WorkerArgs {
     /// `prune`). Off by default.
     #[arg(long, env = "KSER_RETENTION", value_name = "AGE", value_parser = prune::retention)]
     retention: Option<Duration>,
+    /// Publish one JSON record per finished task to this topic (entrypoint,
+    /// uuid, worker, status, attempt, queued/run/end-to-end ms, trace id).
+    /// Records the broker cannot take fast enough are dropped and counted
+    /// (kser_metric_records_dropped_total), never waited for.
+    #[arg(long, env = "KSER_METRICS_TOPIC", value_name = "TOPIC", value_parser = values::topic)]
+    metrics_topic: Option<String>,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
@@ -343,6 +349,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
             config.retention = args.retention.map(Retention::older_than);
+            config.metrics_topic = args.metrics_topic;
             config.layout = TopicLayout {
                 partitions: args.partitions,
                 replication_factor: args.replication_factor,

@@ -118,6 +118,9 @@ impl Shared {
             Counters::add(&self.counters.succeeded, succeeded);
             Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
             telemetry::finished(rows.clone());
+            if let Some(metrics) = &self.metrics_topic {
+                metrics.finished(rows.clone());
+            }
             Counters::add(&self.counters.failed, invalid.len() - duplicates.len());
             Counters::add(&self.counters.skipped, duplicates.len());
             {

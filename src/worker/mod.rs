@@ -33,6 +33,7 @@ mod decode;
 mod execute;
 mod finish;
 mod intake;
+mod metrics_topic;
 mod offsets;
 mod operations;
 mod ordering;
@@ -135,6 +136,10 @@ pub struct WorkerConfig {
     /// Prune old finished work periodically ([`Retention`]); off when
     /// `None`, the default.
     pub retention: Option<Retention>,
+    /// Where to publish one JSON record per finished task (off when
+    /// `None`); records the broker cannot take fast enough are dropped and
+    /// counted, never waited for.
+    pub metrics_topic: Option<String>,
 }
 
 /// The default of [`WorkerConfig::max_buffered_bytes`]: 64 MiB.
@@ -205,6 +210,7 @@ impl WorkerConfig {
             http: None,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             retention: None,
+            metrics_topic: None,
         }
     }
 }
@@ -278,6 +284,14 @@ impl WorkerConfig {
                 self.batch_size
             ));
         }
+        if let Some(metrics) = &self.metrics_topic
+            && self.topics.contains(metrics)
+        {
+            return fail(format!(
+                "topic '{metrics}' is both consumed and the metrics topic: its records would be \
+                 read as tasks; choose another metrics topic"
+            ));
+        }
         for topic in &self.topics {
             let dlq = match &self.dead_letters {
                 DeadLetters::Disabled => continue,
@@ -342,6 +356,7 @@ mod config_tests {
         assert!(refused(|c| c.group = String::new()).contains("group"));
         assert!(refused(|c| c.topics.push("jobs.dlq".into())).contains("jobs.dlq"));
         assert!(refused(|c| c.dead_letters = DeadLetters::Topic("jobs".into())).contains("'jobs'"));
+        assert!(refused(|c| c.metrics_topic = Some("jobs".into())).contains("metrics topic"));
     }
 }
 
@@ -534,6 +549,8 @@ struct Shared {
     /// ([`BufferBudget::pipeline_bytes`]), one permit per byte.
     buffered: Arc<Semaphore>,
     buffered_budget: u64,
+    /// `--metrics-topic`: a record per finished task.
+    metrics_topic: Option<metrics_topic::MetricsTopic>,
 }
 
 impl Worker {
@@ -560,6 +577,7 @@ impl Worker {
                 DeadLetters::Topic(dlq) => topics.push(dlq.clone()),
             }
         }
+        topics.extend(config.metrics_topic.iter().cloned());
         topics.dedup();
         // A port in use stops the worker before it joins anything.
         let listener = match config.http {
@@ -592,6 +610,15 @@ impl Worker {
             "worker started"
         );
 
+        let (metrics_topic, metric_records) = match &config.metrics_topic {
+            Some(topic) => {
+                let (topic, publisher) =
+                    metrics_topic::MetricsTopic::start(&config.kafka, topic, &config.worker_id)
+                        .map_err(WorkerError::Producer)?;
+                (Some(topic), Some(publisher))
+            }
+            None => (None, None),
+        };
         let (lane_done, lane_done_rx) = mpsc::unbounded_channel();
         let transaction_slots = self.store.max_connections().saturating_sub(4).max(1);
         let shared = Arc::new(Shared {
@@ -619,6 +646,7 @@ impl Worker {
                 usize::try_from(budget.pipeline_bytes).unwrap_or(usize::MAX >> 4),
             )),
             buffered_budget: budget.pipeline_bytes,
+            metrics_topic,
         });
 
         let capacity = shared.batch_size * 2;
@@ -683,6 +711,9 @@ impl Worker {
         .await;
         reporter.abort();
         marker.abort();
+        if let Some(publisher) = metric_records {
+            publisher.finish().await;
+        }
         if let Some(retention) = retention {
             // It stops at the shutdown signal, a batch cut short at most.
             let _ = retention.await;
