@@ -248,3 +248,54 @@ async fn a_traceparent_header_is_continued_and_a_malformed_one_ignored() {
     let log = worker.log();
     assert!(!log.contains('\u{1b}'), "control characters stay escaped");
 }
+
+#[test]
+fn a_dead_letter_carries_the_failed_tasks_trace_in_a_header() {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::{Headers as _, Message as _};
+
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    let metadata = serde_json::json!({ "traceparent": format!("00-{TRACE_ID}-{PARENT_ID}-01") });
+    let out = env.example_cmd(
+        "showcase",
+        &[
+            "send",
+            "showcase.Fail",
+            "--uuid",
+            "traced-failure",
+            "--metadata",
+            &metadata.to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(env.wait_final("traced-failure")["status"], "FAILED");
+
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}-dlq-reader", env.group))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[&format!("{}.dlq", env.topic)])
+        .expect("subscribe");
+    let mut sent = None;
+    common::wait_until("the dead letter", Duration::from_secs(60), || {
+        while let Some(record) = consumer.poll(Duration::from_millis(300)) {
+            let record = record.expect("record");
+            let headers = record.headers().expect("dead letters have headers");
+            let value = headers
+                .iter()
+                .find(|header| header.key == "traceparent")
+                .and_then(|header| header.value)
+                .expect("a traceparent header");
+            sent = Some(TraceParent::parse(&text(value)).expect("valid"));
+        }
+        sent.is_some()
+    });
+    let sent = sent.expect("read");
+    assert_eq!(hex(&sent.trace_id), TRACE_ID);
+    assert_ne!(hex(&sent.parent_id), PARENT_ID, "the failed task's span");
+}
