@@ -52,6 +52,7 @@
 //! - [`config`]: Kafka client settings.
 //! - [`redact`]: printable forms of settings that hold secrets.
 //! - [`report`]: errors and their causes on one line, each said once.
+//! - [`trace`]: W3C trace context carried from a message to what kser sends for it.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
 //! - [`cli`]: the command line shared by `kser` and user binaries.
@@ -70,6 +71,7 @@ pub mod report;
 pub mod retry;
 pub mod store;
 pub mod task;
+pub mod trace;
 pub mod worker;
 
 pub use config::KafkaConfig;

@@ -167,6 +167,21 @@ fn no_command_prints_a_secret() {
                 .env("RUST_LOG", "debug"),
         );
     }
+    // The same secrets, logged as JSON (--log-format json).
+    for (program, args) in [
+        (&showcase, vec!["worker"]),
+        (&kser, vec!["send", "showcase.Echo", "--params", "{}"]),
+    ] {
+        let all: Vec<&str> = sasl.iter().copied().chain(args).collect();
+        runs.push(
+            Run::new(program, &all)
+                .env("DATABASE_URL", &database_urls[2])
+                .env("KSER_BROKERS", &brokers)
+                .env("KSER_KAFKA_SSL_KEY_PASSWORD", SECRET)
+                .env("KSER_LOG_FORMAT", "json")
+                .env("RUST_LOG", "debug"),
+        );
+    }
     // Properties librdkafka refuses, or that are not key=value.
     let unknown = format!("my.secret.option={SECRET}");
     let colon = format!("sasl.password:{SECRET}");

@@ -21,6 +21,7 @@ macro_rules! outln {
 
 mod dlq;
 mod fleet;
+mod logging;
 mod lookup;
 mod output;
 mod prune;
@@ -77,6 +78,16 @@ struct GlobalArgs {
         global = true
     )]
     kafka_properties: Vec<String>,
+    /// How log lines look: `text` for people, `json` (one object per line)
+    /// for log shippers.
+    #[arg(
+        long,
+        env = "KSER_LOG_FORMAT",
+        default_value = "text",
+        value_enum,
+        global = true
+    )]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,13 +298,19 @@ struct WorkerArgs {
     /// drain the backlog within this long.
     #[arg(long, env = "KSER_DRAIN_TARGET", default_value = "60s", value_parser = values::duration(Duration::from_secs(1), Duration::from_secs(86_400)))]
     drain_target: Duration,
+    /// Publish one JSON record per finished task to this topic (entrypoint,
+    /// uuid, worker, status, attempt, queued/run/end-to-end ms, trace id).
+    /// Records the broker cannot take fast enough are dropped and counted
+    /// (kser_metric_records_dropped_total), never waited for.
+    #[arg(long, env = "KSER_METRICS_TOPIC", value_name = "TOPIC", value_parser = values::topic)]
+    metrics_topic: Option<String>,
 }
 
 /// Parses the command line, runs the command with `registry`'s tasks, prints
 /// any error with its causes, and returns the exit code.
 pub fn run(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    logging::init(cli.global.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -320,32 +337,6 @@ pub fn run(registry: Registry) -> ExitCode {
 fn print_error(err: &anyhow::Error) {
     let line = crate::report::error_chain(err.as_ref());
     eprintln!("error: {}", output::printable(&line));
-}
-
-fn init_tracing() {
-    use tracing_subscriber::field::MakeExt as _;
-
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
-    });
-    // Field values come from records (entrypoints, errors): each goes
-    // through the one escaping function all output uses, so a log line
-    // cannot drive a terminal either.
-    let fields = tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-        let value = format!("{value:?}");
-        let value = output::printable(&value);
-        match field.name() {
-            "message" => write!(writer, "{value}"),
-            name => write!(writer, "{}={value}", name.trim_start_matches("r#")),
-        }
-    })
-    .delimited(" ");
-    tracing_subscriber::fmt()
-        .fmt_fields(fields)
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
@@ -407,6 +398,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             config.instance_id = args.instance_id.filter(|id| !id.trim().is_empty());
             config.shutdown_timeout = args.shutdown_timeout;
             config.retention = args.retention.map(Retention::older_than);
+            config.metrics_topic = args.metrics_topic;
             config.layout = TopicLayout {
                 partitions: args.partitions,
                 replication_factor: args.replication_factor,

@@ -120,6 +120,11 @@ pub struct NewTask {
     pub operation_uuid: Option<String>,
     pub position: Option<i32>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The trace of the attempt that produced this row, if its message
+    /// carried one (or its operation started one): the parent of the next
+    /// step's message. Not a column.
+    #[diesel(skip_insertion)]
+    pub trace: Option<crate::trace::TaskTrace>,
 }
 
 impl NewTask {
@@ -145,6 +150,7 @@ impl NewTask {
             operation_uuid: None,
             position: None,
             next_attempt_at: None,
+            trace: None,
         }
     }
 }

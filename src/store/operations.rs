@@ -21,6 +21,7 @@ use super::models::{
 use super::schema::kser::{operations, outbox, tasks};
 use super::{INSERT_CHUNK, Store, StoreError, TaskFilter};
 use crate::message::{ErrorKind, JsonObject, Message, TaskResult};
+use crate::trace::TaskTrace;
 
 /// Metadata key naming the operation a step message belongs to.
 pub const OPERATION_METADATA_KEY: &str = "kser_operation";
@@ -116,6 +117,7 @@ impl Store {
                         s.operation.topic.as_deref(),
                         first,
                         &s.operation.metadata,
+                        None,
                         None,
                     ))
                 })
@@ -271,7 +273,14 @@ impl Store {
             .await?;
             let forwarded = (position > 0).then_some(&merged);
             let restart_row = pending_row(restart);
-            let message = step_message(uuid, op.topic.as_deref(), &restart_row, &op.metadata, forwarded);
+            let message = step_message(
+                uuid,
+                op.topic.as_deref(),
+                &restart_row,
+                &op.metadata,
+                forwarded,
+                None,
+            );
             diesel::insert_into(outbox::table).values(message).execute(conn).await?;
             diesel::update(operations::table.find(uuid))
                 .set((
@@ -562,6 +571,7 @@ async fn advance(
                 &pending_row(&next),
                 &op.metadata,
                 Some(&merged),
+                step.trace.as_ref(),
             );
             diesel::insert_into(outbox::table)
                 .values(message)
@@ -607,16 +617,22 @@ async fn advance(
 }
 
 /// The message that runs `step`, keyed by the operation uuid so the steps
-/// of one operation stay in one partition, in order.
+/// of one operation stay in one partition, in order. Its `traceparent` is
+/// the operation's (whose span is the parent of its first step), or, after
+/// a step ran, that step's: one operation is one trace.
 fn step_message(
     op_uuid: &str,
     topic: Option<&str>,
     step: &NewTask,
     op_metadata: &Value,
     forwarded: Option<&TaskResult>,
+    previous: Option<&TaskTrace>,
 ) -> NewOutbox {
     let mut metadata = op_metadata.as_object().cloned().unwrap_or_default();
     metadata.insert(OPERATION_METADATA_KEY.into(), Value::from(op_uuid));
+    if let Some(previous) = previous {
+        previous.stamp(&mut metadata);
+    }
     let message = Message {
         uuid: step.uuid.clone(),
         entrypoint: step.entrypoint.clone(),

@@ -31,6 +31,9 @@ pub(super) struct DeadLetter {
     pub(super) error: String,
     pub(super) attempts: i32,
     pub(super) uuid: Option<String>,
+    /// The span of the task that failed, if it was traced: the dead letter
+    /// carries it as its `traceparent` header.
+    pub(super) trace: Option<crate::trace::TraceParent>,
 }
 
 /// A dead letter on its way to `topic`: the original record, or, once the
@@ -293,6 +296,10 @@ fn headers(letter: &DeadLetter) -> Vec<(&'static str, String)> {
     }
     if let Some(uuid) = &letter.uuid {
         headers.push((HEADER_UUID, uuid.clone()));
+    }
+    // A record that never ran keeps the trace it came with.
+    if let Some(trace) = letter.trace.or(letter.original.trace) {
+        headers.push((crate::trace::TRACEPARENT, trace.to_string()));
     }
     headers
 }

@@ -283,12 +283,33 @@ impl Shared {
             mut message,
             started,
             enqueued_at,
+            original,
             ..
         } = task;
         let position = &position;
         let attempt = started.attempts;
         let forwarded = message.result.clone();
-        let span = tracing::info_span!("task", task.uuid = %message.uuid, entrypoint = %message.entrypoint, attempt);
+        // Nothing to parse or allocate for a message without a trace.
+        let trace = crate::trace::TaskTrace::continued(&message.metadata, original.trace);
+        let span = tracing::info_span!(
+            "task",
+            task.uuid = %message.uuid,
+            entrypoint = %message.entrypoint,
+            attempt,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        if let Some(trace) = &trace {
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            span.record("span_id", tracing::field::display(trace.span_id_hex()));
+            if let Some(parent) = &trace.parent_id {
+                span.record(
+                    "parent_span_id",
+                    tracing::field::display(crate::trace::Hex(parent)),
+                );
+            }
+        }
         let started_at = Utc::now();
         let ctx = TaskContext {
             uuid: message.uuid.clone(),
@@ -349,6 +370,7 @@ impl Shared {
         row.finished_at = Some(Utc::now());
         row.operation_uuid = started.operation_uuid;
         row.position = started.position;
+        row.trace = trace;
         let attempt_number = u32::try_from(attempt).unwrap_or(u32::MAX);
         if !policy.should_retry(attempt_number, result.error_kind()) {
             return (row, None);
@@ -358,13 +380,17 @@ impl Shared {
         tracing::info!(parent: &span, retry_in_ms = wait.as_millis() as u64, "will retry");
         row.status = TaskStatus::Pending.as_str();
         row.next_attempt_at = Some(due);
-        let again = Message {
+        let mut again = Message {
             uuid: row.uuid.clone(),
             entrypoint: row.entrypoint.clone(),
             params: row.params.as_object().cloned().unwrap_or_default(),
             result: forwarded,
             metadata: row.metadata.as_object().cloned().unwrap_or_default(),
         };
+        // The next attempt is a child of this one, in the same trace.
+        if let Some(trace) = &trace {
+            trace.stamp(&mut again.metadata);
+        }
         let resend = NewOutbox {
             topic: position.topic.to_string(),
             // Steps stay keyed by their operation, tasks by their uuid.

@@ -98,6 +98,7 @@ impl Shared {
                         error: error.or_else(|| row.error.clone()).unwrap_or_default(),
                         attempts: row.attempts,
                         uuid: Some(row.uuid.clone()),
+                        trace: row.trace.map(|trace| trace.as_parent()),
                     })
                 })
                 .collect();
@@ -117,6 +118,9 @@ impl Shared {
             Counters::add(&self.counters.succeeded, succeeded);
             Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
             telemetry::finished(rows.clone());
+            if let Some(metrics) = &self.metrics_topic {
+                metrics.finished(rows.clone());
+            }
             Counters::add(&self.counters.failed, invalid.len() - duplicates.len());
             Counters::add(&self.counters.skipped, duplicates.len());
             {

@@ -233,6 +233,7 @@ impl Shared {
                 payload: record.payload().map(<[u8]>::to_vec),
                 timestamp: millis,
                 budget: std::sync::OnceLock::new(),
+                trace: record.headers().and_then(crate::trace::header),
             }),
             timestamp: decode::storable_timestamp(millis),
         }

@@ -34,6 +34,7 @@ mod execute;
 mod finish;
 mod fleet;
 mod intake;
+mod metrics_topic;
 mod offsets;
 mod operations;
 mod ordering;
@@ -149,6 +150,10 @@ pub struct WorkerConfig {
     /// Heartbeats, the LOST threshold, the pause lock file, the scaling
     /// hint's drain target.
     pub fleet: FleetConfig,
+    /// Where to publish one JSON record per finished task (off when
+    /// `None`); records the broker cannot take fast enough are dropped and
+    /// counted, never waited for.
+    pub metrics_topic: Option<String>,
 }
 
 /// The default of [`WorkerConfig::max_buffered_bytes`]: 64 MiB.
@@ -222,6 +227,7 @@ impl WorkerConfig {
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             retention: None,
             fleet: FleetConfig::default(),
+            metrics_topic: None,
         }
     }
 }
@@ -311,6 +317,14 @@ impl WorkerConfig {
         if fleet.drain_target.is_zero() {
             return fail("the drain target must be longer than zero".into());
         }
+        if let Some(metrics) = &self.metrics_topic
+            && self.topics.contains(metrics)
+        {
+            return fail(format!(
+                "topic '{metrics}' is both consumed and the metrics topic: its records would be \
+                 read as tasks; choose another metrics topic"
+            ));
+        }
         for topic in &self.topics {
             let dlq = match &self.dead_letters {
                 DeadLetters::Disabled => continue,
@@ -380,6 +394,7 @@ mod config_tests {
         );
         assert!(refused(|c| c.topics.push("jobs.dlq".into())).contains("jobs.dlq"));
         assert!(refused(|c| c.dead_letters = DeadLetters::Topic("jobs".into())).contains("'jobs'"));
+        assert!(refused(|c| c.metrics_topic = Some("jobs".into())).contains("metrics topic"));
     }
 }
 
@@ -450,6 +465,8 @@ pub(crate) struct Original {
     /// Its share of the pipeline's byte budget, given back when the last
     /// copy of the record is dropped.
     pub(crate) budget: std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>,
+    /// The record's `traceparent` header, if it had a valid one.
+    pub(crate) trace: Option<crate::trace::TraceParent>,
 }
 
 /// A task's final state, ready to write.
@@ -570,6 +587,8 @@ struct Shared {
     /// ([`BufferBudget::pipeline_bytes`]), one permit per byte.
     buffered: Arc<Semaphore>,
     buffered_budget: u64,
+    /// `--metrics-topic`: a record per finished task.
+    metrics_topic: Option<metrics_topic::MetricsTopic>,
 }
 
 impl Worker {
@@ -598,6 +617,7 @@ impl Worker {
                 DeadLetters::Topic(dlq) => topics.push(dlq.clone()),
             }
         }
+        topics.extend(config.metrics_topic.iter().cloned());
         topics.sort();
         topics.dedup();
         // A port in use stops the worker before it joins anything.
@@ -637,6 +657,15 @@ impl Worker {
             "worker started"
         );
 
+        let (metrics_topic, metric_records) = match &config.metrics_topic {
+            Some(topic) => {
+                let (topic, publisher) =
+                    metrics_topic::MetricsTopic::start(&config.kafka, topic, &config.worker_id)
+                        .map_err(WorkerError::Producer)?;
+                (Some(topic), Some(publisher))
+            }
+            None => (None, None),
+        };
         let (lane_done, lane_done_rx) = mpsc::unbounded_channel();
         let transaction_slots = self.store.max_connections().saturating_sub(4).max(1);
         let shared = Arc::new(Shared {
@@ -664,6 +693,7 @@ impl Worker {
                 usize::try_from(budget.pipeline_bytes).unwrap_or(usize::MAX >> 4),
             )),
             buffered_budget: budget.pipeline_bytes,
+            metrics_topic,
         });
 
         // Pauses in force when the worker starts apply to its first record.
@@ -728,6 +758,7 @@ impl Worker {
                 named: config.topics.clone(),
                 every: config.topic_refresh,
                 layout: config.layout,
+                excluded: config.metrics_topic.iter().cloned().collect(),
             };
             tokio::spawn(Arc::clone(&shared).watch_topics(watch, watch_stop.clone()))
         });
@@ -765,6 +796,9 @@ impl Worker {
         if let Some(watcher) = watcher {
             // A listing in progress is not waited for.
             watcher.abort();
+        }
+        if let Some(publisher) = metric_records {
+            publisher.finish().await;
         }
         if let Some(retention) = retention {
             // It stops at the shutdown signal, a batch cut short at most.

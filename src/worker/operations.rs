@@ -20,6 +20,7 @@ use crate::store::{
     FinishedOperation, NewOperation, NewTask, OPERATION_METADATA_KEY, OperationStart, OutboxRow,
     StoreError, TaskStatus,
 };
+use crate::trace::{TaskTrace, TraceParent};
 
 /// Outbox messages published per round.
 const RELAY_BATCH: i64 = 500;
@@ -86,7 +87,12 @@ impl Shared {
             } else if let Some(error) = &op.error {
                 tracing::warn!(operation.uuid = %op.uuid, entrypoint = %op.entrypoint, error = %error, "operation failed before it started");
             } else {
-                tracing::info!(operation.uuid = %op.uuid, entrypoint = %op.entrypoint, steps = op.steps, "operation started");
+                let trace = op.metadata.as_object().and_then(TraceParent::from_metadata);
+                tracing::info!(
+                    operation.uuid = %op.uuid, entrypoint = %op.entrypoint, steps = op.steps,
+                    trace_id = %trace.map(|t| crate::trace::Hex(&t.trace_id).to_string()).unwrap_or_default(),
+                    "operation started"
+                );
             }
         }
         self.relay_wakeup.notify_one();
@@ -96,12 +102,19 @@ impl Shared {
 
     /// The operation row and its tasks, or a FAILED row saying why the
     /// operation could not be built.
+    ///
+    /// The operation continues its message's trace, or starts one: its
+    /// metadata's `traceparent` names the operation's span, the parent of
+    /// its first step (see [`crate::trace`]).
     fn build_operation(
         &self,
         received: &Received,
-        message: Message,
+        mut message: Message,
         now: DateTime<Utc>,
     ) -> OperationStart {
+        let trace = TaskTrace::continued(&message.metadata, received.original.trace)
+            .unwrap_or_else(TaskTrace::start);
+        trace.stamp(&mut message.metadata);
         let built = self
             .registry
             .build_operation(&message.entrypoint, message.params.clone());

@@ -295,6 +295,7 @@ impl Shared {
                             error: duplicate_error(&uuid, "in flight", &error),
                             attempts: 1,
                             uuid: Some(uuid),
+                            trace: None,
                         });
                         continue;
                     }
@@ -329,6 +330,7 @@ impl Shared {
                         error,
                         attempts: 1,
                         uuid: None,
+                        trace: None,
                     });
                 }
             }

@@ -71,17 +71,22 @@ fn left_out(topic: &str, dead_letters: &DeadLetters) -> bool {
 }
 
 /// The topics to consume: those named, and those of `existing` that
-/// `pattern` matches and that are no dead-letter or internal topic; sorted,
-/// each once.
+/// `pattern` matches and that are no dead-letter or internal topic nor one
+/// of `excluded` (the metrics topic); sorted, each once.
 pub(crate) fn select<'a>(
     named: &[String],
     pattern: &TopicPattern,
     existing: impl IntoIterator<Item = &'a str>,
     dead_letters: &DeadLetters,
+    excluded: &[String],
 ) -> Vec<String> {
     let mut topics: Vec<String> = existing
         .into_iter()
-        .filter(|topic| pattern.matches(topic) && !left_out(topic, dead_letters))
+        .filter(|topic| {
+            pattern.matches(topic)
+                && !left_out(topic, dead_letters)
+                && !excluded.iter().any(|e| e == topic)
+        })
         .map(str::to_owned)
         .chain(named.iter().cloned())
         .collect();
@@ -96,6 +101,8 @@ pub(crate) struct Watch {
     pub(crate) named: Vec<String>,
     pub(crate) every: Duration,
     pub(crate) layout: TopicLayout,
+    /// Never consumed, whatever the pattern: the `--metrics-topic`.
+    pub(crate) excluded: Vec<String>,
 }
 
 impl Shared {
@@ -124,6 +131,7 @@ impl Shared {
                         &watch.pattern,
                         existing.iter().map(String::as_str),
                         &self.dead_letters,
+                        &watch.excluded,
                     );
                     if wanted.is_empty() && !announced_none {
                         tracing::warn!(pattern = %watch.pattern, "no topic matches the pattern yet; looking again every {:?}", watch.every);
@@ -221,7 +229,7 @@ mod tests {
         let everything = TopicPattern::new(".*").expect("valid");
         let existing = ["jobs", "jobs.dlq", "mail", "__consumer_offsets", "failed"];
         assert_eq!(
-            select(&[], &everything, existing, &DeadLetters::Suffix),
+            select(&[], &everything, existing, &DeadLetters::Suffix, &[]),
             ["failed", "jobs", "mail"]
         );
         assert_eq!(
@@ -229,9 +237,10 @@ mod tests {
                 &["extra".to_owned()],
                 &everything,
                 existing,
-                &DeadLetters::Topic("failed".into())
+                &DeadLetters::Topic("failed".into()),
+                &["mail".to_owned()]
             ),
-            ["extra", "jobs", "mail"]
+            ["extra", "jobs"]
         );
     }
 }

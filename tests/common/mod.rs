@@ -496,3 +496,41 @@ impl Drop for WorkerProcess {
         self.kill();
     }
 }
+
+/// Every record value of `topic` (all partitions), parsed as JSON, once at
+/// least `least` of them pass `wanted`.
+pub fn read_topic(
+    env: &TestEnv,
+    topic: &str,
+    least: usize,
+    wanted: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::message::Message as _;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}-reader", env.group))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    wait_until(
+        &format!("{least} wanted records in {topic}"),
+        Duration::from_secs(60),
+        || {
+            while let Some(record) = consumer.poll(Duration::from_millis(300)) {
+                let record = record.expect("record");
+                if let Some(value) = record
+                    .payload()
+                    .and_then(|p| serde_json::from_slice(p).ok())
+                {
+                    records.push(value);
+                }
+            }
+            records.iter().filter(|r| wanted(r)).count() >= least
+        },
+    );
+    records.into_iter().filter(|r| wanted(r)).collect()
+}
