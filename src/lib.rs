@@ -64,6 +64,8 @@ pub mod crypto;
 pub mod dead_letter;
 pub mod message;
 pub mod operation;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod producer;
 pub mod redact;
 pub mod registry;

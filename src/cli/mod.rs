@@ -311,6 +311,9 @@ struct WorkerArgs {
 pub fn run(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.global.log_format);
+    // Until the end of the process: dropping it flushes the spans queued.
+    #[cfg(feature = "otel")]
+    let _otel = crate::otel::init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

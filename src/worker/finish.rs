@@ -118,6 +118,8 @@ impl Shared {
             Counters::add(&self.counters.succeeded, succeeded);
             Counters::add(&self.counters.failed, rows.clone().count() - succeeded);
             telemetry::finished(rows.clone());
+            #[cfg(feature = "otel")]
+            crate::otel::finished(rows.clone());
             if let Some(metrics) = &self.metrics_topic {
                 metrics.finished(rows.clone());
             }
