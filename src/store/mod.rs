@@ -6,6 +6,7 @@
 //! state (SUCCESS, FAILED): a redelivered or duplicate message cannot undo
 //! or redo finished work.
 
+mod console;
 mod dead_letters;
 mod models;
 mod operations;
@@ -26,6 +27,7 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+pub use console::{EntrypointFailures, MinuteCount, StatusCount};
 pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
@@ -146,6 +148,10 @@ pub struct TaskFilter {
     pub limit: i64,
     /// Leave out the tasks that are steps of an operation.
     pub standalone: bool,
+    /// Only those recorded at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only those recorded before this time (the next page's cursor).
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A task the worker may run, as [`Store::claim_tasks`] read it.
@@ -733,6 +739,12 @@ impl Store {
         }
         if filter.standalone {
             query = query.filter(tasks::operation_uuid.is_null());
+        }
+        if let Some(since) = filter.since {
+            query = query.filter(tasks::created_at.ge(since));
+        }
+        if let Some(until) = filter.until {
+            query = query.filter(tasks::created_at.lt(until));
         }
         Ok(query.load(&mut conn).await?)
     }
