@@ -10,7 +10,10 @@
 #                     where KSER_BROKER=tansu or Java is missing
 #   kser_python_up    sets KSER_TEST_PYTHON to a venv with Python kser 0.8.27,
 #                     kser-crypto 0.1.13 (with libsodium23) and confluent-kafka
-#                     (Python kser's consumer, for scripts/bench)
+#                     (Python kser's consumer, for scripts/bench) and
+#                     cdumay-rest-client (Python kser's HTTP producer)
+#   kser_browser_deps installs Debian's chromium and chromium-driver if missing
+#                     (the console's browser test)
 #
 # Nothing is downloaded but packages from the registries; everything is
 # cached under ~/.cache/kser and checked before use.
@@ -63,6 +66,15 @@ kser_build_deps() {
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   kser_apt_install "(build dependencies)" "${missing[@]}"
+}
+
+# Headless Chromium and its WebDriver for the console's browser test.
+kser_browser_deps() {
+  local missing=()
+  for pkg in chromium chromium-driver; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  kser_apt_install "for the console's browser test" "${missing[@]}"
 }
 
 # Java and Maven for Apache Kafka (the tests need them; the demo falls back to
@@ -223,6 +235,13 @@ kser_python_up() {
   if ! "$venv/bin/python" -c 'import confluent_kafka' 2>/dev/null; then
     log "installing confluent-kafka 2.16.1 for Python kser's consumer"
     "$venv/bin/pip" install --quiet --disable-pip-version-check confluent-kafka==2.16.1
+  fi
+  # Python kser's HTTP producer (kser.http) runs on cdumay-rest-client: the
+  # console's ingress test drives it.
+  if ! "$venv/bin/python" -c 'import cdumay_rest_client' 2>/dev/null; then
+    log "installing cdumay-rest-client 0.2.6 for Python kser's HTTP producer"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      cdumay-rest-client==0.2.6 marshmallow==3.12.2
   fi
   KSER_TEST_PYTHON="$venv/bin/python"
   export KSER_TEST_PYTHON

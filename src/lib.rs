@@ -55,6 +55,8 @@
 //! - [`trace`]: W3C trace context carried from a message to what kser sends for it.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
+//! - [`status`]: a task's or operation's state by uuid; waiting for its end.
+//! - [`web`]: the web console and its JSON API (`serve`, `worker --http`).
 //! - [`cli`]: the command line shared by `kser` and user binaries.
 
 pub mod admin;
@@ -71,9 +73,11 @@ pub mod redact;
 pub mod registry;
 pub mod report;
 pub mod retry;
+pub mod status;
 pub mod store;
 pub mod task;
 pub mod trace;
+pub mod web;
 pub mod worker;
 
 pub use config::KafkaConfig;

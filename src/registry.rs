@@ -73,7 +73,7 @@ enum Kind {
 }
 
 /// What `entrypoints` shows about one registered name.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct EntrypointInfo {
     pub name: &'static str,
     pub kind: &'static str,

@@ -106,32 +106,66 @@ pub(super) async fn run(
                     }
                 }
             } else {
-                // The latest dead letter of each id: a uuid may have failed
-                // before. Only the chosen ones are kept while reading.
-                let mut latest: Vec<Option<DeadLetterEntry>> = vec![None; ids.len()];
-                while let Some(entry) = entries.next().await? {
-                    for (id, chosen) in ids.iter().zip(&mut latest) {
-                        if entry.is_named(id) {
-                            *chosen = Some(entry.clone());
-                        }
-                    }
-                }
-                let mut chosen = Vec::with_capacity(ids.len());
-                for (id, entry) in ids.iter().zip(latest) {
-                    match entry {
-                        Some(entry) => chosen.push(entry),
-                        None => bail!(
-                            "no dead letter {} in topic '{dlq_topic}'",
-                            output::printable(id)
-                        ),
-                    }
-                }
-                replayer.replay(&chosen).await?;
+                replay_named(&mut entries, &dlq_topic, &ids, &mut replayer).await?;
             }
             outln!("replayed {} dead letters", replayer.replayed);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Replays the dead letters named by `ids` (uuids, PARTITION:OFFSET or
+/// pg:ID), the latest of each; any id not found refuses them all, with
+/// nothing sent.
+async fn replay_named(
+    entries: &mut DeadLetterStream,
+    dlq_topic: &str,
+    ids: &[String],
+    replayer: &mut Replayer<'_>,
+) -> anyhow::Result<()> {
+    // The latest dead letter of each id: a uuid may have failed before.
+    // Only the chosen ones are kept while reading.
+    let mut latest: Vec<Option<DeadLetterEntry>> = vec![None; ids.len()];
+    while let Some(entry) = entries.next().await? {
+        for (id, chosen) in ids.iter().zip(&mut latest) {
+            if entry.is_named(id) {
+                *chosen = Some(entry.clone());
+            }
+        }
+    }
+    let mut chosen = Vec::with_capacity(ids.len());
+    for (id, entry) in ids.iter().zip(latest) {
+        match entry {
+            Some(entry) => chosen.push(entry),
+            None => bail!(
+                "no dead letter {} in topic '{dlq_topic}'",
+                output::printable(id)
+            ),
+        }
+    }
+    replayer.replay(&chosen).await
+}
+
+/// What the console's replay does: sends the dead letters named by `ids`
+/// from `dlq_topic` back to their topics (`default_topic` for those that do
+/// not say), their FAILED tasks made PENDING again. Returns how many.
+pub(crate) async fn replay_ids(
+    kafka: &KafkaConfig,
+    store: &Store,
+    dlq_topic: &str,
+    default_topic: &str,
+    ids: &[String],
+) -> anyhow::Result<usize> {
+    let mut entries = stream(kafka, dlq_topic, Some(store));
+    let mut replayer = Replayer {
+        kafka,
+        store: Some(store),
+        default_topic,
+        producer: None,
+        replayed: 0,
+    };
+    replay_named(&mut entries, dlq_topic, ids, &mut replayer).await?;
+    Ok(replayer.replayed)
 }
 
 /// `dlq list --json`: one JSON array, written as the entries are read.

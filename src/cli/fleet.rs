@@ -151,24 +151,7 @@ pub(super) async fn control(
             }
         }
         Action::Drain { worker } => {
-            let live: Vec<&WorkerRow> = rows.iter().filter(|w| w.is_live()).collect();
-            if !live.iter().any(|w| w.id == worker) {
-                let state = rows
-                    .iter()
-                    .find(|w| w.id == worker)
-                    .map(|w| w.state.as_str());
-                let known = names(live.iter().map(|w| w.id.as_str()));
-                match state {
-                    Some(state) => bail!(
-                        "worker '{}' is {state}, not running; running workers: {known}",
-                        printable(&worker)
-                    ),
-                    None => bail!(
-                        "unknown worker '{}'; running workers: {known}",
-                        printable(&worker)
-                    ),
-                }
-            }
+            check_drain(&worker, &rows)?;
             store
                 .add_control(ControlAction::Drain, Some(&worker), None)
                 .await?;
@@ -326,9 +309,52 @@ async fn event(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses to drain a worker that is not running, naming those that are.
+pub(crate) fn check_drain(worker: &str, rows: &[WorkerRow]) -> anyhow::Result<()> {
+    let live: Vec<&WorkerRow> = rows.iter().filter(|w| w.is_live()).collect();
+    if !live.iter().any(|w| w.id == worker) {
+        let state = rows
+            .iter()
+            .find(|w| w.id == worker)
+            .map(|w| w.state.as_str());
+        let known = names(live.iter().map(|w| w.id.as_str()));
+        match state {
+            Some(state) => bail!(
+                "worker '{}' is {state}, not running; running workers: {known}",
+                printable(worker)
+            ),
+            None => bail!(
+                "unknown worker '{}'; running workers: {known}",
+                printable(worker)
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a worker or entrypoint no worker has registered, naming the
 /// known ones.
 fn check_scope(scope: &Scope, rows: &[WorkerRow], registry: &Registry) -> anyhow::Result<()> {
+    check_target(
+        scope.worker.as_deref(),
+        scope.entrypoint.as_deref(),
+        rows,
+        registry,
+    )
+}
+
+/// [`check_scope`] for a worker id and an entrypoint name, each optional.
+pub(crate) fn check_target(
+    worker: Option<&str>,
+    entrypoint: Option<&str>,
+    rows: &[WorkerRow],
+    registry: &Registry,
+) -> anyhow::Result<()> {
+    let scope = Scope {
+        worker: worker.map(str::to_owned),
+        entrypoint: entrypoint.map(str::to_owned),
+    };
+    let scope = &scope;
     let target: Vec<&WorkerRow> = match &scope.worker {
         Some(id) => {
             let found: Vec<_> = rows.iter().filter(|w| &w.id == id).collect();

@@ -1,8 +1,8 @@
 //! The command line shared by the `kser` binary and users' worker binaries.
 //!
 //! A user's binary builds a [`Registry`] and calls [`run`]; it then has the
-//! `worker`, `send`, `status`, `list`, `migrate`, `entrypoints`, `workers`
-//! and `control` subcommands. Settings come from flags, or from `KSER_BROKERS`,
+//! `worker`, `send`, `status`, `list`, `migrate`, `entrypoints`, `workers`,
+//! `control` and `serve` (the web console) subcommands. Settings come from flags, or from `KSER_BROKERS`,
 //! `DATABASE_URL`, `KSER_TOPIC`, `KSER_GROUP` and `KSER_KAFKA_*`.
 
 /// `println!` that ends the process quietly when stdout is closed, as in
@@ -19,14 +19,15 @@ macro_rules! outln {
     }};
 }
 
-mod dlq;
-mod fleet;
+pub(crate) mod dlq;
+pub(crate) mod fleet;
 mod logging;
 mod lookup;
-mod output;
+pub(crate) mod output;
 mod prune;
-mod send;
-mod values;
+pub(crate) mod send;
+mod serve;
+pub(crate) mod values;
 mod watch;
 
 use std::process::ExitCode;
@@ -164,6 +165,8 @@ enum Command {
     },
     /// Steer running workers: pause or resume entrypoints, drain a worker.
     Control(fleet::ControlArgs),
+    /// Serve the web console and its JSON API (see /api/v1/openapi.json).
+    Serve(serve::ServeArgs),
     /// List the registered entrypoints and the parameters they expect.
     Entrypoints {
         /// Print a JSON array instead of a table.
@@ -424,6 +427,22 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             let store =
                 connect_sized(&global.database_url, 8 + config.concurrency.clamp(1, 32)).await?;
             prepare_schema(&store, args.no_migrate).await?;
+            if config.http.is_some() {
+                let topic = config
+                    .topics
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "kser".into());
+                let console = crate::web::Console::new(
+                    store.clone(),
+                    &registry,
+                    Some(config.kafka.clone()),
+                    topic,
+                )?;
+                config.http_routes = Some(crate::worker::HttpRoutes::new(move |routes| {
+                    console.around(routes)
+                }));
+            }
             let shutdown = CancellationToken::new();
             tokio::spawn(forward_signals(shutdown.clone()));
             Worker::new(config, registry, store).run(shutdown).await?;
@@ -508,6 +527,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 entrypoint,
                 limit,
                 standalone: true,
+                ..TaskFilter::default()
             };
             let mut listed: Vec<lookup::Found> = store
                 .list_operations(&filter)
@@ -562,6 +582,11 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::Control(args) => {
             let store = connect(&global.database_url).await?;
             fleet::control(args, &store, &registry).await
+        }
+        Command::Serve(args) => {
+            let kafka = kafka()?;
+            let store = connect(&global.database_url).await?;
+            serve::serve(args, store, &registry, kafka).await
         }
         Command::Entrypoints { json } => {
             let entries: Vec<_> = registry.entrypoints().collect();

@@ -88,7 +88,24 @@ pub(super) struct SendArgs {
     /// (default 16MiB). A batch line is at most 16MiB whatever the size.
     #[arg(long, value_name = "BYTES", value_parser = super::values::bytes(1, 1 << 40))]
     max_input_bytes: Option<u64>,
+    /// Wait for the task or operation to end and print its result (needs
+    /// DATABASE_URL). Exit code 0 on SUCCESS, 1 on FAILED or CANCELLED, 2
+    /// when --timeout passes first (the work goes on).
+    #[arg(long, conflicts_with_all = ["batch", "delay", "at"])]
+    wait: bool,
+    /// How long --wait waits (e.g. 15s, 2m; up to 1 day).
+    #[arg(long, default_value = "15s", requires = "wait", value_parser = super::values::duration(Duration::ZERO, Duration::from_secs(86_400)))]
+    timeout: Duration,
+    /// With --wait: print the status object as JSON, as `status --json` does.
+    #[arg(long, requires = "wait")]
+    json: bool,
 }
+
+/// `send --wait`'s exit code when the task or operation FAILED or was
+/// CANCELLED.
+pub(super) const EXIT_FAILED: u8 = 1;
+/// `send --wait`'s exit code when the timeout passed first.
+pub(super) const EXIT_TIMEOUT: u8 = 2;
 
 /// One line of `--batch` input.
 #[derive(Debug, Deserialize)]
@@ -135,6 +152,9 @@ pub(super) async fn send(
         (Some(delay), _) => Some(Utc::now() + chrono::Duration::from_std(delay)?),
         (None, at) => at,
     };
+    if args.wait && store.is_none() {
+        bail!("--wait needs a database (DATABASE_URL): the result is read from there");
+    }
     if due.is_some() && store.is_none() {
         bail!("--delay and --at need a database (DATABASE_URL): the message waits there until due");
     }
@@ -182,8 +202,58 @@ pub(super) async fn send(
             if let Some((_, err)) = outcome.failed.into_iter().next() {
                 bail!("message {uuid} not sent: {err}");
             }
-            outln!("{}", super::output::printable(&uuid));
-            Ok(ExitCode::SUCCESS)
+            match store.filter(|_| args.wait) {
+                Some(store) => wait_and_print(store, &uuid, args.timeout, args.json).await,
+                None => {
+                    outln!("{}", super::output::printable(&uuid));
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
+/// `send --wait`: waits for `uuid` to end, prints its result and says how
+/// it ended in the exit code.
+async fn wait_and_print(
+    store: &Store,
+    uuid: &str,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::status::{Waited, wait};
+    let print = |status: &crate::status::Status| -> anyhow::Result<()> {
+        if json {
+            outln!("{}", serde_json::to_string_pretty(&status.to_json())?);
+        } else {
+            outln!("{}", super::output::details(status).trim_end());
+        }
+        Ok(())
+    };
+    match wait(store, uuid, timeout).await? {
+        Waited::Ended(status) => {
+            print(&status)?;
+            Ok(match status.outcome() {
+                Some(TaskStatus::Success) => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_FAILED),
+            })
+        }
+        Waited::TimedOut(last) => {
+            match &last {
+                Some(status) => print(status)?,
+                None if json => outln!(
+                    "{}",
+                    serde_json::json!({"uuid": uuid, "status": TaskStatus::Pending.as_str()})
+                ),
+                None => outln!("{}", super::output::printable(uuid)),
+            }
+            eprintln!(
+                "error: {} did not end within {}; it goes on (see `status {}`)",
+                super::output::printable(uuid),
+                humantime::format_duration(timeout),
+                super::output::printable(uuid)
+            );
+            Ok(ExitCode::from(EXIT_TIMEOUT))
         }
     }
 }
@@ -642,6 +712,33 @@ async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
         }
     }
     published
+}
+
+/// What the console's `POST /api/v1/send` does: records `messages` as
+/// PENDING and publishes them to `topic`, each keyed by its uuid, as `send`
+/// does. Returns the uuids sent, and those not sent with why.
+pub(crate) async fn publish_messages(
+    messages: Vec<Message>,
+    topic: &str,
+    producer: &Producer,
+    store: &Store,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let outgoing = messages
+        .into_iter()
+        .map(|message| Outgoing {
+            message,
+            key: None,
+            explicit_uuid: true,
+        })
+        .collect();
+    let target = Target {
+        topic,
+        producer,
+        store: Some(store),
+        due: None,
+    };
+    let published = publish(outgoing, &target).await;
+    (published.sent, published.failed)
 }
 
 /// A counter on stderr when it is a terminal; nothing otherwise.

@@ -108,7 +108,7 @@ pub(super) fn topic_pattern(text: &str) -> Result<crate::worker::TopicPattern, S
 /// A name starting with `^` would be a regular expression to librdkafka and
 /// subscribe to whatever it matches, kser's dead-letter topics included:
 /// refused.
-pub(super) fn topic(text: &str) -> Result<String, String> {
+pub(crate) fn topic(text: &str) -> Result<String, String> {
     if text.is_empty() {
         return Err("a topic name must not be empty".to_owned());
     }

@@ -6,6 +6,7 @@
 //! state (SUCCESS, FAILED): a redelivered or duplicate message cannot undo
 //! or redo finished work.
 
+mod console;
 mod dead_letters;
 mod events;
 mod models;
@@ -27,6 +28,7 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+pub use console::{EntrypointFailures, MinuteCount, StatusCount};
 pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use events::{Delivery, EventRow};
 pub use models::{
@@ -150,6 +152,10 @@ pub struct TaskFilter {
     pub limit: i64,
     /// Leave out the tasks that are steps of an operation.
     pub standalone: bool,
+    /// Only those recorded at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only those recorded before this time (the next page's cursor).
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A task the worker may run, as [`Store::claim_tasks`] read it.
@@ -737,6 +743,12 @@ impl Store {
         }
         if filter.standalone {
             query = query.filter(tasks::operation_uuid.is_null());
+        }
+        if let Some(since) = filter.since {
+            query = query.filter(tasks::created_at.ge(since));
+        }
+        if let Some(until) = filter.until {
+            query = query.filter(tasks::created_at.lt(until));
         }
         Ok(query.load(&mut conn).await?)
     }

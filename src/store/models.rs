@@ -72,7 +72,7 @@ impl FromStr for TaskStatus {
 }
 
 /// One row of `kser.tasks`, as `status` and `list` show it.
-#[derive(Debug, Clone, Queryable, Selectable, Serialize)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
 pub struct TaskRow {
     pub uuid: String,
@@ -156,7 +156,7 @@ impl NewTask {
 }
 
 /// One row of `kser.operations`.
-#[derive(Debug, Clone, Queryable, Selectable, Serialize)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = operations, check_for_backend(diesel::pg::Pg))]
 pub struct OperationRow {
     pub uuid: String,
@@ -219,7 +219,7 @@ pub struct NewOutbox {
 }
 
 /// A failed attempt of a task that was retried.
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize)]
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = task_attempts, check_for_backend(diesel::pg::Pg))]
 pub struct AttemptRow {
     pub task_uuid: String,

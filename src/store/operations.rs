@@ -223,6 +223,12 @@ impl Store {
         if let Some(entrypoint) = &filter.entrypoint {
             query = query.filter(operations::entrypoint.eq(entrypoint.clone()));
         }
+        if let Some(since) = filter.since {
+            query = query.filter(operations::created_at.ge(since));
+        }
+        if let Some(until) = filter.until {
+            query = query.filter(operations::created_at.lt(until));
+        }
         Ok(query.load(&mut conn).await?)
     }
 

@@ -93,7 +93,7 @@ pub struct Beat {
 
 /// A row of `kser.workers` as `kser workers` shows it. `state` is LOST for
 /// a worker whose heartbeat is overdue even if no live worker marked it yet.
-#[derive(Debug, Clone, diesel::QueryableByName, Serialize)]
+#[derive(Debug, Clone, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     #[diesel(sql_type = Text)]
     pub id: String,
@@ -186,7 +186,7 @@ impl ControlAction {
 
 /// A pause or drain in force: on `worker_id` (every worker when `None`),
 /// for `entrypoint` (every one when `None`).
-#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct Control {
     #[diesel(sql_type = Text)]
     pub action: String,

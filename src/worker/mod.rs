@@ -81,6 +81,7 @@ use offsets::{OffsetTracker, Position};
 pub use ordering::Ordering;
 use ordering::{Lane, Lanes};
 pub use retention::{DEFAULT_RETENTION_EVERY, Retention};
+pub use telemetry::HttpRoutes;
 pub use topics::TopicPattern;
 
 /// How long the pipeline may stay full before the worker pauses fetching.
@@ -138,6 +139,9 @@ pub struct WorkerConfig {
     pub max_result_bytes: usize,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when `None`).
     pub http: Option<std::net::SocketAddr>,
+    /// More to serve there: wraps the worker's routes (the CLI puts the
+    /// web console around them, [`crate::web::Console::around`]).
+    pub http_routes: Option<HttpRoutes>,
     /// The most bytes of records the worker holds: an eighth for
     /// librdkafka's prefetch queue, an eighth for a fetch in flight, half
     /// for records in the pipeline until their outcome is durable, a
@@ -224,6 +228,7 @@ impl WorkerConfig {
             running_after: Duration::from_secs(1),
             max_result_bytes: 16 << 20,
             http: None,
+            http_routes: None,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             retention: None,
             fleet: FleetConfig::default(),
@@ -738,6 +743,7 @@ impl Worker {
         let http = listener.map(|listener| {
             tokio::spawn(Arc::clone(&shared).serve_http(
                 listener,
+                config.http_routes.clone(),
                 shutdown.clone(),
                 http_stop.clone(),
             ))

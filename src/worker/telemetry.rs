@@ -1,4 +1,5 @@
-//! What a worker tells its operators over HTTP (`worker --http ADDR`):
+//! What a worker tells its operators over HTTP (`worker --http ADDR`), beside
+//! the web console (`crate::web`) when the CLI adds it:
 //! `/metrics` in the Prometheus text format, `/healthz` (the process
 //! answers) and `/readyz` (200 only while the worker holds partitions, and
 //! Postgres and the broker answer; 503 with the reason otherwise).
@@ -148,6 +149,7 @@ impl Shared {
     pub(super) async fn serve_http(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
+        routes: Option<HttpRoutes>,
         shutdown: CancellationToken,
         stop: CancellationToken,
     ) {
@@ -157,6 +159,10 @@ impl Shared {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
             .with_state((Arc::clone(&self), shutdown));
+        let app = match routes {
+            Some(routes) => (routes.0)(app),
+            None => app,
+        };
         if let Err(err) = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
@@ -224,6 +230,25 @@ impl Shared {
 }
 
 type AppState = (Arc<Shared>, CancellationToken);
+
+/// What [`WorkerConfig::http_routes`] holds: a function that puts more
+/// routes around the worker's own (the web console, with its token check).
+#[derive(Clone)]
+pub struct HttpRoutes(Arc<dyn Fn(Router) -> Router + Send + Sync>);
+
+impl HttpRoutes {
+    /// Routes built by `wrap` around the worker's `/metrics`, `/healthz`
+    /// and `/readyz`.
+    pub fn new(wrap: impl Fn(Router) -> Router + Send + Sync + 'static) -> Self {
+        Self(Arc::new(wrap))
+    }
+}
+
+impl std::fmt::Debug for HttpRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpRoutes")
+    }
+}
 
 async fn render_metrics() -> (StatusCode, String) {
     match recorder() {

@@ -1,0 +1,141 @@
+//! The console's queries with a million tasks: fills a database of your
+//! choosing with 1,000,000 task rows (and 100,000 operations of 3 steps
+//! among them), then prints, for each listing and detail query the console
+//! runs, Postgres's plan and how long it took (`EXPLAIN ANALYZE`). A
+//! measurement, not a test.
+//!
+//! ```sh
+//! createdb kser_plans
+//! DATABASE_URL=postgres://localhost/kser_plans cargo run --release --example console_plans
+//! ```
+//!
+//! It refuses a database that already holds tasks.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+const FILL: &str = "
+INSERT INTO kser.operations (uuid, entrypoint, status, params, metadata, steps, topic,
+    created_at, updated_at, started_at, finished_at, error)
+SELECT 'op-' || i, 'plans.Op' || (i % 7),
+    CASE WHEN i % 50 = 0 THEN 'FAILED' ELSE 'SUCCESS' END, '{}', '{}', 3, 'kser',
+    now() - (i || ' seconds')::interval, now(), now() - (i || ' seconds')::interval,
+    now() - (i || ' seconds')::interval + interval '2 seconds',
+    CASE WHEN i % 50 = 0 THEN 'boom' END
+FROM generate_series(1, 100000) AS i;
+INSERT INTO kser.tasks (uuid, entrypoint, status, params, metadata, attempts, topic,
+    kafka_partition, kafka_offset, created_at, updated_at, started_at, finished_at,
+    operation_uuid, position, error)
+SELECT 'task-' || i, 'plans.Task' || (i % 13),
+    CASE WHEN i % 97 = 0 THEN 'FAILED' WHEN i % 1000 = 1 THEN 'PENDING' ELSE 'SUCCESS' END,
+    jsonb_build_object('n', i), '{}', 1, 'kser', i % 6, i,
+    now() - (i * 0.3 || ' seconds')::interval, now(), now() - (i * 0.3 || ' seconds')::interval,
+    now() - (i * 0.3 || ' seconds')::interval + interval '50 milliseconds',
+    CASE WHEN i <= 300000 THEN 'op-' || ((i - 1) / 3 + 1) END,
+    CASE WHEN i <= 300000 THEN (i - 1) % 3 END,
+    CASE WHEN i % 97 = 0 THEN 'failed' END
+FROM generate_series(1, 1000000) AS i;
+ANALYZE kser.tasks; ANALYZE kser.operations;
+";
+
+/// What the console asks, as it asks it (diesel's SQL with its values).
+const QUERIES: &[(&str, &str)] = &[
+    (
+        "tasks, newest 50",
+        "SELECT * FROM kser.tasks ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "tasks FAILED, newest 50",
+        "SELECT * FROM kser.tasks WHERE status = 'FAILED' ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "tasks of an entrypoint, standalone",
+        "SELECT * FROM kser.tasks WHERE entrypoint = 'plans.Task3' AND operation_uuid IS NULL ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "tasks, next page",
+        "SELECT * FROM kser.tasks WHERE created_at < now() - interval '1 day' ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "tasks PENDING (rare)",
+        "SELECT * FROM kser.tasks WHERE status = 'PENDING' ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "task detail",
+        "SELECT * FROM kser.tasks WHERE uuid = 'task-500000'",
+    ),
+    (
+        "task attempts",
+        "SELECT * FROM kser.task_attempts WHERE task_uuid = 'task-500000' ORDER BY attempt",
+    ),
+    (
+        "operations, newest 50",
+        "SELECT * FROM kser.operations ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "operations FAILED",
+        "SELECT * FROM kser.operations WHERE status = 'FAILED' ORDER BY created_at DESC LIMIT 50",
+    ),
+    (
+        "operation detail",
+        "SELECT * FROM kser.operations WHERE uuid = 'op-5000'",
+    ),
+    (
+        "operation steps",
+        "SELECT * FROM kser.tasks WHERE operation_uuid = 'op-5000' ORDER BY position",
+    ),
+    (
+        "dashboard counts (24 h)",
+        "SELECT status, count(*) FROM kser.tasks WHERE created_at > now() - interval '1 day' GROUP BY status",
+    ),
+    (
+        "dashboard throughput (1 h)",
+        "SELECT date_trunc('minute', finished_at), count(*) FROM kser.tasks WHERE created_at > now() - interval '1 day' AND finished_at > now() - interval '1 hour' GROUP BY 1",
+    ),
+    (
+        "dashboard failures (24 h)",
+        "SELECT entrypoint, count(*) FROM kser.tasks WHERE created_at > now() - interval '1 day' AND status = 'FAILED' GROUP BY entrypoint",
+    ),
+];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let url = std::env::var("DATABASE_URL").context("set DATABASE_URL to a scratch database")?;
+    let store = kser::Store::connect(&url, 2).await?;
+    store.migrate().await?;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM kser.tasks LIMIT 1) t",
+            &[],
+        )
+        .await?
+        .get(0);
+    if held > 0 {
+        bail!("the database holds tasks already: use a scratch database");
+    }
+    let started = Instant::now();
+    client.batch_execute(FILL).await.context("filling")?;
+    println!(
+        "filled 1,000,000 tasks and 100,000 operations in {:.1?}\n",
+        started.elapsed()
+    );
+    for (name, sql) in QUERIES {
+        let plan = store.explain(&format!("ANALYZE {sql}")).await?;
+        let took = plan
+            .iter()
+            .find(|line| line.starts_with("Execution Time"))
+            .cloned()
+            .unwrap_or_default();
+        println!("== {name}: {took}");
+        for line in plan
+            .iter()
+            .filter(|l| !l.starts_with("Planning") && !l.starts_with("Execution"))
+        {
+            println!("   {line}");
+        }
+    }
+    Ok(())
+}
