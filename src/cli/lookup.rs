@@ -4,12 +4,13 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::store::{AttemptRow, OperationRow, Store, StoreError, TaskRow};
+use crate::store::{AttemptRow, OperationRow, StepRow, Store, StoreError, TaskRow};
 
 /// What a uuid names.
 pub(super) enum Found {
-    /// An operation and its tasks, in order.
-    Operation(OperationRow, Vec<TaskRow>),
+    /// An operation and its tasks, in order, with their places in the
+    /// graph for a graph operation.
+    Operation(OperationRow, Vec<TaskRow>, Vec<StepRow>),
     /// A task and its earlier failed attempts.
     Task(TaskRow, Vec<AttemptRow>),
 }
@@ -18,7 +19,12 @@ pub(super) enum Found {
 pub(super) async fn lookup(store: &Store, uuid: &str) -> Result<Option<Found>, StoreError> {
     if let Some(operation) = store.operation(uuid).await? {
         let tasks = store.operation_tasks(uuid).await?;
-        return Ok(Some(Found::Operation(operation, tasks)));
+        let graph = if operation.graph {
+            store.operation_graph(uuid).await?
+        } else {
+            Vec::new()
+        };
+        return Ok(Some(Found::Operation(operation, tasks, graph)));
     }
     let Some(task) = store.task(uuid).await? else {
         return Ok(None);
@@ -34,14 +40,14 @@ pub(super) async fn lookup(store: &Store, uuid: &str) -> Result<Option<Found>, S
 impl Found {
     pub(super) fn status(&self) -> &str {
         match self {
-            Self::Operation(op, _) => &op.status,
+            Self::Operation(op, ..) => &op.status,
             Self::Task(task, _) => &task.status,
         }
     }
 
     pub(super) fn created_at(&self) -> DateTime<Utc> {
         match self {
-            Self::Operation(op, _) => op.created_at,
+            Self::Operation(op, ..) => op.created_at,
             Self::Task(task, _) => task.created_at,
         }
     }
@@ -49,9 +55,12 @@ impl Found {
     /// The row as JSON with a `kind` field; an operation has a `tasks` array.
     pub(super) fn to_json(&self) -> Value {
         let (kind, mut value) = match self {
-            Self::Operation(op, tasks) => {
+            Self::Operation(op, tasks, graph) => {
                 let mut value = serde_json::to_value(op).unwrap_or_default();
                 value["tasks"] = serde_json::to_value(tasks).unwrap_or_default();
+                if op.graph {
+                    value["steps"] = serde_json::to_value(graph).unwrap_or_default();
+                }
                 ("operation", value)
             }
             Self::Task(task, attempts) => {

@@ -7,6 +7,7 @@
 //! or redo finished work.
 
 mod dead_letters;
+mod graph;
 mod models;
 mod operations;
 mod prune;
@@ -28,7 +29,8 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use models::{
-    AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
+    AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow,
+    TaskStatus,
 };
 pub use operations::{
     FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,
