@@ -495,10 +495,12 @@ impl Bench {
     /// Empties kser's tables, so no run pays for the rows of the one
     /// before.
     async fn empty_tables(&mut self) -> anyhow::Result<()> {
-        diesel::sql_query("TRUNCATE kser.task_attempts, kser.outbox, kser.tasks, kser.operations")
-            .execute(&mut self.conn)
-            .await
-            .context("emptying kser's tables")?;
+        diesel::sql_query(
+            "TRUNCATE kser.task_attempts, kser.outbox, kser.steps, kser.tasks, kser.operations",
+        )
+        .execute(&mut self.conn)
+        .await
+        .context("emptying kser's tables")?;
         Ok(())
     }
 

@@ -34,13 +34,18 @@
 //! - `showcase.Chain {"count", "ms"?}`: `count` Append steps.
 //! - `showcase.Custom {"steps": [{"entrypoint", "params"}]}`: whatever steps
 //!   it is given, to show how bad steps are refused up front.
+//! - `showcase.Graph {"steps": [{"name", "entrypoint", "params"?, "after"?,
+//!   "any"?, "on_failure"?, "delay_ms"?, "compensate"?, "recovery"?}]}`: a
+//!   graph operation of the steps it is given (`on_failure`: fail, continue
+//!   or compensate; `compensate`: `{"entrypoint", "params"}`; `recovery`:
+//!   rerun or skip).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use kser::{
-    JsonObject, Operation, OperationContext, Registry, RetryPolicy, Step, Task, TaskContext,
-    TaskError, TaskResult,
+    JsonObject, OnFailure, Operation, OperationContext, Recovery, Registry, RetryPolicy, Step,
+    Task, TaskContext, TaskError, TaskResult,
 };
 use serde_json::{Value, json};
 
@@ -409,6 +414,80 @@ impl Operation for Custom {
     }
 }
 
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct GraphStep {
+    name: String,
+    entrypoint: String,
+    #[serde(default)]
+    params: Value,
+    #[serde(default)]
+    after: Vec<String>,
+    #[serde(default)]
+    any: bool,
+    /// fail, continue or compensate.
+    #[serde(default)]
+    on_failure: Option<String>,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    compensate: Option<CustomStep>,
+    /// rerun or skip.
+    #[serde(default)]
+    recovery: Option<String>,
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct GraphParams {
+    steps: Vec<GraphStep>,
+}
+
+struct Graph;
+
+impl Operation for Graph {
+    const ENTRYPOINT: &'static str = "showcase.Graph";
+    const DESCRIPTION: &'static str = "Runs the graph of steps it is given";
+    type Params = GraphParams;
+
+    fn build(&self, params: &GraphParams) -> Result<Vec<Step>, TaskError> {
+        let invalid = |what: String| Err(TaskError::fatal(what).with_retcode(400));
+        let mut steps = Vec::with_capacity(params.steps.len());
+        for spec in &params.steps {
+            let params = match &spec.params {
+                Value::Null => json!({}),
+                other => other.clone(),
+            };
+            let mut step = Step::new(spec.entrypoint.clone(), params)
+                .named(spec.name.clone())
+                .after(spec.after.iter().cloned())
+                .delay(Duration::from_millis(spec.delay_ms));
+            if spec.any {
+                step = step.any();
+            }
+            step = match spec.on_failure.as_deref() {
+                None | Some("fail") => step,
+                Some("continue") => step.on_failure(OnFailure::Continue),
+                Some("compensate") => step.on_failure(OnFailure::Compensate),
+                Some(other) => return invalid(format!("unknown on_failure '{other}'")),
+            };
+            step = match spec.recovery.as_deref() {
+                None | Some("resume") => step,
+                Some("rerun") => step.on_resume(Recovery::Rerun),
+                Some("skip") => step.on_resume(Recovery::Skip),
+                Some(other) => return invalid(format!("unknown recovery '{other}'")),
+            };
+            if let Some(undo) = &spec.compensate {
+                let params = match &undo.params {
+                    Value::Null => json!({}),
+                    other => other.clone(),
+                };
+                step = step.compensate(Step::new(undo.entrypoint.clone(), params));
+            }
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+}
+
 fn main() -> ExitCode {
     let mut registry = Registry::new();
     let registered = registry
@@ -425,6 +504,7 @@ fn main() -> ExitCode {
         .and_then(|r| r.register_operation(Pipeline))
         .and_then(|r| r.register_operation(Chain))
         .and_then(|r| r.register_operation(Custom))
+        .and_then(|r| r.register_operation(Graph))
         .map(|_| ());
     if let Err(err) = registered {
         eprintln!("error: {err}");

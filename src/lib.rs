@@ -83,7 +83,7 @@ pub mod worker;
 pub use config::KafkaConfig;
 pub use crypto::SecretBox;
 pub use message::{ErrorKind, JsonObject, Message, TaskResult};
-pub use operation::{Operation, OperationContext, Step};
+pub use operation::{Join, OnFailure, Operation, OperationContext, Recovery, Step};
 pub use producer::Producer;
 pub use registry::{Registry, RegistryError};
 pub use retry::RetryPolicy;

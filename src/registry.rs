@@ -318,8 +318,10 @@ impl Registry {
     }
 
     /// Builds the steps of operation `name` and checks each one: its
-    /// entrypoint must be a registered task and its parameters must fit.
-    /// Every error comes back as a failed result saying which step is wrong.
+    /// entrypoint must be a registered task and its parameters must fit, and
+    /// so must those of its compensation; a graph must have unique names,
+    /// known dependencies and no cycle. Every error comes back as a failed
+    /// result saying which step is wrong, before anything is recorded.
     pub fn build_operation(&self, name: &str, params: JsonObject) -> Result<Vec<Step>, TaskResult> {
         let Some(Entry {
             kind: Kind::Operation { build, .. },
@@ -343,32 +345,52 @@ impl Registry {
                 result.stderr = format!("step {position} ({}): {}", step.entrypoint, result.stderr);
                 result
             };
-            let validate = match self.entries.get(step.entrypoint.as_str()) {
-                Some(Entry {
-                    kind: Kind::Task { validate, .. } | Kind::Transactional { validate, .. },
-                    ..
-                }) => validate,
-                Some(_) => {
-                    return Err(prefix(TaskResult::error(
-                        400,
-                        ErrorKind::InvalidParams,
-                        "an operation cannot be a step of another operation",
-                        Value::Null,
-                    )));
-                }
-                None => return Err(prefix(self.unknown(&step.entrypoint))),
-            };
-            let Value::Object(params) = &step.params else {
-                return Err(prefix(TaskResult::error(
+            self.check_step(&step.entrypoint, &step.params)
+                .map_err(prefix)?;
+            if let Some(compensation) = &step.compensation {
+                self.check_step(&compensation.entrypoint, &compensation.params)
+                    .map_err(|mut result| {
+                        result.stderr = format!(
+                            "step {position} ({}): its compensation ({}): {}",
+                            step.entrypoint, compensation.entrypoint, result.stderr
+                        );
+                        result
+                    })?;
+            }
+        }
+        crate::operation::check_shape(&steps).map_err(|message| {
+            TaskResult::error(400, ErrorKind::InvalidParams, message, Value::Null)
+        })?;
+        Ok(steps)
+    }
+
+    /// Whether a step may run `entrypoint` with `params`: a registered task
+    /// whose parameters fit.
+    fn check_step(&self, entrypoint: &str, params: &Value) -> Result<(), TaskResult> {
+        let validate = match self.entries.get(entrypoint) {
+            Some(Entry {
+                kind: Kind::Task { validate, .. } | Kind::Transactional { validate, .. },
+                ..
+            }) => validate,
+            Some(_) => {
+                return Err(TaskResult::error(
                     400,
                     ErrorKind::InvalidParams,
-                    "step params must be a JSON object",
+                    "an operation cannot be a step of another operation",
                     Value::Null,
-                )));
-            };
-            validate(params).map_err(prefix)?;
-        }
-        Ok(steps)
+                ));
+            }
+            None => return Err(self.unknown(entrypoint)),
+        };
+        let Value::Object(params) = params else {
+            return Err(TaskResult::error(
+                400,
+                ErrorKind::InvalidParams,
+                "step params must be a JSON object",
+                Value::Null,
+            ));
+        };
+        validate(params)
     }
 
     /// Runs the finish hook of operation `ctx.entrypoint`; a panic in it is

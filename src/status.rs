@@ -10,13 +10,14 @@ use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::producer::Producer;
-use crate::store::{AttemptRow, OperationRow, Store, StoreError, TaskRow, TaskStatus};
+use crate::store::{AttemptRow, OperationRow, StepRow, Store, StoreError, TaskRow, TaskStatus};
 
 /// What a uuid names.
 #[derive(Debug, Clone)]
 pub enum Status {
-    /// An operation and its tasks, in order.
-    Operation(OperationRow, Vec<TaskRow>),
+    /// An operation and its tasks, in order, with their places in the
+    /// graph for a graph operation (empty for a list).
+    Operation(OperationRow, Vec<TaskRow>, Vec<StepRow>),
     /// A task and its earlier failed attempts.
     Task(TaskRow, Vec<AttemptRow>),
 }
@@ -25,7 +26,12 @@ pub enum Status {
 pub async fn lookup(store: &Store, uuid: &str) -> Result<Option<Status>, StoreError> {
     if let Some(operation) = store.operation(uuid).await? {
         let tasks = store.operation_tasks(uuid).await?;
-        return Ok(Some(Status::Operation(operation, tasks)));
+        let graph = if operation.graph {
+            store.operation_graph(uuid).await?
+        } else {
+            Vec::new()
+        };
+        return Ok(Some(Status::Operation(operation, tasks, graph)));
     }
     let Some(task) = store.task(uuid).await? else {
         return Ok(None);
@@ -39,10 +45,11 @@ pub async fn lookup(store: &Store, uuid: &str) -> Result<Option<Status>, StoreEr
 }
 
 impl Status {
-    /// The stored status: PENDING, RUNNING, SUCCESS, FAILED or CANCELLED.
+    /// The stored status: PENDING, RUNNING, SUCCESS, FAILED, CANCELLED, or
+    /// for an operation COMPENSATING or COMPENSATED.
     pub fn status(&self) -> &str {
         match self {
-            Self::Operation(op, _) => &op.status,
+            Self::Operation(op, ..) => &op.status,
             Self::Task(task, _) => &task.status,
         }
     }
@@ -58,7 +65,7 @@ impl Status {
     /// When it was recorded.
     pub fn created_at(&self) -> DateTime<Utc> {
         match self {
-            Self::Operation(op, _) => op.created_at,
+            Self::Operation(op, ..) => op.created_at,
             Self::Task(task, _) => task.created_at,
         }
     }
@@ -67,9 +74,12 @@ impl Status {
     /// a task an `attempt_history` array.
     pub fn to_json(&self) -> Value {
         let (kind, mut value) = match self {
-            Self::Operation(op, tasks) => {
+            Self::Operation(op, tasks, graph) => {
                 let mut value = serde_json::to_value(op).unwrap_or_default();
                 value["tasks"] = serde_json::to_value(tasks).unwrap_or_default();
+                if op.graph {
+                    value["steps"] = serde_json::to_value(graph).unwrap_or_default();
+                }
                 ("operation", value)
             }
             Self::Task(task, attempts) => {

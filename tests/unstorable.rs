@@ -163,8 +163,10 @@ async fn batches_over_the_bind_limit_are_written() {
                 started_at: Some(now),
                 finished_at: None,
                 updated_at: now,
+                graph: false,
             },
             tasks,
+            graph: Vec::new(),
         }
     };
     let created = store

@@ -494,12 +494,20 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::Resume { uuid } => {
             let store = connect(&global.database_url).await?;
             let resumed = store.resume_operation(&uuid).await?;
-            outln!(
-                "resumed operation {} from step {} ({})",
-                output::printable(&uuid),
-                resumed.step,
-                output::printable(&resumed.entrypoint)
-            );
+            if resumed.started.is_empty() {
+                outln!(
+                    "resumed operation {} from step {} ({})",
+                    output::printable(&uuid),
+                    resumed.step,
+                    output::printable(&resumed.entrypoint)
+                );
+            } else {
+                outln!(
+                    "resumed operation {}: started {}",
+                    output::printable(&uuid),
+                    output::printable(&resumed.started.join(", "))
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { uuid } => {
@@ -533,7 +541,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 .list_operations(&filter)
                 .await?
                 .into_iter()
-                .map(|op| lookup::Found::Operation(op, Vec::new()))
+                .map(|op| lookup::Found::Operation(op, Vec::new(), Vec::new()))
                 .chain(
                     store
                         .list_tasks(&filter)

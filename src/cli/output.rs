@@ -15,12 +15,12 @@ use serde_json::Value;
 
 use super::lookup::Found;
 use crate::registry::EntrypointInfo;
-use crate::store::{AttemptRow, OperationRow, TaskRow};
+use crate::store::{AttemptRow, OperationRow, StepRow, TaskRow};
 
 /// `status` output: a task, or an operation with the table of its steps.
 pub(super) fn details(found: &Found) -> String {
     match found {
-        Found::Operation(op, tasks) => operation_details(op, tasks),
+        Found::Operation(op, tasks, graph) => operation_details(op, tasks, graph),
         Found::Task(task, attempts) => task_details(task, attempts),
     }
 }
@@ -109,7 +109,7 @@ fn task_details(task: &TaskRow, attempts: &[AttemptRow]) -> String {
 }
 
 /// `status` output for an operation: its fields, then its steps.
-fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
+fn operation_details(op: &OperationRow, tasks: &[TaskRow], graph: &[StepRow]) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         let _ = writeln!(
@@ -138,8 +138,11 @@ fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
             suffix("took", between(op.started_at, op.finished_at))
         ),
     );
-    let mut table = new_table(&[
-        "#",
+    let mut header = vec!["#"];
+    if op.graph {
+        header.extend(["STEP", "AFTER"]);
+    }
+    header.extend([
         "TASK",
         "ENTRYPOINT",
         "STATUS",
@@ -148,6 +151,7 @@ fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
         "DURATION",
         "RESULT",
     ]);
+    let mut table = new_table(&header);
     for task in tasks {
         let result = match (&task.error, &task.result) {
             (Some(error), _) => shorten(error, 50),
@@ -159,24 +163,61 @@ fn operation_details(op: &OperationRow, tasks: &[TaskRow]) -> String {
                 .unwrap_or_else(|| shorten(&compact(&result["retval"]), 50)),
             (None, None) => String::new(),
         };
-        add_row(
-            &mut table,
-            vec![
-                task.position
-                    .map(|p| (p + 1).to_string())
-                    .unwrap_or_default(),
-                task.uuid.clone(),
-                task.entrypoint.clone(),
-                task.status.clone(),
-                task.worker.clone().unwrap_or_else(|| "-".into()),
-                task.attempts.to_string(),
-                between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
-                result,
-            ],
-        );
+        let mut row = vec![
+            task.position
+                .map(|p| (p + 1).to_string())
+                .unwrap_or_default(),
+        ];
+        if op.graph {
+            let place = graph.iter().find(|s| s.task_uuid == task.uuid);
+            row.extend(place_cells(place));
+        }
+        row.extend([
+            task.uuid.clone(),
+            task.entrypoint.clone(),
+            task.status.clone(),
+            task.worker.clone().unwrap_or_else(|| "-".into()),
+            task.attempts.to_string(),
+            between(task.started_at, task.finished_at).unwrap_or_else(|| "-".into()),
+            result,
+        ]);
+        add_row(&mut table, row);
     }
     let _ = writeln!(out, "{table}");
     out
+}
+
+/// A graph step's name and what it runs after, for the STEP and AFTER
+/// columns: `undo NAME` for a compensation, `any of ...` for an `any` join,
+/// and its delay.
+fn place_cells(place: Option<&StepRow>) -> [String; 2] {
+    let Some(place) = place else {
+        return [String::new(), String::new()];
+    };
+    if place.compensates {
+        return [format!("undo {}", place.name), String::new()];
+    }
+    let mut after = place.after.join(", ");
+    if place.join_any {
+        after = format!("any of {after}");
+    }
+    if place.delay_ms > 0 {
+        let delay = format!("+{}", humantime_ms(place.delay_ms));
+        after = if after.is_empty() {
+            delay
+        } else {
+            format!("{after} {delay}")
+        };
+    }
+    [place.name.clone(), after]
+}
+
+fn humantime_ms(ms: i64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 /// `list` output: operations and standalone tasks.
@@ -195,7 +236,7 @@ pub(super) fn list_table(rows: &[Found]) -> String {
     ]);
     for row in rows {
         let (uuid, kind, entrypoint, status, created, duration, error) = match row {
-            Found::Operation(op, _) => (
+            Found::Operation(op, ..) => (
                 &op.uuid,
                 "operation",
                 &op.entrypoint,

@@ -23,7 +23,7 @@ pub(super) struct PruneArgs {
     #[arg(long, value_name = "AGE", value_parser = retention)]
     older_than: Duration,
     /// Only tasks and operations in these finished states, comma-separated
-    /// (SUCCESS, FAILED, CANCELLED); all three by default.
+    /// (SUCCESS, FAILED, CANCELLED, COMPENSATED); all of them by default.
     #[arg(long, value_delimiter = ',', value_parser = finished_status)]
     status: Vec<TaskStatus>,
     /// Also remove the dead letters kept in Postgres (`kser.dead_letters`,

@@ -17,7 +17,7 @@ fn summary(found: &Found) -> String {
             Some(error) => format!("{} {}: {error}", task.status, task.entrypoint),
             None => format!("{} {}", task.status, task.entrypoint),
         },
-        Found::Operation(op, tasks) => {
+        Found::Operation(op, tasks, _) => {
             let done = tasks
                 .iter()
                 .filter(|t| t.status == TaskStatus::Success.as_str())

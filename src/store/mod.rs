@@ -9,6 +9,7 @@
 mod console;
 mod dead_letters;
 mod events;
+mod graph;
 mod models;
 mod operations;
 mod prune;
@@ -32,7 +33,8 @@ pub use console::{EntrypointFailures, MinuteCount, StatusCount};
 pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
 pub use events::{Delivery, EventRow};
 pub use models::{
-    AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
+    AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow,
+    TaskStatus,
 };
 pub use operations::{
     FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::schema::kser::{operations, outbox, task_attempts, tasks};
+use super::schema::kser::{operations, outbox, steps, task_attempts, tasks};
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -23,8 +23,18 @@ pub enum TaskStatus {
     /// It failed; `error` says why.
     Failed,
     /// Its operation was cancelled before it ran (or, for an operation,
-    /// between two steps).
+    /// between two steps); or, for a graph step, it will not run because a
+    /// step it needed failed or did not run.
     Cancelled,
+    /// A graph step waiting for its dependencies: no message yet.
+    Waiting,
+    /// A graph step `resume` did not run again (its recovery policy is
+    /// `skip`); the steps after it ran as if it had succeeded.
+    Skipped,
+    /// A graph operation undoing the steps that succeeded.
+    Compensating,
+    /// A graph operation that failed and whose compensations all succeeded.
+    Compensated,
 }
 
 impl TaskStatus {
@@ -39,12 +49,20 @@ impl TaskStatus {
             Self::Success => "SUCCESS",
             Self::Failed => "FAILED",
             Self::Cancelled => "CANCELLED",
+            Self::Waiting => "WAITING",
+            Self::Skipped => "SKIPPED",
+            Self::Compensating => "COMPENSATING",
+            Self::Compensated => "COMPENSATED",
         }
     }
 
-    /// Whether the task or operation is over (SUCCESS, FAILED or CANCELLED).
+    /// Whether the task or operation is over (SUCCESS, FAILED, CANCELLED,
+    /// SKIPPED or COMPENSATED).
     pub fn is_final(self) -> bool {
-        !matches!(self, Self::Pending | Self::Running)
+        !matches!(
+            self,
+            Self::Pending | Self::Running | Self::Waiting | Self::Compensating
+        )
     }
 }
 
@@ -64,8 +82,13 @@ impl FromStr for TaskStatus {
             "SUCCESS" => Ok(Self::Success),
             "FAILED" => Ok(Self::Failed),
             "CANCELLED" => Ok(Self::Cancelled),
+            "WAITING" => Ok(Self::Waiting),
+            "SKIPPED" => Ok(Self::Skipped),
+            "COMPENSATING" => Ok(Self::Compensating),
+            "COMPENSATED" => Ok(Self::Compensated),
             _ => Err(format!(
-                "unknown status '{s}' (expected PENDING, RUNNING, SUCCESS, FAILED or CANCELLED)"
+                "unknown status '{s}' (expected PENDING, RUNNING, SUCCESS, FAILED, CANCELLED, \
+                 WAITING, SKIPPED, COMPENSATING or COMPENSATED)"
             )),
         }
     }
@@ -174,6 +197,8 @@ pub struct OperationRow {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Whether its steps form a graph (`kser.steps`) rather than a list.
+    pub graph: bool,
 }
 
 /// An operation to record when its message arrives.
@@ -194,6 +219,7 @@ pub struct NewOperation {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    pub graph: bool,
 }
 
 /// A message waiting in `kser.outbox`.
@@ -229,4 +255,24 @@ pub struct AttemptRow {
     pub finished_at: DateTime<Utc>,
     pub retcode: Option<i32>,
     pub error: Option<String>,
+}
+
+/// A task's place in a graph operation: one row of `kser.steps`.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize)]
+#[diesel(table_name = steps, check_for_backend(diesel::pg::Pg))]
+pub struct StepRow {
+    pub task_uuid: String,
+    pub operation_uuid: String,
+    pub name: String,
+    pub after: Vec<String>,
+    pub join_any: bool,
+    /// `fail`, `continue` or `compensate`.
+    pub on_failure: String,
+    pub delay_ms: i64,
+    /// `resume`, `rerun` or `skip`.
+    pub recovery: String,
+    /// The task that undoes this step: `{"entrypoint", "params"}`.
+    pub compensation: Option<Value>,
+    /// This task is the compensation of the step named `name`.
+    pub compensates: bool,
 }

@@ -16,9 +16,9 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
 use super::models::{
-    NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, TaskRow, TaskStatus,
+    NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow, TaskStatus,
 };
-use super::schema::kser::{operations, outbox, tasks};
+use super::schema::kser::{operations, outbox, steps, tasks};
 use super::{INSERT_CHUNK, Store, StoreError, TaskFilter};
 use crate::message::{ErrorKind, JsonObject, Message, TaskResult};
 use crate::trace::TaskTrace;
@@ -32,6 +32,10 @@ pub const OPERATION_METADATA_KEY: &str = "kser_operation";
 pub struct OperationStart {
     pub operation: NewOperation,
     pub tasks: Vec<NewTask>,
+    /// For a graph operation, each task's place in the graph (empty for a
+    /// list). Its steps without dependencies are PENDING and start at
+    /// once, the others WAITING.
+    pub graph: Vec<StepRow>,
 }
 
 /// An operation that reached SUCCESS or FAILED, for its finish hook.
@@ -54,9 +58,11 @@ pub struct RunningStep {
 /// Where `resume` restarted an operation.
 #[derive(Debug, Clone)]
 pub struct Resumed {
-    /// 1-based step number.
+    /// 1-based step number (of the first step started again).
     pub step: i32,
     pub entrypoint: String,
+    /// For a graph operation: the names of the steps started again.
+    pub started: Vec<String>,
 }
 
 impl Store {
@@ -108,8 +114,36 @@ impl Store {
                     .execute(conn)
                     .await?;
             }
+            let places: Vec<&StepRow> = new.iter().flat_map(|s| &s.graph).collect();
+            for chunk in places.chunks(INSERT_CHUNK) {
+                diesel::insert_into(steps::table)
+                    .values(chunk.to_vec())
+                    .execute(conn)
+                    .await?;
+            }
+            let now = Utc::now();
+            let roots = new.iter().filter(|s| !s.graph.is_empty()).flat_map(|s| {
+                s.tasks
+                    .iter()
+                    .zip(&s.graph)
+                    .filter(|(task, _)| task.status == TaskStatus::Pending.as_str())
+                    .map(move |(task, place)| {
+                        let mut message = step_message(
+                            &s.operation.uuid,
+                            s.operation.topic.as_deref(),
+                            task,
+                            &s.operation.metadata,
+                            None,
+                            None,
+                        );
+                        message.message_key = Some(task.uuid.clone());
+                        message.available_at = super::graph::due(place.delay_ms, now);
+                        message
+                    })
+            });
             let messages: Vec<NewOutbox> = new
                 .iter()
+                .filter(|s| s.graph.is_empty())
                 .filter_map(|s| {
                     let first = <[NewTask]>::first(&s.tasks)?;
                     Some(step_message(
@@ -121,6 +155,7 @@ impl Store {
                         None,
                     ))
                 })
+                .chain(roots)
                 .collect();
             for chunk in messages.chunks(INSERT_CHUNK) {
                 diesel::insert_into(outbox::table)
@@ -206,6 +241,16 @@ impl Store {
             .await?)
     }
 
+    /// The places in the graph of a graph operation's tasks.
+    pub async fn operation_graph(&self, uuid: &str) -> Result<Vec<StepRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(steps::table
+            .filter(steps::operation_uuid.eq(uuid))
+            .select(StepRow::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+
     /// The most recent operations matching `filter`, newest first.
     pub async fn list_operations(
         &self,
@@ -234,7 +279,9 @@ impl Store {
 
     /// Runs a FAILED or CANCELLED operation again from its first unfinished
     /// step. Steps in SUCCESS keep their results and do not run again; the
-    /// restarted step receives their merged result.
+    /// restarted step receives their merged result. A graph operation runs
+    /// again the steps that did not succeed (and those declared `rerun`),
+    /// or, when a compensation failed, the compensations left.
     pub async fn resume_operation(&self, uuid: &str) -> Result<Resumed, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
@@ -244,6 +291,9 @@ impl Store {
                 return Err(StoreError::Conflict(format!(
                     "operation {uuid} is {status}; only FAILED or CANCELLED operations can be resumed"
                 )));
+            }
+            if op.graph {
+                return super::graph::resume(conn, &op).await;
             }
             let steps: Vec<TaskRow> = tasks::table
                 .filter(tasks::operation_uuid.eq(uuid))
@@ -301,6 +351,7 @@ impl Store {
             Ok(Resumed {
                 step: position + 1,
                 entrypoint: restart.entrypoint.clone(),
+                started: Vec::new(),
             })
         })
         .await
@@ -340,6 +391,10 @@ impl Store {
                     "operation {uuid} is already {status}"
                 )));
             }
+            let unstarted = [TaskStatus::Pending.as_str(), TaskStatus::Waiting.as_str()];
+            let any_unstarted = steps
+                .iter()
+                .any(|(_, _, status)| unstarted.contains(&status.as_str()));
             let running: Vec<RunningStep> = steps
                 .into_iter()
                 .filter(|(_, _, status)| status == TaskStatus::Running.as_str())
@@ -348,7 +403,13 @@ impl Store {
                     entrypoint,
                 })
                 .collect();
-            if let Some(last) = running.iter().find(|r| r.step >= op.steps) {
+            if op.graph && !running.is_empty() && !any_unstarted {
+                return Err(StoreError::Conflict(format!(
+                    "operation {uuid} cannot be cancelled: every step left is running, \
+                     so the cancel comes too late; the operation ends with their outcome"
+                )));
+            }
+            if let Some(last) = running.iter().find(|r| !op.graph && r.step >= op.steps) {
                 return Err(StoreError::Conflict(format!(
                     "operation {uuid} cannot be cancelled: its last step, {} ({}), is running, \
                      so the cancel comes too late; the operation ends with that step's outcome",
@@ -368,7 +429,7 @@ impl Store {
             diesel::update(
                 tasks::table
                     .filter(tasks::operation_uuid.eq(uuid))
-                    .filter(tasks::status.eq(TaskStatus::Pending.as_str())),
+                    .filter(tasks::status.eq_any(unstarted)),
             )
             .set((
                 tasks::status.eq(TaskStatus::Cancelled.as_str()),
@@ -544,6 +605,9 @@ async fn advance(
         return Ok(None);
     };
     let op = lock_operation(conn, op_uuid).await?;
+    if op.graph {
+        return super::graph::advance(conn, op, step).await;
+    }
     let succeeded = step.status == TaskStatus::Success.as_str();
     let cancelled = op.status == TaskStatus::Cancelled.as_str();
     // Finished by a duplicate, or cancelled and this step failed: nothing
@@ -626,7 +690,7 @@ async fn advance(
 /// of one operation stay in one partition, in order. Its `traceparent` is
 /// the operation's (whose span is the parent of its first step), or, after
 /// a step ran, that step's: one operation is one trace.
-fn step_message(
+pub(super) fn step_message(
     op_uuid: &str,
     topic: Option<&str>,
     step: &NewTask,
@@ -655,7 +719,7 @@ fn step_message(
     }
 }
 
-fn pending_row(task: &TaskRow) -> NewTask {
+pub(super) fn pending_row(task: &TaskRow) -> NewTask {
     let mut row = NewTask::new(
         task.uuid.clone(),
         task.entrypoint.clone(),
@@ -666,14 +730,14 @@ fn pending_row(task: &TaskRow) -> NewTask {
 }
 
 /// The starting point of an operation's merged result.
-fn empty_result(op_uuid: &str) -> TaskResult {
+pub(super) fn empty_result(op_uuid: &str) -> TaskResult {
     TaskResult {
         uuid: op_uuid.to_owned(),
         ..TaskResult::ok()
     }
 }
 
-fn parse_result(value: Option<&Value>) -> TaskResult {
+pub(super) fn parse_result(value: Option<&Value>) -> TaskResult {
     value
         .and_then(|v| serde_json::from_value(v.clone()).ok())
         .unwrap_or_default()

@@ -219,11 +219,11 @@ fn finished_states(statuses: &[TaskStatus]) -> Result<Vec<&'static str>, StoreEr
     if let Some(unfinished) = statuses.iter().find(|s| !s.is_final()) {
         return Err(StoreError::Conflict(format!(
             "prune removes finished work only: {unfinished} is not a finished state \
-             (choose among SUCCESS, FAILED, CANCELLED)"
+             (choose among SUCCESS, FAILED, CANCELLED, COMPENSATED)"
         )));
     }
     let mut states: Vec<&'static str> = if statuses.is_empty() {
-        vec!["SUCCESS", "FAILED", "CANCELLED"]
+        vec!["SUCCESS", "FAILED", "CANCELLED", "COMPENSATED"]
     } else {
         statuses.iter().map(|s| s.as_str()).collect()
     };
@@ -385,7 +385,7 @@ mod tests {
     fn only_finished_states_are_pruned() {
         assert_eq!(
             finished_states(&[]).expect("all"),
-            ["CANCELLED", "FAILED", "SUCCESS"]
+            ["CANCELLED", "COMPENSATED", "FAILED", "SUCCESS"]
         );
         assert_eq!(
             finished_states(&[TaskStatus::Failed]).expect("failed"),

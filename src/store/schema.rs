@@ -37,6 +37,7 @@ pub mod kser {
             started_at -> Nullable<Timestamptz>,
             finished_at -> Nullable<Timestamptz>,
             updated_at -> Timestamptz,
+            graph -> Bool,
         }
     }
 
@@ -50,6 +51,21 @@ pub mod kser {
             created_at -> Timestamptz,
             claimed_until -> Nullable<Timestamptz>,
             available_at -> Timestamptz,
+        }
+    }
+
+    diesel::table! {
+        kser.steps (task_uuid) {
+            task_uuid -> Text,
+            operation_uuid -> Text,
+            name -> Text,
+            after -> Array<Text>,
+            join_any -> Bool,
+            on_failure -> Text,
+            delay_ms -> Int8,
+            recovery -> Text,
+            compensation -> Nullable<Jsonb>,
+            compensates -> Bool,
         }
     }
 
@@ -91,6 +107,8 @@ pub mod kser {
     }
 
     diesel::joinable!(outbox -> operations (operation_uuid));
+    diesel::joinable!(steps -> operations (operation_uuid));
+    diesel::joinable!(steps -> tasks (task_uuid));
     diesel::joinable!(task_attempts -> tasks (task_uuid));
     diesel::joinable!(tasks -> operations (operation_uuid));
 
@@ -98,6 +116,7 @@ pub mod kser {
         dead_letters,
         operations,
         outbox,
+        steps,
         task_attempts,
         tasks,
     );

@@ -14,11 +14,11 @@ use super::decode::{Decoded, decode};
 use super::{Received, Shared};
 use crate::dead_letter::refused_for_good;
 use crate::message::Message;
-use crate::operation::OperationContext;
+use crate::operation::{Join, OnFailure, OperationContext, Recovery, Step, is_graph};
 use crate::producer::ProducerError;
 use crate::store::{
     FinishedOperation, NewOperation, NewTask, OPERATION_METADATA_KEY, OperationStart, OutboxRow,
-    StoreError, TaskStatus,
+    StepRow, StoreError, TaskStatus,
 };
 use crate::trace::{TaskTrace, TraceParent};
 
@@ -133,6 +133,7 @@ impl Shared {
             started_at: Some(now),
             finished_at: None,
             updated_at: now,
+            graph: false,
         };
         let steps = match built {
             Ok(steps) => steps,
@@ -144,6 +145,7 @@ impl Shared {
                 return OperationStart {
                     operation,
                     tasks: Vec::new(),
+                    graph: Vec::new(),
                 };
             }
         };
@@ -153,15 +155,23 @@ impl Shared {
             OPERATION_METADATA_KEY.into(),
             Value::from(message.uuid.clone()),
         );
+        let graph = is_graph(&steps);
+        operation.graph = graph;
+        let mut places = Vec::new();
         let tasks = steps
             .into_iter()
             .enumerate()
             .map(|(index, step)| {
-                let mut task = NewTask::new(
-                    uuid::Uuid::new_v4().to_string(),
-                    step.entrypoint,
-                    TaskStatus::Pending,
-                );
+                let status = if graph && !step.after.is_empty() {
+                    TaskStatus::Waiting
+                } else {
+                    TaskStatus::Pending
+                };
+                let task_uuid = uuid::Uuid::new_v4().to_string();
+                if graph {
+                    places.push(place(&message.uuid, &task_uuid, &step));
+                }
+                let mut task = NewTask::new(task_uuid, step.entrypoint, status);
                 task.params = step.params;
                 task.metadata = Value::Object(metadata.clone());
                 task.topic = operation.topic.clone();
@@ -171,7 +181,11 @@ impl Shared {
                 task
             })
             .collect();
-        OperationStart { operation, tasks }
+        OperationStart {
+            operation,
+            tasks,
+            graph: places,
+        }
     }
 
     /// Runs the operation's `on_success`/`on_error` hook, off the finisher.
@@ -333,6 +347,35 @@ impl Shared {
     }
 }
 
+/// A graph step's row of `kser.steps`.
+fn place(op_uuid: &str, task_uuid: &str, step: &Step) -> StepRow {
+    StepRow {
+        task_uuid: task_uuid.to_owned(),
+        operation_uuid: op_uuid.to_owned(),
+        name: step.name.clone().unwrap_or_default(),
+        after: step.after.clone(),
+        join_any: step.join == Join::Any,
+        on_failure: match step.on_failure {
+            OnFailure::Fail => "fail",
+            OnFailure::Continue => "continue",
+            OnFailure::Compensate => "compensate",
+        }
+        .to_owned(),
+        delay_ms: i64::try_from(step.delay.as_millis()).unwrap_or(i64::MAX),
+        recovery: match step.recovery {
+            Recovery::Resume => "resume",
+            Recovery::Rerun => "rerun",
+            Recovery::Skip => "skip",
+        }
+        .to_owned(),
+        compensation: step
+            .compensation
+            .as_ref()
+            .map(|c| serde_json::json!({"entrypoint": c.entrypoint, "params": c.params})),
+        compensates: false,
+    }
+}
+
 /// An operation that Postgres refused, as a FAILED row without its values.
 fn unstorable_operation(start: &OperationStart, err: &StoreError) -> OperationStart {
     let mut operation = start.operation.clone();
@@ -348,5 +391,6 @@ fn unstorable_operation(start: &OperationStart, err: &StoreError) -> OperationSt
     OperationStart {
         operation,
         tasks: Vec::new(),
+        graph: Vec::new(),
     }
 }
