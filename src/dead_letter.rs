@@ -282,11 +282,32 @@ const READ_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// store, the records alone. At most a few pages are held at once, so a
 /// topic of any size is read in bounded memory.
 pub fn stream(kafka: &KafkaConfig, dlq_topic: &str, store: Option<&Store>) -> DeadLetterStream {
+    stream_from(kafka, dlq_topic, store, None)
+}
+
+/// Like [`stream`], but only the newest `per_partition` records of each
+/// partition of the topic (and every row kept in Postgres): what a page
+/// shows, read without reading the whole topic.
+pub fn stream_newest(
+    kafka: &KafkaConfig,
+    dlq_topic: &str,
+    store: Option<&Store>,
+    per_partition: i64,
+) -> DeadLetterStream {
+    stream_from(kafka, dlq_topic, store, Some(per_partition.max(1)))
+}
+
+fn stream_from(
+    kafka: &KafkaConfig,
+    dlq_topic: &str,
+    store: Option<&Store>,
+    newest: Option<i64>,
+) -> DeadLetterStream {
     let (tx, records) = tokio::sync::mpsc::channel(READ_AHEAD);
     let kafka = kafka.clone();
     let topic = dlq_topic.to_owned();
     std::thread::spawn(move || {
-        if let Err(err) = read_blocking(&kafka, &topic, &tx) {
+        if let Err(err) = read_blocking(&kafka, &topic, newest, &tx) {
             let _ = tx.blocking_send(Err(err));
         }
     });
@@ -413,10 +434,12 @@ pub async fn read_all(
 }
 
 /// Reads the records of `topic` up to the end each partition had when it
-/// began, handing each to `tx`; stops early when nobody listens any more.
+/// began (from its start, or its `newest` last records), handing each to
+/// `tx`; stops early when nobody listens any more.
 fn read_blocking(
     kafka: &KafkaConfig,
     topic: &str,
+    newest: Option<i64>,
     tx: &tokio::sync::mpsc::Sender<Result<DeadLetterEntry, DeadLetterError>>,
 ) -> Result<(), DeadLetterError> {
     let failed = |reason: String| DeadLetterError::Read {
@@ -453,10 +476,11 @@ fn read_blocking(
         let (low, high) = consumer
             .fetch_watermarks(topic, *partition, timeout)
             .map_err(|err| failed(err.to_string()))?;
-        if high > low {
+        let from = newest.map_or(low, |n| high.saturating_sub(n).max(low));
+        if high > from {
             ends.insert(*partition, high);
             assignment
-                .add_partition_offset(topic, *partition, Offset::Offset(low))
+                .add_partition_offset(topic, *partition, Offset::Offset(from))
                 .map_err(|err| failed(err.to_string()))?;
         }
     }

@@ -669,3 +669,35 @@ async fn a_dead_letter_topic_of_many_pages_is_listed_and_replayed_whole() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("replayed 2 dead letters"));
 }
+
+/// What the console's dead-letter page reads: the newest records of each
+/// partition, not the whole topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_newest_dead_letters_are_read_without_the_rest() {
+    let env = TestEnv::new();
+    let kafka = KafkaConfig::new(env.brokers.clone());
+    let dlq = format!("{}.dlq", env.topic);
+    let layout = kser::admin::TopicLayout {
+        partitions: 1,
+        ..Default::default()
+    };
+    kser::admin::ensure_topics(&kafka, std::slice::from_ref(&dlq), layout)
+        .await
+        .expect("topic");
+    let producer = Producer::new(&kafka).expect("producer");
+    for i in 0..5 {
+        let record = format!(r#"{{"uuid": "dead-{i}"}}"#);
+        producer
+            .send_raw(&dlq, None, Some(record.as_bytes()))
+            .await
+            .expect("send");
+    }
+    let mut newest = kser::dead_letter::stream_newest(&kafka, &dlq, None, 2);
+    let mut offsets = Vec::new();
+    while let Some(entry) = newest.next().await.expect("read") {
+        offsets.push(entry.dlq_offset);
+    }
+    assert_eq!(offsets, [3, 4]);
+    let all = read_all(&kafka, &dlq).await.expect("read");
+    assert_eq!(all.len(), 5);
+}

@@ -371,7 +371,13 @@ pub(super) async fn read_dead_letters(
     console: &Console,
     dlq_topic: &str,
 ) -> Result<Vec<DeadLetterEntry>, ApiError> {
-    let mut stream = crate::dead_letter::stream(console.kafka()?, dlq_topic, Some(console.store()));
+    // Only the newest of each partition are read, not the whole topic.
+    let mut stream = crate::dead_letter::stream_newest(
+        console.kafka()?,
+        dlq_topic,
+        Some(console.store()),
+        MAX_DEAD_LETTERS as i64,
+    );
     let mut entries = std::collections::VecDeque::new();
     while let Some(mut entry) = stream
         .next()
