@@ -372,6 +372,20 @@ async fn the_api_shows_and_steers_tasks_operations_and_workers() {
     let (code, page) = api.get("/").await;
     assert_eq!(code, 200);
     assert!(page.contains("<svg") && page.contains("Failures by entrypoint"));
+    // Lag per partition, once a heartbeat carried librdkafka's statistics.
+    let partition = format!("{}/0", env.topic);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, page) = api.get("/").await;
+        if page.contains("Lag per partition") && page.contains(&partition) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lag for {partition} on the dashboard:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     for path in [
         "/operations",
         "/tasks?status=FAILED",

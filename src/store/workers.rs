@@ -86,6 +86,8 @@ pub struct Beat {
     pub in_flight: i32,
     pub counters: Value,
     pub lag: Option<i64>,
+    /// `{"topic/partition": lag}` of the assigned partitions.
+    pub lag_by_partition: Value,
     /// Tasks finished per second.
     pub throughput: f64,
     pub desired: Option<i32>,
@@ -129,6 +131,9 @@ pub struct WorkerRow {
     pub counters: Value,
     #[diesel(sql_type = Nullable<BigInt>)]
     pub lag: Option<i64>,
+    /// Records behind per assigned partition: `{"topic/partition": lag}`.
+    #[diesel(sql_type = Jsonb)]
+    pub lag_by_partition: Value,
     #[diesel(sql_type = Double)]
     pub throughput: f64,
     #[diesel(sql_type = Nullable<Integer>)]
@@ -237,7 +242,7 @@ impl Store {
              entrypoints = excluded.entrypoints, version = excluded.version, state = 'STARTING', \
              paused = '{}', started_at = now(), heartbeat_at = now(), \
              lost_after_ms = excluded.lost_after_ms, assigned = '{}', in_flight = 0, \
-             counters = '{}', lag = NULL, throughput = 0, desired = NULL",
+             counters = '{}', lag = NULL, lag_by_partition = '{}', throughput = 0, desired = NULL",
         )
         .bind::<Text, _>(&worker.id)
         .bind::<Text, _>(&worker.host)
@@ -266,6 +271,7 @@ impl Store {
             "WITH beat AS ( \
                 UPDATE kser.workers SET state = $2, paused = $3, heartbeat_at = now(), \
                 assigned = $4, partitions = $5, in_flight = $6, counters = $7, lag = $8, \
+                lag_by_partition = $12, \
                 throughput = $9, desired = $10 WHERE id = $1 RETURNING id \
              ), lost AS ( \
                 UPDATE kser.workers SET state = 'LOST' WHERE id <> $1 \
@@ -296,6 +302,7 @@ impl Store {
         .bind::<Double, _>(beat.throughput)
         .bind::<Nullable<Integer>, _>(beat.desired)
         .bind::<Text, _>(group)
+        .bind::<Jsonb, _>(&beat.lag_by_partition)
         .get_result(&mut conn)
         .await?;
         Ok(reply)
@@ -379,7 +386,8 @@ impl Store {
         let mut conn = self.conn().await?;
         diesel::sql_query(
             "UPDATE kser.workers SET state = 'STOPPED', heartbeat_at = now(), assigned = '{}', \
-             in_flight = 0, counters = $2, lag = NULL, throughput = 0, desired = NULL \
+             in_flight = 0, counters = $2, lag = NULL, lag_by_partition = '{}', throughput = 0, \
+             desired = NULL \
              WHERE id = $1",
         )
         .bind::<Text, _>(id)
@@ -395,7 +403,8 @@ impl Store {
         Ok(diesel::sql_query(format!(
             "SELECT id, host, pid, consumer_group AS \"group\", topics, entrypoints, version, \
              {SHOWN_STATE} AS state, paused, started_at, heartbeat_at, lost_after_ms, assigned, \
-             partitions, in_flight, counters, lag, throughput, desired FROM kser.workers \
+             partitions, in_flight, counters, lag, lag_by_partition, throughput, desired \
+             FROM kser.workers \
              ORDER BY consumer_group, started_at DESC, id"
         ))
         .load(&mut conn)

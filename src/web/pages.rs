@@ -211,8 +211,49 @@ async fn dashboard(State(console): State<Console>) -> PageResult {
                 h2 { "Workers and lag" }
                 (workers_table(&data.workers, false))
             }
+            section {
+                h2 { "Lag per partition" }
+                (partition_lag_table(&data.workers))
+            }
         },
     ))
+}
+
+/// The records behind on each partition, as the live worker that holds it
+/// last reported (its heartbeat), most behind first.
+fn partition_lag_table(workers: &[WorkerRow]) -> Markup {
+    let mut rows: Vec<(&str, &str, i64)> = workers
+        .iter()
+        .filter(|w| w.is_live())
+        .flat_map(|w| {
+            w.lag_by_partition
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(move |(partition, lag)| {
+                    Some((partition.as_str(), w.id.as_str(), lag.as_i64()?))
+                })
+        })
+        .collect();
+    rows.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
+    html! {
+        @if rows.is_empty() {
+            p.muted { "no partition assigned to a running worker" }
+        } @else {
+            table {
+                thead { tr { th { "topic/partition" } th.num { "lag" } th { "worker" } } }
+                tbody {
+                    @for (partition, worker, lag) in &rows {
+                        tr {
+                            td { (partition) }
+                            td.num { (lag) }
+                            td { (worker) }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn encode(text: &str) -> String {

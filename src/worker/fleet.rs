@@ -149,6 +149,8 @@ impl Holding {
 pub(crate) struct Backlog {
     lag: AtomicI64,
     partitions: AtomicI64,
+    /// Lag per assigned partition, `{"topic/partition": lag}`.
+    by_partition: std::sync::Mutex<Value>,
 }
 
 impl Default for Backlog {
@@ -156,6 +158,7 @@ impl Default for Backlog {
         Self {
             lag: AtomicI64::new(-1),
             partitions: AtomicI64::new(-1),
+            by_partition: std::sync::Mutex::new(Value::Object(Default::default())),
         }
     }
 }
@@ -164,7 +167,8 @@ impl Backlog {
     pub(crate) fn observe(&self, stats: &rdkafka::Statistics) {
         let mut lag = 0;
         let mut partitions = 0;
-        for topic in stats.topics.values() {
+        let mut by_partition = serde_json::Map::new();
+        for (name, topic) in &stats.topics {
             for (partition, stats) in &topic.partitions {
                 // librdkafka's internal partition.
                 if *partition < 0 {
@@ -174,16 +178,29 @@ impl Backlog {
                 if !stats.desired || stats.hi_offset < 0 {
                     continue;
                 }
-                lag += if stats.consumer_lag >= 0 {
+                let behind = if stats.consumer_lag >= 0 {
                     stats.consumer_lag
                 } else {
                     stats.hi_offset - stats.committed_offset.max(stats.lo_offset.max(0))
                 }
                 .max(0);
+                lag += behind;
+                by_partition.insert(format!("{name}/{partition}"), Value::from(behind));
             }
         }
+        *self
+            .by_partition
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Value::Object(by_partition);
         self.lag.store(lag, atomic::Ordering::Relaxed);
         self.partitions.store(partitions, atomic::Ordering::Relaxed);
+    }
+
+    fn lag_by_partition(&self) -> Value {
+        self.by_partition
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn lag(&self) -> Option<i64> {
@@ -508,6 +525,7 @@ impl Shared {
                     in_flight: i32::try_from(in_flight).unwrap_or(i32::MAX),
                     counters: serde_json::to_value(stats).unwrap_or_default(),
                     lag,
+                    lag_by_partition: backlog.lag_by_partition(),
                     throughput,
                     desired: desired.and_then(|d| i32::try_from(d).ok()),
                 };

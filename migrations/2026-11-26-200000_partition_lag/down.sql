@@ -1,0 +1,1 @@
+ALTER TABLE kser.workers DROP COLUMN lag_by_partition;
