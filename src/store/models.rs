@@ -98,25 +98,45 @@ impl FromStr for TaskStatus {
 #[derive(Debug, Clone, Queryable, Selectable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
 pub struct TaskRow {
+    /// The message uuid: the task (or operation) it names.
     pub uuid: String,
+    /// The entrypoint the message is routed by.
     pub entrypoint: String,
+    /// PENDING, RUNNING, SUCCESS, FAILED... ([`TaskStatus`]).
     pub status: String,
+    /// The parameters, a JSON object.
     pub params: Value,
+    /// The message's free-form metadata, a JSON object.
     pub metadata: Value,
+    /// The result in the kser wire format (uuid, retcode, stdout, stderr, retval).
     pub result: Option<Value>,
+    /// Why it failed; `None` unless it failed.
     pub error: Option<String>,
+    /// How many runs were recorded (retries and redeliveries count).
     pub attempts: i32,
+    /// The worker (`host:pid`) that ran it last.
     pub worker: Option<String>,
+    /// The Kafka topic of its message.
     pub topic: Option<String>,
+    /// The partition of its message.
     pub kafka_partition: Option<i32>,
+    /// The offset of its message.
     pub kafka_offset: Option<i64>,
+    /// The Kafka record timestamp: when its message was produced.
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// When the row was written first.
     pub created_at: DateTime<Utc>,
+    /// When a worker started it (the last attempt).
     pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the row last changed.
     pub updated_at: DateTime<Utc>,
+    /// The operation it is a step of, if any.
     pub operation_uuid: Option<String>,
+    /// Its place in its operation, from 0.
     pub position: Option<i32>,
+    /// When a retry is due; `None` unless one is scheduled.
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
@@ -124,24 +144,43 @@ pub struct TaskRow {
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
 pub struct NewTask {
+    /// The message uuid: the task (or operation) it names.
     pub uuid: String,
+    /// The entrypoint the message is routed by.
     pub entrypoint: String,
+    /// PENDING, RUNNING, SUCCESS, FAILED... ([`TaskStatus`]).
     pub status: &'static str,
+    /// The parameters, a JSON object.
     pub params: Value,
+    /// The message's free-form metadata, a JSON object.
     pub metadata: Value,
+    /// The result in the kser wire format (uuid, retcode, stdout, stderr, retval).
     pub result: Option<Value>,
+    /// Why it failed; `None` unless it failed.
     pub error: Option<String>,
+    /// How many runs were recorded (retries and redeliveries count).
     pub attempts: i32,
+    /// The worker (`host:pid`) that ran it last.
     pub worker: Option<String>,
+    /// The Kafka topic of its message.
     pub topic: Option<String>,
+    /// The partition of its message.
     pub kafka_partition: Option<i32>,
+    /// The offset of its message.
     pub kafka_offset: Option<i64>,
+    /// The Kafka record timestamp: when its message was produced.
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// When a worker started it (the last attempt).
     pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the row last changed.
     pub updated_at: DateTime<Utc>,
+    /// The operation it is a step of, if any.
     pub operation_uuid: Option<String>,
+    /// Its place in its operation, from 0.
     pub position: Option<i32>,
+    /// When a retry is due; `None` unless one is scheduled.
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// The trace of the attempt that produced this row, if its message
     /// carried one (or its operation started one): the parent of the next
@@ -182,20 +221,35 @@ impl NewTask {
 #[derive(Debug, Clone, Queryable, Selectable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = operations, check_for_backend(diesel::pg::Pg))]
 pub struct OperationRow {
+    /// The message uuid: the task (or operation) it names.
     pub uuid: String,
+    /// The entrypoint the message is routed by.
     pub entrypoint: String,
+    /// PENDING, RUNNING, SUCCESS, FAILED... ([`TaskStatus`]).
     pub status: String,
+    /// The parameters, a JSON object.
     pub params: Value,
+    /// The message's free-form metadata, a JSON object.
     pub metadata: Value,
+    /// The result in the kser wire format (uuid, retcode, stdout, stderr, retval).
     pub result: Option<Value>,
+    /// Why it failed; `None` unless it failed.
     pub error: Option<String>,
+    /// How many steps the operation has.
     pub steps: i32,
+    /// The worker (`host:pid`) that ran it last.
     pub worker: Option<String>,
+    /// The Kafka topic of its message.
     pub topic: Option<String>,
+    /// The Kafka record timestamp: when its message was produced.
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// When the row was written first.
     pub created_at: DateTime<Utc>,
+    /// When a worker started it (the last attempt).
     pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the row last changed.
     pub updated_at: DateTime<Utc>,
     /// Whether its steps form a graph (`kser.steps`) rather than a list.
     pub graph: bool,
@@ -205,20 +259,35 @@ pub struct OperationRow {
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = operations, check_for_backend(diesel::pg::Pg))]
 pub struct NewOperation {
+    /// The message uuid: the task (or operation) it names.
     pub uuid: String,
+    /// The entrypoint the message is routed by.
     pub entrypoint: String,
+    /// PENDING, RUNNING, SUCCESS, FAILED... ([`TaskStatus`]).
     pub status: &'static str,
+    /// The parameters, a JSON object.
     pub params: Value,
+    /// The message's free-form metadata, a JSON object.
     pub metadata: Value,
+    /// The result in the kser wire format (uuid, retcode, stdout, stderr, retval).
     pub result: Option<Value>,
+    /// Why it failed; `None` unless it failed.
     pub error: Option<String>,
+    /// How many steps the operation has.
     pub steps: i32,
+    /// The worker (`host:pid`) that ran it last.
     pub worker: Option<String>,
+    /// The Kafka topic of its message.
     pub topic: Option<String>,
+    /// The Kafka record timestamp: when its message was produced.
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// When a worker started it (the last attempt).
     pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the row last changed.
     pub updated_at: DateTime<Utc>,
+    /// Whether its steps form a graph (`kser.steps`) rather than a list.
     pub graph: bool,
 }
 
@@ -226,9 +295,13 @@ pub struct NewOperation {
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
 pub struct OutboxRow {
+    /// The row id, in insertion order.
     pub id: i64,
+    /// The Kafka topic of its message.
     pub topic: String,
+    /// The Kafka record key.
     pub message_key: Option<String>,
+    /// The message as it is published (JSON, or sealed when encrypted).
     pub payload: String,
 }
 
@@ -236,9 +309,13 @@ pub struct OutboxRow {
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
 pub struct NewOutbox {
+    /// The Kafka topic of its message.
     pub topic: String,
+    /// The Kafka record key.
     pub message_key: Option<String>,
+    /// The message as it is published (JSON, or sealed when encrypted).
     pub payload: String,
+    /// The operation it is a step of, if any.
     pub operation_uuid: Option<String>,
     /// Not published before then (`None`: at once).
     pub available_at: Option<DateTime<Utc>>,
@@ -248,12 +325,19 @@ pub struct NewOutbox {
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = task_attempts, check_for_backend(diesel::pg::Pg))]
 pub struct AttemptRow {
+    /// The task this row belongs to.
     pub task_uuid: String,
+    /// Which attempt failed, from 1.
     pub attempt: i32,
+    /// The worker (`host:pid`) that ran it last.
     pub worker: Option<String>,
+    /// When a worker started it (the last attempt).
     pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
     pub finished_at: DateTime<Utc>,
+    /// The retcode of its result.
     pub retcode: Option<i32>,
+    /// Why it failed; `None` unless it failed.
     pub error: Option<String>,
 }
 
@@ -261,13 +345,19 @@ pub struct AttemptRow {
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize)]
 #[diesel(table_name = steps, check_for_backend(diesel::pg::Pg))]
 pub struct StepRow {
+    /// The task this row belongs to.
     pub task_uuid: String,
+    /// The operation it is a step of, if any.
     pub operation_uuid: String,
+    /// The step's name in the graph.
     pub name: String,
+    /// The names of the steps it waits for.
     pub after: Vec<String>,
+    /// Whether one dependency succeeding is enough (`.any()`), not all.
     pub join_any: bool,
     /// `fail`, `continue` or `compensate`.
     pub on_failure: String,
+    /// How long to wait after its dependencies, in milliseconds.
     pub delay_ms: i64,
     /// `resume`, `rerun` or `skip`.
     pub recovery: String,
