@@ -29,17 +29,27 @@ extern "SQL" {
 pub struct NewDeadLetter {
     /// The dead-letter topic that refused it.
     pub dlq_topic: String,
+    /// The topic of the record that failed.
     pub topic: String,
+    /// Its partition.
     pub kafka_partition: i32,
+    /// Its offset.
     pub kafka_offset: i64,
     /// The record timestamp, in milliseconds.
     pub kafka_timestamp: Option<i64>,
+    /// Why it was dead-lettered: `invalid_message`, `unknown_entrypoint`, `fatal`...
     pub error_kind: String,
+    /// The error, as the dead letter says it.
     pub error: String,
+    /// How many attempts it had.
     pub attempts: i32,
+    /// The uuid it named, if any.
     pub uuid: Option<String>,
+    /// Why the dead-letter topic refused it.
     pub producer_error: String,
+    /// The record's key, as it was.
     pub key: Option<Vec<u8>>,
+    /// The record's value, as it was.
     pub value: Option<Vec<u8>>,
 }
 
@@ -48,21 +58,33 @@ pub struct NewDeadLetter {
 #[derive(Debug, Clone, Queryable, Selectable, Serialize)]
 #[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
 pub struct StoredDeadLetter {
+    /// The row id.
     pub id: i64,
+    /// The dead-letter topic that refused it.
     pub dlq_topic: String,
+    /// The topic of the record that failed.
     pub topic: String,
+    /// Its partition.
     pub kafka_partition: i32,
+    /// Its offset.
     pub kafka_offset: i64,
     pub kafka_timestamp: Option<i64>,
+    /// Why it was dead-lettered: `invalid_message`, `unknown_entrypoint`, `fatal`...
     pub error_kind: String,
+    /// The error, as the dead letter says it.
     pub error: String,
+    /// How many attempts it had.
     pub attempts: i32,
+    /// The uuid it named, if any.
     pub uuid: Option<String>,
+    /// Why the dead-letter topic refused it.
     pub producer_error: String,
+    /// The record's key, as it was.
     pub key: Option<Vec<u8>>,
     /// The size of the value in bytes; `None` for a record without one.
     #[diesel(select_expression = octet_length(dead_letters::value))]
     pub value_bytes: Option<i32>,
+    /// When it was kept.
     pub created_at: DateTime<Utc>,
 }
 
@@ -70,7 +92,9 @@ pub struct StoredDeadLetter {
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
 pub struct KeptRecord {
+    /// The record's key, as it was.
     pub key: Option<Vec<u8>>,
+    /// The record's value, as it was.
     pub value: Option<Vec<u8>>,
 }
 

@@ -61,13 +61,19 @@ impl WorkerState {
 /// What a worker records of itself when it starts.
 #[derive(Debug, Clone)]
 pub struct NewWorker {
+    /// The worker's id, `host:pid` unless given.
     pub id: String,
+    /// The host it runs on.
     pub host: String,
+    /// Its process id.
     pub pid: i32,
+    /// Its consumer group.
     pub group: String,
+    /// The topics it consumes (named ones).
     pub topics: Vec<String>,
     /// `[{name, kind, params_schema}]`.
     pub entrypoints: Value,
+    /// The kser version it runs.
     pub version: String,
     /// How long without a heartbeat before others may call it LOST.
     pub lost_after_ms: i64,
@@ -76,6 +82,7 @@ pub struct NewWorker {
 /// What a heartbeat writes.
 #[derive(Debug, Clone)]
 pub struct Beat {
+    /// Where it is in its life cycle ([`WorkerState`]).
     pub state: WorkerState,
     /// Entrypoints held back, `*` for all.
     pub paused: Vec<String>,
@@ -83,13 +90,17 @@ pub struct Beat {
     pub assigned: Value,
     /// Partitions of the worker's topics.
     pub partitions: i32,
+    /// Tasks it had in flight at its last heartbeat.
     pub in_flight: i32,
+    /// Its counters (received, succeeded, failed...) at its last heartbeat.
     pub counters: Value,
+    /// Records behind on its assigned partitions (`None` until known).
     pub lag: Option<i64>,
     /// `{"topic/partition": lag}` of the assigned partitions.
     pub lag_by_partition: Value,
     /// Tasks finished per second.
     pub throughput: f64,
+    /// The scaling hint it computed last.
     pub desired: Option<i32>,
 }
 
@@ -97,45 +108,64 @@ pub struct Beat {
 /// a worker whose heartbeat is overdue even if no live worker marked it yet.
 #[derive(Debug, Clone, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
+    /// The worker's id, `host:pid` unless given.
     #[diesel(sql_type = Text)]
     pub id: String,
+    /// The host it runs on.
     #[diesel(sql_type = Text)]
     pub host: String,
+    /// Its process id.
     #[diesel(sql_type = Integer)]
     pub pid: i32,
+    /// Its consumer group.
     #[diesel(sql_type = Text)]
     pub group: String,
+    /// The topics it consumes (named ones).
     #[diesel(sql_type = Array<Text>)]
     pub topics: Vec<String>,
+    /// The entrypoints it registered: name, kind, parameter schema, events.
     #[diesel(sql_type = Jsonb)]
     pub entrypoints: Value,
+    /// The kser version it runs.
     #[diesel(sql_type = Text)]
     pub version: String,
+    /// Where it is in its life cycle ([`WorkerState`]).
     #[diesel(sql_type = Text)]
     pub state: String,
+    /// What it holds back: entrypoint names, or `*` for everything.
     #[diesel(sql_type = Array<Text>)]
     pub paused: Vec<String>,
+    /// When it started.
     #[diesel(sql_type = Timestamptz)]
     pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
     #[diesel(sql_type = Timestamptz)]
     pub heartbeat_at: DateTime<Utc>,
+    /// How long without a heartbeat before it counts as LOST.
     #[diesel(sql_type = BigInt)]
     pub lost_after_ms: i64,
+    /// Its assigned partitions: `{topic: [partition...]}`.
     #[diesel(sql_type = Jsonb)]
     pub assigned: Value,
+    /// How many partitions its topics have.
     #[diesel(sql_type = Integer)]
     pub partitions: i32,
+    /// Tasks it had in flight at its last heartbeat.
     #[diesel(sql_type = Integer)]
     pub in_flight: i32,
+    /// Its counters (received, succeeded, failed...) at its last heartbeat.
     #[diesel(sql_type = Jsonb)]
     pub counters: Value,
+    /// Records behind on its assigned partitions (`None` until known).
     #[diesel(sql_type = Nullable<BigInt>)]
     pub lag: Option<i64>,
     /// Records behind per assigned partition: `{"topic/partition": lag}`.
     #[diesel(sql_type = Jsonb)]
     pub lag_by_partition: Value,
+    /// Tasks finished per second, over the last minute.
     #[diesel(sql_type = Double)]
     pub throughput: f64,
+    /// The scaling hint it computed last.
     #[diesel(sql_type = Nullable<Integer>)]
     pub desired: Option<i32>,
 }
@@ -193,10 +223,13 @@ impl ControlAction {
 /// for `entrypoint` (every one when `None`).
 #[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct Control {
+    /// `pause` or `drain`.
     #[diesel(sql_type = Text)]
     pub action: String,
+    /// The worker it applies to (`None`: every worker).
     #[diesel(sql_type = Nullable<Text>)]
     pub worker_id: Option<String>,
+    /// The entrypoint it applies to (`None`: every one).
     #[diesel(sql_type = Nullable<Text>)]
     pub entrypoint: Option<String>,
 }
