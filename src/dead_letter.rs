@@ -95,8 +95,15 @@ pub fn default_topic(source: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeadLetterError {
+    /// The broker could not be read.
     #[error("could not read dead-letter topic '{topic}': {reason}")]
-    Read { topic: String, reason: String },
+    Read {
+        /// The dead-letter topic.
+        topic: String,
+        /// What librdkafka said.
+        reason: String,
+    },
+    /// The rows of `kser.dead_letters` could not be read.
     #[error("could not read the dead letters kept in Postgres: {0}")]
     Store(StoreError),
 }
@@ -116,20 +123,28 @@ pub struct DeadLetterEntry {
     /// record pointing at it.
     #[serde(serialize_with = "null_if_negative")]
     pub dlq_partition: i32,
+    /// Its offset in the dead-letter topic; -1 as for `dlq_partition`.
     #[serde(serialize_with = "null_if_negative")]
     pub dlq_offset: i64,
-    /// Where it came from.
+    /// Where it came from: the source topic.
     pub topic: Option<String>,
+    /// The source partition.
     pub partition: Option<i32>,
+    /// The source offset.
     pub offset: Option<i64>,
+    /// The original record's timestamp, in milliseconds.
     pub timestamp: Option<i64>,
-    /// Why.
+    /// Why, as a kind: `invalid_message`, `unknown_entrypoint`, `fatal`...
     pub error_kind: Option<String>,
+    /// Why, in words.
     pub error: Option<String>,
+    /// How many attempts the task had.
     pub attempts: Option<i32>,
+    /// The uuid the record named, if any.
     pub uuid: Option<String>,
-    /// The original key and value, as text (lossy for bytes that are not UTF-8).
+    /// The original key, as text (lossy for bytes that are not UTF-8).
     pub key: Option<String>,
+    /// The original value, as text (lossy for bytes that are not UTF-8).
     pub payload: Option<String>,
     /// The size of the original value in bytes.
     pub payload_bytes: Option<i64>,
@@ -137,11 +152,14 @@ pub struct DeadLetterEntry {
     /// kept in `kser.dead_letters`, row `stored_id`; `payload` is then left
     /// out (`replay` reads the bytes from there).
     pub stored: Option<String>,
+    /// The row of `kser.dead_letters` that keeps it, if any.
     pub stored_id: Option<i64>,
     /// Why the dead-letter topic refused the original.
     pub producer_error: Option<String>,
+    /// The original key's bytes (what `replay` sends).
     #[serde(skip)]
     pub raw_key: Option<Vec<u8>>,
+    /// The original value's bytes (what `replay` sends).
     #[serde(skip)]
     pub raw_payload: Option<Vec<u8>>,
 }

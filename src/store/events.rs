@@ -14,10 +14,13 @@ use super::{Store, StoreError};
 /// An event as a worker reads it.
 #[derive(Debug, Clone, diesel::QueryableByName)]
 pub struct EventRow {
+    /// Its id, in the order events were sent.
     #[diesel(sql_type = BigInt)]
     pub id: i64,
+    /// Its name, one a task declares ([`Task::EVENTS`](crate::Task::EVENTS)).
     #[diesel(sql_type = Text)]
     pub name: String,
+    /// Its parameters, a JSON object.
     #[diesel(sql_type = Jsonb)]
     pub params: Value,
     /// Only this entrypoint's handler, when set.
@@ -28,13 +31,16 @@ pub struct EventRow {
 /// A worker's handling of an event for one of its tasks.
 #[derive(Debug, Clone, Serialize, diesel::QueryableByName)]
 pub struct Delivery {
+    /// The worker that handled it.
     #[diesel(sql_type = Text)]
     pub worker_id: String,
+    /// The task whose handler ran.
     #[diesel(sql_type = Text)]
     pub entrypoint: String,
     /// Why the handler failed; `None` when it succeeded.
     #[diesel(sql_type = Nullable<Text>)]
     pub error: Option<String>,
+    /// When the handler ended.
     #[diesel(sql_type = Timestamptz)]
     pub delivered_at: DateTime<Utc>,
 }

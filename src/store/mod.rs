@@ -92,10 +92,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// No connection could be made.
     #[error("could not connect to Postgres at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        /// The database URL, without its password.
+        url: String,
+        /// What the driver or the pool said.
+        reason: String,
+    },
+    /// A statement failed; [`StoreError::recovery`] says whether retrying
+    /// it can help.
     #[error("database query failed: {0}")]
     Query(diesel::result::Error),
+    /// `kser migrate` (or a worker's start) could not apply a migration.
     #[error("could not apply migrations: {0}")]
     Migration(String),
     /// The database lacks some of this binary's migrations (or all: it was
@@ -104,8 +113,11 @@ pub enum StoreError {
         "the database at {url} is not migrated ({pending} of {total} kser migrations not applied): run `kser migrate` (a worker also migrates at start)"
     )]
     NotMigrated {
+        /// The database URL, without its password.
         url: String,
+        /// How many of this binary's migrations it lacks.
         pending: usize,
+        /// How many this binary has.
         total: usize,
     },
     /// The connected role lacks a privilege kser needs on its tables. A
@@ -113,9 +125,17 @@ pub enum StoreError {
     #[error(
         "permission denied: the role '{role}' lacks {missing}; {WORKER_PRIVILEGES} (see README, \"Least privilege\")"
     )]
-    Privileges { role: String, missing: String },
+    Privileges {
+        /// The role connected.
+        role: String,
+        /// The privileges it lacks, named.
+        missing: String,
+    },
+    /// What a command asked for does not exist (a uuid, an operation).
     #[error("{0}")]
     NotFound(String),
+    /// What a command asked for cannot be done in the state things are in
+    /// (resuming an operation that succeeded...).
     #[error("{0}")]
     Conflict(String),
 }
@@ -149,8 +169,11 @@ impl StoreError {
 /// Which tasks `list` shows.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
+    /// Only those in this state.
     pub status: Option<TaskStatus>,
+    /// Only those of this entrypoint.
     pub entrypoint: Option<String>,
+    /// At most this many, the newest first.
     pub limit: i64,
     /// Leave out the tasks that are steps of an operation.
     pub standalone: bool,
@@ -163,6 +186,7 @@ pub struct TaskFilter {
 /// A task the worker may run, as [`Store::claim_tasks`] read it.
 #[derive(Debug, Clone, QueryableByName)]
 pub struct StartedTask {
+    /// The task's uuid.
     #[diesel(sql_type = diesel::sql_types::Text)]
     pub uuid: String,
     /// The attempt about to start: 1 for the first, more after
@@ -172,6 +196,7 @@ pub struct StartedTask {
     /// The operation the task is a step of, if any.
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     pub operation_uuid: Option<String>,
+    /// Its place in that operation, from 0.
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Int4>)]
     pub position: Option<i32>,
 }
