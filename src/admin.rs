@@ -15,10 +15,23 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AdminError {
+    /// No broker answered.
     #[error("could not reach Kafka at {brokers}: {reason}")]
-    Unreachable { brokers: String, reason: String },
+    Unreachable {
+        /// The bootstrap servers tried.
+        brokers: String,
+        /// What librdkafka said.
+        reason: String,
+    },
+    /// The cluster refused to create a topic.
     #[error("could not create topic '{topic}': {reason}")]
-    CreateTopic { topic: String, reason: String },
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// What the broker said.
+        reason: String,
+    },
+    /// The admin client could not be made.
     #[error("Kafka client error: {0}")]
     Client(KafkaError),
 }
@@ -34,7 +47,9 @@ impl From<KafkaError> for AdminError {
 /// How topics that kser creates are laid out.
 #[derive(Debug, Clone, Copy)]
 pub struct TopicLayout {
+    /// How many partitions.
     pub partitions: i32,
+    /// How many replicas of each partition.
     pub replication_factor: i32,
 }
 

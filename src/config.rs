@@ -23,14 +23,22 @@ pub enum ConfigError {
     /// librdkafka refused a property (an unknown name, a value out of
     /// range); the reason has every secret value masked.
     #[error("Kafka property '{key}' refused: {reason}")]
-    Refused { key: String, reason: String },
+    Refused {
+        /// The property.
+        key: String,
+        /// Why, secrets masked.
+        reason: String,
+    },
 }
 
 /// Which kind of client a configuration is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientRole {
+    /// A worker's consumer, or a reader of a topic.
     Consumer,
+    /// A producer (`send`, the worker's next steps and dead letters).
     Producer,
+    /// An admin client (topic creation, broker checks).
     Admin,
 }
 

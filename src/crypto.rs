@@ -45,23 +45,37 @@ pub enum KeyError {
     #[error(
         "{name} is not valid base64; it must be the base64 of 32 random bytes (e.g. `openssl rand -base64 32`)"
     )]
-    NotBase64 { name: &'static str },
+    /// The key is not base64.
+    NotBase64 {
+        /// The variable holding it.
+        name: &'static str,
+    },
     #[error(
         "{name} decodes to {len} bytes; it must be the base64 of 32 random bytes (e.g. `openssl rand -base64 32`)"
     )]
-    WrongLength { name: &'static str, len: usize },
+    /// The key is not 32 bytes.
+    WrongLength {
+        /// The variable holding it.
+        name: &'static str,
+        /// How many bytes it decodes to.
+        len: usize,
+    },
 }
 
 /// Why an encrypted record could not be read. Says nothing of its content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecryptError {
+    /// No key is configured.
     #[error("cannot decrypt: the record is encrypted (kser-crypto) and {KEY_VARIABLE} is not set")]
     NoKey,
+    /// A field of the envelope is not base64.
     #[error("cannot decrypt: field `{0}` is not valid base64")]
     NotBase64(&'static str),
+    /// The nonce is not 24 bytes.
     #[error("cannot decrypt: the nonce is {0} bytes, expected 24")]
     NonceLength(usize),
+    /// Authentication failed: another key, or altered bytes.
     #[error("cannot decrypt: wrong key, or the record was altered")]
     Rejected,
 }

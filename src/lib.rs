@@ -59,6 +59,8 @@
 //! - [`web`]: the web console and its JSON API (`serve`, `worker --http`).
 //! - [`cli`]: the command line shared by `kser` and user binaries.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod cli;
 pub mod config;

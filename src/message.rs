@@ -55,14 +55,19 @@ impl Message {
 /// `stderr` and details in `retval.error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {
+    /// The uuid of the task it is the result of (a new one when missing).
     #[serde(default = "new_uuid", deserialize_with = "null_as_new_uuid")]
     pub uuid: String,
+    /// 0 for success; anything else is a failure.
     #[serde(default, deserialize_with = "null_as_default")]
     pub retcode: i32,
+    /// What the task says it did.
     #[serde(default, deserialize_with = "null_as_default")]
     pub stdout: String,
+    /// What went wrong, for a failure.
     #[serde(default, deserialize_with = "null_as_default")]
     pub stderr: String,
+    /// Values the task returns, a JSON object (forwarded to the next step).
     #[serde(default, deserialize_with = "null_as_default")]
     pub retval: JsonObject,
 }

@@ -118,6 +118,7 @@ pub trait Operation: Send + Sync + 'static {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
+    /// The task that runs the step.
     pub entrypoint: String,
     /// Must be a JSON object.
     pub params: Value,
@@ -382,8 +383,11 @@ pub(crate) fn check_shape(steps: &[Step]) -> Result<(), String> {
 /// What an operation's hooks know about it.
 #[derive(Debug, Clone)]
 pub struct OperationContext {
+    /// The operation's uuid.
     pub uuid: String,
+    /// Its entrypoint.
     pub entrypoint: String,
+    /// Its message's metadata.
     pub metadata: JsonObject,
     /// The worker running the hook.
     pub worker: String,

@@ -18,15 +18,20 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProducerError {
+    /// librdkafka could not create the producer.
     #[error("could not create the Kafka producer: {0}")]
     Create(KafkaError),
     /// `KSER_SECRETBOX_KEY` is set but is not a key.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The broker did not take a message.
     #[error("could not send message {uuid} to topic '{topic}': {reason}")]
     Send {
+        /// The message uuid.
         uuid: String,
+        /// The topic.
         topic: String,
+        /// What librdkafka said.
         reason: String,
         /// librdkafka's error code, to tell a refusal for good from an
         /// outage.

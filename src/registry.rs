@@ -75,8 +75,11 @@ enum Kind {
 /// What `entrypoints` shows about one registered name.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct EntrypointInfo {
+    /// The name messages use.
     pub name: &'static str,
+    /// `task`, `transactional` or `operation`.
     pub kind: &'static str,
+    /// The one line it describes itself with.
     pub description: &'static str,
     /// The JSON schema of the parameters.
     pub params_schema: Value,
@@ -86,10 +89,17 @@ pub struct EntrypointInfo {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
+    /// Two tasks or operations were registered under one name.
     #[error("entrypoint '{0}' is registered twice")]
     Duplicate(&'static str),
+    /// An operation names a step no task is registered for.
     #[error("unknown entrypoint '{name}'; registered entrypoints: {}", list_or_none(.known))]
-    UnknownEntrypoint { name: String, known: Vec<String> },
+    UnknownEntrypoint {
+        /// The name asked for.
+        name: String,
+        /// The names registered.
+        known: Vec<String>,
+    },
 }
 
 fn list_or_none(names: &[String]) -> String {

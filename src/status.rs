@@ -136,8 +136,10 @@ pub async fn wait(store: &Store, uuid: &str, timeout: Duration) -> Result<Waited
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WaitError {
+    /// The message could not be sent.
     #[error(transparent)]
     Send(#[from] crate::producer::ProducerError),
+    /// The database could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
 }

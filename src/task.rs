@@ -236,7 +236,9 @@ pub struct TaskContext {
     pub forwarded: Option<TaskResult>,
     /// Where the message came from.
     pub topic: String,
+    /// Its partition.
     pub partition: i32,
+    /// Its offset.
     pub offset: i64,
     /// Which worker runs it (`host:pid`).
     pub worker: String,

@@ -43,14 +43,19 @@ pub struct TraceParent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TraceParentError {
+    /// Not four fields separated by `-`, or of the wrong lengths.
     #[error("not of the form VERSION-TRACEID-PARENTID-FLAGS")]
     Shape,
+    /// Version `ff`, which the specification forbids.
     #[error("version ff is invalid")]
     Version,
+    /// Not lowercase hexadecimal.
     #[error("not lowercase hexadecimal")]
     Hex,
+    /// An all-zero trace id.
     #[error("the trace id is all zeros")]
     ZeroTrace,
+    /// An all-zero parent id.
     #[error("the parent id is all zeros")]
     ZeroParent,
 }
@@ -135,11 +140,13 @@ impl TraceParent {
 /// to, its own span id, and the span that sent its message, if known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskTrace {
+    /// 16 bytes, never all zeros.
     pub trace_id: [u8; 16],
     /// This task's span: the parent of every message sent on its behalf.
     pub span_id: [u8; 8],
     /// The span that sent the message, when the trace was continued.
     pub parent_id: Option<[u8; 8]>,
+    /// Trace flags (bit 0: sampled), passed on as they came.
     pub flags: u8,
 }
 

@@ -12,10 +12,13 @@ use super::{Store, StoreError};
 /// How many tasks or operations are in one state.
 #[derive(Debug, Clone, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct StatusCount {
+    /// `task` or `operation`.
     #[diesel(sql_type = Text)]
     pub kind: String,
+    /// The state counted.
     #[diesel(sql_type = Text)]
     pub status: String,
+    /// How many are in it.
     #[diesel(sql_type = BigInt)]
     pub count: i64,
 }
@@ -23,10 +26,13 @@ pub struct StatusCount {
 /// Tasks that ended within one minute.
 #[derive(Debug, Clone, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct MinuteCount {
+    /// The minute's start.
     #[diesel(sql_type = Timestamptz)]
     pub minute: DateTime<Utc>,
+    /// Tasks that ended SUCCESS in it.
     #[diesel(sql_type = BigInt)]
     pub succeeded: i64,
+    /// Tasks that ended FAILED in it.
     #[diesel(sql_type = BigInt)]
     pub failed: i64,
 }
@@ -34,10 +40,13 @@ pub struct MinuteCount {
 /// Failed tasks of one entrypoint.
 #[derive(Debug, Clone, diesel::QueryableByName, Serialize, utoipa::ToSchema)]
 pub struct EntrypointFailures {
+    /// The entrypoint.
     #[diesel(sql_type = Text)]
     pub entrypoint: String,
+    /// How many of its tasks failed.
     #[diesel(sql_type = BigInt)]
     pub failed: i64,
+    /// The error of the latest one.
     #[diesel(sql_type = Nullable<Text>)]
     pub last_error: Option<String>,
 }

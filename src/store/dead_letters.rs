@@ -68,6 +68,7 @@ pub struct StoredDeadLetter {
     pub kafka_partition: i32,
     /// Its offset.
     pub kafka_offset: i64,
+    /// The record timestamp, in milliseconds.
     pub kafka_timestamp: Option<i64>,
     /// Why it was dead-lettered: `invalid_message`, `unknown_entrypoint`, `fatal`...
     pub error_kind: String,

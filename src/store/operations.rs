@@ -30,7 +30,9 @@ pub const OPERATION_METADATA_KEY: &str = "kser_operation";
 /// A build that failed has a FAILED row and no tasks.
 #[derive(Debug, Clone)]
 pub struct OperationStart {
+    /// The operation's row.
     pub operation: NewOperation,
+    /// Its steps, in order, as tasks.
     pub tasks: Vec<NewTask>,
     /// For a graph operation, each task's place in the graph (empty for a
     /// list). Its steps without dependencies are PENDING and start at
@@ -41,9 +43,13 @@ pub struct OperationStart {
 /// An operation that reached SUCCESS or FAILED, for its finish hook.
 #[derive(Debug, Clone)]
 pub struct FinishedOperation {
+    /// The operation's uuid.
     pub uuid: String,
+    /// Its entrypoint.
     pub entrypoint: String,
+    /// Its message's metadata.
     pub metadata: JsonObject,
+    /// Its result: the merged results of its steps.
     pub result: TaskResult,
 }
 
@@ -52,6 +58,7 @@ pub struct FinishedOperation {
 pub struct RunningStep {
     /// 1-based step number.
     pub step: i32,
+    /// The step's entrypoint.
     pub entrypoint: String,
 }
 
@@ -60,6 +67,7 @@ pub struct RunningStep {
 pub struct Resumed {
     /// 1-based step number (of the first step started again).
     pub step: i32,
+    /// That step's entrypoint.
     pub entrypoint: String,
     /// For a graph operation: the names of the steps started again.
     pub started: Vec<String>,

@@ -15,7 +15,9 @@ use super::{INSERT_CHUNK, Store, StoreError, outcome_query};
 /// retries in place, as it does to keep records in order).
 #[derive(Debug, Clone)]
 pub struct Retry {
+    /// The task's row: PENDING, with its next attempt's due time.
     pub row: NewTask,
+    /// The message that runs it again, through the outbox.
     pub message: Option<NewOutbox>,
 }
 

@@ -206,7 +206,9 @@ impl WorkerRow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ControlAction {
+    /// Hold back an entrypoint, or everything, until resumed.
     Pause,
+    /// Finish the running tasks, leave the group and exit.
     Drain,
 }
 

@@ -48,6 +48,7 @@ const MAX_BODY_BYTES: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConsoleError {
+    /// The producer for the actions that send could not be made.
     #[error(transparent)]
     Producer(#[from] crate::producer::ProducerError),
 }

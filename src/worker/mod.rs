@@ -95,6 +95,7 @@ const REBUILD_DELAY_MAX: Duration = Duration::from_secs(10);
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// The Kafka client settings.
     pub kafka: KafkaConfig,
     /// Topics to consume; missing ones are created with `layout`. May be
     /// empty when `topic_pattern` is set.
@@ -245,12 +246,16 @@ fn default_worker_id() -> String {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WorkerError {
+    /// A topic could not be checked or created.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The consumer could not be created or subscribed.
     #[error("Kafka consumer error: {0}")]
     Kafka(KafkaError),
+    /// The database could not be reached, migrated or checked.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The producer could not be created.
     #[error("could not create the Kafka producer: {0}")]
     Producer(#[source] crate::producer::ProducerError),
     /// A setting of [`WorkerConfig`] that cannot work.
