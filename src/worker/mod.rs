@@ -39,6 +39,7 @@ mod offsets;
 mod operations;
 mod ordering;
 mod retention;
+mod schedules;
 mod start;
 mod telemetry;
 mod topics;
@@ -757,6 +758,11 @@ impl Worker {
                 shutdown.clone(),
             ))
         });
+        let schedules = tokio::spawn(schedules::run(
+            shared.store.clone(),
+            shared.producer.clone(),
+            shutdown.clone(),
+        ));
         let watch_stop = CancellationToken::new();
         let watcher = config.topic_pattern.clone().map(|pattern| {
             let watch = topics::Watch {
@@ -806,6 +812,8 @@ impl Worker {
         if let Some(publisher) = metric_records {
             publisher.finish().await;
         }
+        // It stops at the shutdown signal; a round in progress rolls back.
+        let _ = schedules.await;
         if let Some(retention) = retention {
             // It stops at the shutdown signal, a batch cut short at most.
             let _ = retention.await;
