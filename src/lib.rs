@@ -45,6 +45,7 @@
 //! - [`operation`]: the [`Operation`] trait: a sequence of tasks.
 //! - [`registry`]: entrypoint name -> task or operation.
 //! - [`retry`]: retry policies: attempts, backoff, timeouts.
+//! - [`schedule`]: cron schedules: parsing, and which ticks fire when.
 //! - [`worker`]: consume, record, run, commit; offsets and shutdown.
 //! - [`producer`]: publishing messages.
 //! - [`crypto`]: kser-crypto's encrypted envelope (secretbox).
@@ -75,6 +76,7 @@ pub mod redact;
 pub mod registry;
 pub mod report;
 pub mod retry;
+pub mod schedule;
 pub mod status;
 pub mod store;
 pub mod task;

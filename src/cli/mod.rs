@@ -25,6 +25,7 @@ mod logging;
 mod lookup;
 pub(crate) mod output;
 mod prune;
+mod schedule;
 pub(crate) mod send;
 mod serve;
 pub(crate) mod values;
@@ -154,6 +155,9 @@ enum Command {
     /// attempts) in short batches; nothing PENDING or RUNNING, and no step
     /// of a live operation, is ever removed.
     Prune(prune::PruneArgs),
+    /// Recurring messages on a cron expression, fired by the running
+    /// workers once per tick across the fleet.
+    Schedule(schedule::ScheduleArgs),
     /// Apply the database migrations (a worker also does at start, unless
     /// --no-migrate or the database is migrated already).
     Migrate,
@@ -571,6 +575,11 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             let store = connect_sized(&global.database_url, 1).await?;
             store.check_migrated().await?;
             prune::run(args, &store).await
+        }
+        Command::Schedule(args) => {
+            let store = connect_sized(&global.database_url, 1).await?;
+            store.check_migrated().await?;
+            schedule::run(args, &store).await
         }
         Command::Migrate => {
             let store = connect_sized(&global.database_url, 1).await?;

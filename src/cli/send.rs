@@ -805,7 +805,7 @@ async fn schedule(
     published
 }
 
-fn pending_rows(messages: &[Message], topic: &str) -> Vec<NewTask> {
+pub(crate) fn pending_rows(messages: &[Message], topic: &str) -> Vec<NewTask> {
     messages
         .iter()
         .map(|message| {

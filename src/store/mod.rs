@@ -15,6 +15,7 @@ mod operations;
 mod prune;
 mod recovery;
 mod retries;
+mod schedules;
 mod schema;
 mod workers;
 
@@ -44,6 +45,7 @@ pub use prune::prune_batch_statements;
 pub use prune::{DEFAULT_PRUNE_BATCH, PRUNE_LOCK, PruneRequest, Pruned};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
+pub use schedules::{Fired, NewSchedule, ScheduleFiring, ScheduleRow};
 use schema::kser::tasks;
 pub use workers::{Beat, BeatReply, Control, ControlAction, NewWorker, WorkerRow, WorkerState};
 
@@ -76,6 +78,7 @@ const WORKER_TABLES: &[&str] = &[
     "kser.controls",
     "kser.events",
     "kser.event_deliveries",
+    "kser.schedules",
 ];
 const WORKER_TABLE_PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// The sequences behind `bigserial` ids, which inserts advance.

@@ -39,6 +39,7 @@ mod offsets;
 mod operations;
 mod ordering;
 mod retention;
+mod schedules;
 mod start;
 mod telemetry;
 mod topics;
@@ -762,6 +763,11 @@ impl Worker {
                 shutdown.clone(),
             ))
         });
+        let schedules = tokio::spawn(schedules::run(
+            shared.store.clone(),
+            shared.producer.clone(),
+            shutdown.clone(),
+        ));
         let watch_stop = CancellationToken::new();
         let watcher = config.topic_pattern.clone().map(|pattern| {
             let watch = topics::Watch {
@@ -811,6 +817,8 @@ impl Worker {
         if let Some(publisher) = metric_records {
             publisher.finish().await;
         }
+        // It stops at the shutdown signal; a round in progress rolls back.
+        let _ = schedules.await;
         if let Some(retention) = retention {
             // It stops at the shutdown signal, a batch cut short at most.
             let _ = retention.await;
