@@ -19,27 +19,34 @@ const FIRE_BATCH: i64 = 100;
 /// One row of `kser.schedules`.
 #[derive(Debug, Clone, QueryableByName, Serialize)]
 pub struct ScheduleRow {
+    /// Its name, unique.
     #[diesel(sql_type = Text)]
     pub name: String,
     /// The cron expression.
     #[diesel(sql_type = Text)]
     pub cron: String,
+    /// The entrypoint each tick sends.
     #[diesel(sql_type = Text)]
     pub entrypoint: String,
+    /// The parameters each tick sends, a JSON object.
     #[diesel(sql_type = Jsonb)]
     pub params: serde_json::Value,
+    /// The topic the messages go to.
     #[diesel(sql_type = Text)]
     pub topic: String,
     /// The missed-tick policy, `skip` or `once`.
     #[diesel(sql_type = Text)]
     pub missed: String,
+    /// Whether it is paused (no tick fires).
     #[diesel(sql_type = Bool)]
     pub paused: bool,
     /// The next tick not fired yet.
     #[diesel(sql_type = Timestamptz)]
     pub next_at: DateTime<Utc>,
+    /// When it fired last.
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub last_fired_at: Option<DateTime<Utc>>,
+    /// When it was added.
     #[diesel(sql_type = Timestamptz)]
     pub created_at: DateTime<Utc>,
 }
@@ -47,11 +54,17 @@ pub struct ScheduleRow {
 /// A schedule to add.
 #[derive(Debug, Clone)]
 pub struct NewSchedule {
+    /// Its name, unique.
     pub name: String,
+    /// The cron expression (5 fields, or 6 with seconds first).
     pub cron: String,
+    /// The entrypoint each tick sends.
     pub entrypoint: String,
+    /// The parameters each tick sends, a JSON object.
     pub params: serde_json::Value,
+    /// The topic the messages go to.
     pub topic: String,
+    /// The missed-tick policy, `skip` or `once`.
     pub missed: String,
     /// Its first tick.
     pub next_at: DateTime<Utc>,
@@ -62,13 +75,16 @@ pub struct NewSchedule {
 /// (its expression has no tick left).
 #[derive(Debug, Clone)]
 pub struct ScheduleFiring {
+    /// Each tick to fire: its PENDING task and the message that runs it.
     pub messages: Vec<(NewTask, NewOutbox)>,
+    /// The tick to wait for next.
     pub next_at: Option<DateTime<Utc>>,
 }
 
 /// A schedule fired by [`Store::fire_schedules`].
 #[derive(Debug, Clone)]
 pub struct Fired {
+    /// The schedule's name.
     pub name: String,
     /// Uuids of the tasks recorded (a tick recorded before is left out).
     pub uuids: Vec<String>,
