@@ -210,23 +210,13 @@ async fn event(
             }
         }
     }
-    let handles = |entrypoint: &str| {
-        handlers.iter().any(|(e, t)| {
-            e == name && scope.entrypoint.as_deref().is_none_or(|s| s == t) && t == entrypoint
-        })
+    // The entrypoint is in scope and handles the event.
+    let handles = |entrypoint: &str, event: &str| {
+        event == name && scope.entrypoint.as_deref().is_none_or(|s| s == entrypoint)
     };
-    if !handlers
-        .iter()
-        .any(|(e, t)| e == name && scope.entrypoint.as_deref().is_none_or(|s| s == t))
-    {
-        let known = names(
-            handlers
-                .iter()
-                .map(|(e, t)| format!("{e} ({t})"))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(String::as_str),
-        );
+    if !handlers.iter().any(|(e, t)| handles(t, e)) {
+        let known: Vec<String> = handlers.iter().map(|(e, t)| format!("{e} ({t})")).collect();
+        let known = names(known.iter().map(String::as_str));
         match &scope.entrypoint {
             Some(entrypoint) => bail!(
                 "{} handles no event '{}' here; events handled: {known}",
@@ -250,7 +240,7 @@ async fn event(
     // The running workers with a task that handles it.
     let expected: BTreeSet<&str> = targets
         .iter()
-        .filter(|w| w.events().any(|(t, e)| e == name && handles(t)))
+        .filter(|w| w.events().any(|(t, e)| handles(t, e)))
         .map(|w| w.id.as_str())
         .collect();
     outln!(

@@ -885,48 +885,36 @@ impl Shared {
             let started = std::time::Instant::now();
             let written = write().await;
             telemetry::wrote(what, started.elapsed());
-            match written {
+            let err = match written {
                 Ok(value) => return Some(Ok(value)),
-                Err(err) if err.is_permanent() => return Some(Err(err)),
-                Err(err) if err.recovery() == Recovery::Unclassified => {
-                    match self.store.probe_write().await {
-                        Ok(()) => {
-                            tracing::warn!(error = %err, "could not {what}: Postgres refused the statement with an error kser does not know, while it takes a known-good write; the statement is at fault, so it is not retried");
-                            return Some(Err(err));
-                        }
-                        Err(probe) => {
-                            tracing::warn!(error = %err, probe = %probe, retry_in_ms = delay.as_millis() as u64, "could not {what}, nor write a known-good row; retrying");
-                            tokio::select! {
-                                () = self.abandon.cancelled() => return None,
-                                () = tokio::time::sleep(delay) => {}
-                            }
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
+                Err(err) => err,
+            };
+            let retry_in_ms = delay.as_millis() as u64;
+            match err.recovery() {
+                Recovery::Permanent => return Some(Err(err)),
+                Recovery::Unclassified => match self.store.probe_write().await {
+                    Ok(()) => {
+                        tracing::warn!(error = %err, "could not {what}: Postgres refused the statement with an error kser does not know, while it takes a known-good write; the statement is at fault, so it is not retried");
+                        return Some(Err(err));
                     }
-                }
+                    Err(probe) => {
+                        tracing::warn!(error = %err, probe = %probe, retry_in_ms, "could not {what}, nor write a known-good row; retrying")
+                    }
+                },
                 // A grant revoked while the worker runs: an operator's fix,
                 // so waited out, but said as what it is.
-                Err(err) if err.to_string().contains("permission denied") => {
-                    tracing::error!(
-                        error = %err, retry_in_ms = delay.as_millis() as u64,
-                        "could not {what}: the worker's role lacks a privilege; {}; retrying until it is granted (see README, \"Least privilege\")",
-                        crate::store::WORKER_PRIVILEGES
-                    );
-                    tokio::select! {
-                        () = self.abandon.cancelled() => return None,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "could not {what}; retrying");
-                    tokio::select! {
-                        () = self.abandon.cancelled() => return None,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                _ if err.to_string().contains("permission denied") => tracing::error!(
+                    error = %err, retry_in_ms,
+                    "could not {what}: the worker's role lacks a privilege; {}; retrying until it is granted (see README, \"Least privilege\")",
+                    crate::store::WORKER_PRIVILEGES
+                ),
+                _ => tracing::warn!(error = %err, retry_in_ms, "could not {what}; retrying"),
             }
+            tokio::select! {
+                () = self.abandon.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
