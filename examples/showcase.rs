@@ -14,6 +14,9 @@
 //! - `showcase.Fail {"reason", "retcode"?}`: fails for good with that retcode.
 //! - `showcase.Panic {}`: panics; the worker records it and carries on.
 //! - `showcase.Sleep {"ms"}`: sleeps, for concurrency and shutdown tests.
+//! - `showcase.Limited {"ms"}`: sleeps; `MAX_CONCURRENCY` 2 across the fleet.
+//! - `showcase.Render {"ms"}` / `showcase.Train {"ms"}`: sleep holding 1 / 2
+//!   units of the `gpu` pool (capacity 2).
 //! - `showcase.Hooked {}`: fails in `before_run`, so `run` never runs.
 //! - `showcase.Flaky {"flag"}`: fails until the file `flag` exists.
 //! - `showcase.FailTimes {"times"}`: fails (retryably) on its first `times`
@@ -218,6 +221,49 @@ impl Task for Sleep {
         journal(ctx);
         tokio::time::sleep(Duration::from_millis(params.ms)).await;
         Ok(TaskResult::ok().with_value("slept_ms", params.ms))
+    }
+}
+
+/// At most two run at once across every worker sharing the database.
+struct Limited;
+
+impl Task for Limited {
+    const ENTRYPOINT: &'static str = "showcase.Limited";
+    const DESCRIPTION: &'static str =
+        "Sleeps for `ms` milliseconds; at most 2 at once across the fleet";
+    const MAX_CONCURRENCY: Option<u32> = Some(2);
+    type Params = SleepParams;
+
+    async fn run(&self, ctx: &TaskContext, params: SleepParams) -> Result<TaskResult, TaskError> {
+        Sleep.run(ctx, params).await
+    }
+}
+
+/// Holds one unit of the `gpu` pool (capacity 2) while it runs.
+struct Render;
+
+impl Task for Render {
+    const ENTRYPOINT: &'static str = "showcase.Render";
+    const DESCRIPTION: &'static str = "Sleeps for `ms` milliseconds holding 1 gpu";
+    const ACQUIRES: &'static [(&'static str, u32)] = &[("gpu", 1)];
+    type Params = SleepParams;
+
+    async fn run(&self, ctx: &TaskContext, params: SleepParams) -> Result<TaskResult, TaskError> {
+        Sleep.run(ctx, params).await
+    }
+}
+
+/// Holds both units of the `gpu` pool while it runs.
+struct Train;
+
+impl Task for Train {
+    const ENTRYPOINT: &'static str = "showcase.Train";
+    const DESCRIPTION: &'static str = "Sleeps for `ms` milliseconds holding 2 gpus";
+    const ACQUIRES: &'static [(&'static str, u32)] = &[("gpu", 2)];
+    type Params = SleepParams;
+
+    async fn run(&self, ctx: &TaskContext, params: SleepParams) -> Result<TaskResult, TaskError> {
+        Sleep.run(ctx, params).await
     }
 }
 
@@ -496,6 +542,10 @@ fn main() -> ExitCode {
         .and_then(|r| r.register(Sized))
         .and_then(|r| r.register(Panic))
         .and_then(|r| r.register(Sleep))
+        .and_then(|r| r.register(Limited))
+        .and_then(|r| r.register(Render))
+        .and_then(|r| r.register(Train))
+        .and_then(|r| r.pool("gpu", 2))
         .and_then(|r| r.register(Hooked))
         .and_then(|r| r.register(Flaky))
         .and_then(|r| r.register(Append))

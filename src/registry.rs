@@ -38,6 +38,11 @@ pub struct Registry {
     entries: BTreeMap<&'static str, Entry>,
     /// The custom events each task handles ([`Task::EVENTS`]).
     events: BTreeMap<&'static str, EventEntry>,
+    /// The pools each limited task needs a lease on, with units.
+    needs: BTreeMap<&'static str, Vec<(String, i32)>>,
+    /// Every pool's capacity: those declared with [`Registry::pool`], and
+    /// `entrypoint:NAME` for each task's [`Task::MAX_CONCURRENCY`].
+    pools: BTreeMap<String, i32>,
 }
 
 /// Delivers a custom event to one task's [`Task::on_event`].
@@ -83,6 +88,11 @@ pub struct EntrypointInfo {
     pub description: &'static str,
     /// The JSON schema of the parameters.
     pub params_schema: Value,
+    /// How many runs of it may run at once across the fleet, if limited
+    /// ([`Task::MAX_CONCURRENCY`]).
+    pub max_concurrency: Option<u32>,
+    /// The resource pools each run holds units of ([`Task::ACQUIRES`]).
+    pub acquires: BTreeMap<&'static str, u32>,
 }
 
 /// Errors from building or using a [`Registry`].
@@ -100,6 +110,11 @@ pub enum RegistryError {
         /// The names registered.
         known: Vec<String>,
     },
+    /// A limit or a resource pool that cannot work: an undeclared pool, a
+    /// capacity of 0, more units than the pool has, a pool declared twice
+    /// with two capacities.
+    #[error("{0}")]
+    Limit(String),
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -139,7 +154,10 @@ impl Registry {
             kind: "task",
             description: T::DESCRIPTION,
             params_schema: schemars::schema_for!(T::Params).to_value(),
+            max_concurrency: T::MAX_CONCURRENCY,
+            acquires: T::ACQUIRES.iter().copied().collect(),
         };
+        self.limit(T::ENTRYPOINT, T::MAX_CONCURRENCY, T::ACQUIRES)?;
         if !T::EVENTS.is_empty() {
             let handler: EventHandler = Arc::new(move |event| {
                 let task = Arc::clone(&task);
@@ -226,7 +244,10 @@ impl Registry {
             kind: "transactional task",
             description: T::DESCRIPTION,
             params_schema: schemars::schema_for!(T::Params).to_value(),
+            max_concurrency: T::MAX_CONCURRENCY,
+            acquires: T::ACQUIRES.iter().copied().collect(),
         };
+        self.limit(T::ENTRYPOINT, T::MAX_CONCURRENCY, T::ACQUIRES)?;
         let kind = Kind::Transactional { handler, validate };
         self.entries
             .insert(T::ENTRYPOINT, Entry { info, kind, retry });
@@ -300,6 +321,8 @@ impl Registry {
             kind: "operation",
             description: O::DESCRIPTION,
             params_schema: schemars::schema_for!(O::Params).to_value(),
+            max_concurrency: None,
+            acquires: BTreeMap::new(),
         };
         let kind = Kind::Operation { build, finished };
         let entry = Entry {
@@ -309,6 +332,120 @@ impl Registry {
         };
         self.entries.insert(O::ENTRYPOINT, entry);
         Ok(self)
+    }
+
+    /// Declares resource pool `name` with `capacity` units, shared by the
+    /// whole fleet: a task that lists it in [`Task::ACQUIRES`] runs only
+    /// while it holds its units. Every worker declaring a pool should give
+    /// it the same capacity; the worker started last sets it in Postgres.
+    ///
+    /// ```
+    /// let mut registry = kser::Registry::new();
+    /// registry.pool("gpu", 2)?;
+    /// # Ok::<(), kser::RegistryError>(())
+    /// ```
+    pub fn pool(&mut self, name: &str, capacity: u32) -> Result<&mut Self, RegistryError> {
+        if name.is_empty() || name.starts_with("entrypoint:") {
+            return Err(RegistryError::Limit(format!(
+                "pool name '{name}' is not allowed: names starting with 'entrypoint:' hold MAX_CONCURRENCY limits"
+            )));
+        }
+        if capacity == 0 {
+            return Err(RegistryError::Limit(format!(
+                "pool '{name}' has capacity 0: no task needing it could ever run"
+            )));
+        }
+        let capacity = i32::try_from(capacity).unwrap_or(i32::MAX);
+        match self.pools.get(name) {
+            Some(declared) if *declared != capacity => Err(RegistryError::Limit(format!(
+                "pool '{name}' is declared twice, with capacities {declared} and {capacity}"
+            ))),
+            _ => {
+                self.pools.insert(name.to_owned(), capacity);
+                Ok(self)
+            }
+        }
+    }
+
+    /// Records what task `entrypoint` needs a lease on before it runs.
+    fn limit(
+        &mut self,
+        entrypoint: &'static str,
+        max_concurrency: Option<u32>,
+        acquires: &'static [(&'static str, u32)],
+    ) -> Result<(), RegistryError> {
+        let mut needs = Vec::new();
+        if let Some(max) = max_concurrency {
+            if max == 0 {
+                return Err(RegistryError::Limit(format!(
+                    "{entrypoint} has MAX_CONCURRENCY 0: it could never run"
+                )));
+            }
+            let pool = crate::store::entrypoint_pool(entrypoint);
+            self.pools
+                .insert(pool.clone(), i32::try_from(max).unwrap_or(i32::MAX));
+            needs.push((pool, 1));
+        }
+        for (pool, units) in acquires {
+            if *units == 0 {
+                return Err(RegistryError::Limit(format!(
+                    "{entrypoint} acquires 0 units of '{pool}'"
+                )));
+            }
+            if needs.iter().any(|(name, _)| name == pool) {
+                return Err(RegistryError::Limit(format!(
+                    "{entrypoint} acquires '{pool}' twice"
+                )));
+            }
+            needs.push((
+                (*pool).to_owned(),
+                i32::try_from(*units).unwrap_or(i32::MAX),
+            ));
+        }
+        if !needs.is_empty() {
+            self.needs.insert(entrypoint, needs);
+        }
+        Ok(())
+    }
+
+    /// Checks that every pool a task acquires is declared with
+    /// [`pool`](Self::pool) and has room for one run: a worker refuses to
+    /// start otherwise, since such a task would wait forever.
+    pub fn check_limits(&self) -> Result<(), RegistryError> {
+        for (entrypoint, needs) in &self.needs {
+            for (pool, units) in needs {
+                match self.pools.get(pool) {
+                    None => {
+                        return Err(RegistryError::Limit(format!(
+                            "{entrypoint} acquires pool '{pool}', which is not declared: add registry.pool(\"{pool}\", CAPACITY)"
+                        )));
+                    }
+                    Some(capacity) if units > capacity => {
+                        return Err(RegistryError::Limit(format!(
+                            "{entrypoint} acquires {units} units of pool '{pool}', which has {capacity}: it could never run"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pools task `entrypoint` needs a lease on, with units; empty for
+    /// an unlimited or unknown one.
+    pub(crate) fn needs(&self, entrypoint: &str) -> &[(String, i32)] {
+        self.needs.get(entrypoint).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether any task has a limit.
+    pub(crate) fn has_limits(&self) -> bool {
+        !self.needs.is_empty()
+    }
+
+    /// Every pool this registry declares, with its capacity.
+    pub(crate) fn pools(&self) -> &BTreeMap<String, i32> {
+        &self.pools
     }
 
     /// The retry policy task `name` declared, if any.
@@ -718,5 +855,76 @@ mod tests {
         let info: Vec<_> = registry.entrypoints().collect();
         assert_eq!(info.len(), 1);
         assert_eq!(info[0].params_schema["required"], json!(["a"]));
+    }
+
+    struct Gpu;
+
+    impl Task for Gpu {
+        const ENTRYPOINT: &'static str = "ml.Gpu";
+        const MAX_CONCURRENCY: Option<u32> = Some(3);
+        const ACQUIRES: &'static [(&'static str, u32)] = &[("gpu", 2)];
+        type Params = JsonObject;
+
+        async fn run(&self, _: &TaskContext, _: JsonObject) -> Result<TaskResult, TaskError> {
+            Ok(TaskResult::ok())
+        }
+    }
+
+    struct Never;
+
+    impl Task for Never {
+        const ENTRYPOINT: &'static str = "ml.Never";
+        const MAX_CONCURRENCY: Option<u32> = Some(0);
+        type Params = JsonObject;
+
+        async fn run(&self, _: &TaskContext, _: JsonObject) -> Result<TaskResult, TaskError> {
+            Ok(TaskResult::ok())
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_before_a_worker_starts() {
+        let mut registry = Registry::new();
+        registry.register(Gpu).expect("register");
+        assert!(registry.has_limits());
+        let undeclared = registry.check_limits().unwrap_err().to_string();
+        assert!(
+            undeclared.contains("'gpu', which is not declared"),
+            "{undeclared}"
+        );
+
+        registry.pool("gpu", 1).expect("pool");
+        let too_small = registry.check_limits().unwrap_err().to_string();
+        assert!(
+            too_small.contains("2 units of pool 'gpu', which has 1"),
+            "{too_small}"
+        );
+
+        let twice = registry
+            .pool("gpu", 4)
+            .err()
+            .expect("two capacities")
+            .to_string();
+        assert!(twice.contains("declared twice"), "{twice}");
+
+        let mut registry = Registry::new();
+        registry.register(Gpu).expect("register");
+        registry.pool("gpu", 2).expect("pool");
+        registry.check_limits().expect("fits");
+        assert_eq!(
+            registry.needs("ml.Gpu"),
+            [("entrypoint:ml.Gpu".to_owned(), 1), ("gpu".to_owned(), 2)]
+        );
+        assert_eq!(registry.pools().get("entrypoint:ml.Gpu"), Some(&3));
+        assert!(registry.needs("ml.Other").is_empty());
+
+        let never = Registry::new()
+            .register(Never)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(never.contains("MAX_CONCURRENCY 0"), "{never}");
+        assert!(Registry::new().pool("entrypoint:x", 1).is_err());
+        assert!(Registry::new().pool("gpu", 0).is_err());
     }
 }

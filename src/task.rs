@@ -46,6 +46,20 @@ pub trait Task: Send + Sync + 'static {
     const ENTRYPOINT: &'static str;
     /// One line for `entrypoints`.
     const DESCRIPTION: &'static str = "";
+
+    /// How many runs of this task may run at once across the whole fleet
+    /// (every worker sharing the database), whatever each worker's
+    /// `--concurrency`; `None` (the default) is no limit. A task over the
+    /// limit waits its turn in Postgres (`kser.waiters`), in arrival order,
+    /// without holding its partition back.
+    const MAX_CONCURRENCY: Option<u32> = None;
+
+    /// Units of resource pools each run holds while it runs, e.g.
+    /// `&[("gpu", 1)]`; each pool is declared with its capacity by
+    /// [`Registry::pool`](crate::Registry::pool). A run starts only once it
+    /// holds all of them; they are released when its outcome is recorded,
+    /// or expire if its worker dies.
+    const ACQUIRES: &'static [(&'static str, u32)] = &[];
     /// The task's parameters; use `#[serde(default)]` for optional ones.
     type Params: DeserializeOwned + JsonSchema + Send + 'static;
 
@@ -203,6 +217,20 @@ pub trait TransactionalTask: Send + Sync + 'static {
     const ENTRYPOINT: &'static str;
     /// One line for `entrypoints`.
     const DESCRIPTION: &'static str = "";
+
+    /// How many runs of this task may run at once across the whole fleet
+    /// (every worker sharing the database), whatever each worker's
+    /// `--concurrency`; `None` (the default) is no limit. A task over the
+    /// limit waits its turn in Postgres (`kser.waiters`), in arrival order,
+    /// without holding its partition back.
+    const MAX_CONCURRENCY: Option<u32> = None;
+
+    /// Units of resource pools each run holds while it runs, e.g.
+    /// `&[("gpu", 1)]`; each pool is declared with its capacity by
+    /// [`Registry::pool`](crate::Registry::pool). A run starts only once it
+    /// holds all of them; they are released when its outcome is recorded,
+    /// or expire if its worker dies.
+    const ACQUIRES: &'static [(&'static str, u32)] = &[];
     /// The task's parameters.
     type Params: DeserializeOwned + JsonSchema + Send + 'static;
 

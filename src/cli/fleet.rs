@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::output::{add_row, new_table, printable};
 use crate::registry::Registry;
-use crate::store::{ControlAction, Store, WorkerRow};
+use crate::store::{ControlAction, PoolRow, Store, WorkerRow};
 
 #[derive(Debug, Args)]
 pub(super) struct ControlArgs {
@@ -428,6 +428,47 @@ fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
 }
 
 /// The fleet for people: one row per worker.
+/// `kser pools`: each pool's capacity, units in use, and tasks waiting.
+pub(super) async fn pools(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = store.pools().await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        outln!(
+            "no pools: a worker records its tasks' MAX_CONCURRENCY and ACQUIRES pools when it starts"
+        );
+    } else {
+        outln!("{}", pools_table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pools_table(rows: &[PoolRow]) -> String {
+    let mut table = new_table(&[
+        "POOL",
+        "CAPACITY",
+        "IN USE",
+        "LEASES",
+        "WAITING",
+        "OLDEST WAIT",
+    ]);
+    for row in rows {
+        add_row(
+            &mut table,
+            vec![
+                printable(&row.name).into_owned(),
+                row.capacity.to_string(),
+                row.in_use.to_string(),
+                row.leases.to_string(),
+                row.waiting.to_string(),
+                row.oldest_wait_s
+                    .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}s")),
+            ],
+        );
+    }
+    table.to_string()
+}
+
 fn workers_table(rows: &[WorkerRow]) -> String {
     let mut table = new_table(&[
         "WORKER",

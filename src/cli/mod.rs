@@ -169,6 +169,14 @@ enum Command {
     },
     /// Steer running workers: pause or resume entrypoints, drain a worker.
     Control(fleet::ControlArgs),
+    /// Show the limits across the fleet: each pool (a task's
+    /// MAX_CONCURRENCY, a resource pool its tasks ACQUIRE) with its
+    /// capacity, the units in use and the tasks waiting for room.
+    Pools {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the web console and its JSON API (see /api/v1/openapi.json).
     Serve(serve::ServeArgs),
     /// List the registered entrypoints and the parameters they expect.
@@ -595,6 +603,10 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::Workers { json } => {
             let store = connect(&global.database_url).await?;
             fleet::workers(&store, json).await
+        }
+        Command::Pools { json } => {
+            let store = connect(&global.database_url).await?;
+            fleet::pools(&store, json).await
         }
         Command::Control(args) => {
             let store = connect(&global.database_url).await?;

@@ -12,6 +12,7 @@ mod events;
 mod graph;
 mod models;
 mod operations;
+mod pools;
 mod prune;
 mod recovery;
 mod retries;
@@ -41,6 +42,7 @@ pub use operations::{
     FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,
 };
 #[doc(hidden)]
+pub use pools::{Admission, LeaseRequest, PoolRow, entrypoint_pool};
 pub use prune::prune_batch_statements;
 pub use prune::{DEFAULT_PRUNE_BATCH, PRUNE_LOCK, PruneRequest, Pruned};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
@@ -79,10 +81,18 @@ const WORKER_TABLES: &[&str] = &[
     "kser.events",
     "kser.event_deliveries",
     "kser.schedules",
+    "kser.steps",
+    "kser.pools",
+    "kser.leases",
+    "kser.waiters",
 ];
 const WORKER_TABLE_PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// The sequences behind `bigserial` ids, which inserts advance.
-const WORKER_SEQUENCES: &[&str] = &["kser.outbox_id_seq", "kser.dead_letters_id_seq"];
+const WORKER_SEQUENCES: &[&str] = &[
+    "kser.outbox_id_seq",
+    "kser.dead_letters_id_seq",
+    "kser.waiters_seq_seq",
+];
 
 /// How long to wait for a connection before calling the database unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

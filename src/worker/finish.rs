@@ -133,6 +133,16 @@ impl Shared {
                     }
                 }
             }
+            // Their outcomes are written: their room in the pools is free.
+            self.release_leases(
+                by_kind
+                    .iter()
+                    .flat_map(|(_, rows)| rows)
+                    .chain(&committed)
+                    .chain(retries.iter().map(|r| &r.row))
+                    .map(|row| row.uuid.as_str()),
+            )
+            .await;
             self.release(&positions);
             for lane in done_lanes {
                 self.lane_done(lane);

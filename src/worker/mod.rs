@@ -34,6 +34,7 @@ mod execute;
 mod finish;
 mod fleet;
 mod intake;
+mod limits;
 mod metrics_topic;
 mod offsets;
 mod operations;
@@ -428,6 +429,10 @@ pub struct WorkerStats {
     /// the deadline, or fetched and not started. They will be delivered
     /// again.
     pub abandoned: u64,
+    /// Tasks that found no room in their pools (`MAX_CONCURRENCY`,
+    /// `ACQUIRES`) and were parked in Postgres; each runs when it is sent
+    /// again.
+    pub waited: u64,
 }
 
 #[derive(Default)]
@@ -438,6 +443,7 @@ struct Counters {
     retried: AtomicU64,
     skipped: AtomicU64,
     rejected: AtomicU64,
+    waited: AtomicU64,
 }
 
 impl Counters {
@@ -454,6 +460,7 @@ impl Counters {
             skipped: self.skipped.load(atomic::Ordering::Relaxed),
             rejected: self.rejected.load(atomic::Ordering::Relaxed),
             abandoned: 0,
+            waited: self.waited.load(atomic::Ordering::Relaxed),
         }
     }
 }
@@ -600,6 +607,11 @@ struct Shared {
     buffered_budget: u64,
     /// `--metrics-topic`: a record per finished task.
     metrics_topic: Option<metrics_topic::MetricsTopic>,
+    /// Tasks holding leases on pools (limits across the fleet), until
+    /// their outcome is written.
+    leased: Mutex<HashSet<String>>,
+    /// How long a lease lasts unless renewed: the fleet's `lost_after`.
+    lease_ttl: Duration,
 }
 
 impl Worker {
@@ -618,6 +630,11 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
         let config = self.config;
         config.validate()?;
+        self.registry
+            .check_limits()
+            .map_err(|err| WorkerError::Config(err.to_string()))?;
+        // Capacities as this worker's code declares them.
+        self.store.declare_pools(self.registry.pools()).await?;
         // A drain (`kser control drain`) stops this worker as a signal would.
         let shutdown = shutdown.child_token();
         let mut topics = config.topics.clone();
@@ -705,6 +722,8 @@ impl Worker {
             )),
             buffered_budget: budget.pipeline_bytes,
             metrics_topic,
+            leased: Mutex::new(HashSet::new()),
+            lease_ttl: config.fleet.lost_after,
         });
 
         // Pauses in force when the worker starts apply to its first record.
@@ -756,6 +775,12 @@ impl Worker {
         });
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(Arc::clone(&shared).relay(relay_stop.clone()));
+        // Leases are renewed until the last running task has ended.
+        let leases_stop = CancellationToken::new();
+        let leases = shared
+            .registry
+            .has_limits()
+            .then(|| tokio::spawn(Arc::clone(&shared).leases(leases_stop.clone())));
         let retention = config.retention.clone().map(|retention| {
             tokio::spawn(retention::run(
                 shared.store.clone(),
@@ -822,6 +847,10 @@ impl Worker {
         if let Some(retention) = retention {
             // It stops at the shutdown signal, a batch cut short at most.
             let _ = retention.await;
+        }
+        leases_stop.cancel();
+        if let Some(leases) = leases {
+            let _ = leases.await;
         }
         let mut stats = shared.counters.snapshot();
         if drained.is_err() {

@@ -198,7 +198,7 @@ impl Shared {
 
     /// Drops candidates that will not start here (the worker is stopping):
     /// they and the copies of their messages are delivered again.
-    fn abandon(&self, candidates: impl IntoIterator<Item = Candidate>) {
+    pub(super) fn abandon(&self, candidates: impl IntoIterator<Item = Candidate>) {
         for candidate in candidates {
             self.forget_in_flight(&candidate.message.uuid, false);
         }
@@ -363,10 +363,18 @@ impl Shared {
             self.abandon(group);
             return Vec::new();
         };
+        // Tasks with limits across the fleet take their leases, or wait in
+        // Postgres (and leave the group) when there is no room.
+        let (claimed, others): (Vec<Candidate>, Vec<Candidate>) = group
+            .into_iter()
+            .partition(|c| matches!(started.get(&c.message.uuid), Some(Ok(_))));
+        let mut group = self.take_leases(claimed, finish_tx).await;
+        group.extend(others);
         let now = Utc::now();
         let mark_at = tokio::time::Instant::now() + self.running_after;
         let mut ready = Vec::with_capacity(started.len());
         let mut already_final = Vec::new();
+        let mut finished_limited = Vec::new();
         for candidate in group {
             match started.remove(&candidate.message.uuid) {
                 Some(Ok(started)) => {
@@ -411,6 +419,13 @@ impl Shared {
                     }
                 }
                 None => {
+                    if !self
+                        .registry
+                        .needs(&candidate.message.entrypoint)
+                        .is_empty()
+                    {
+                        finished_limited.push(candidate.message.uuid.clone());
+                    }
                     tracing::info!(task.uuid = %candidate.message.uuid, "task already finished; not run again");
                     // The copies that came meanwhile are done with too.
                     self.forget_in_flight(&candidate.message.uuid, true);
@@ -423,6 +438,9 @@ impl Shared {
         }
         Counters::add(&self.counters.skipped, already_final.len());
         self.release(&already_final);
+        // A woken task may find itself final (cancelled meanwhile): the
+        // room kept for it is free again.
+        self.free_leases(&finished_limited).await;
         ready
     }
 

@@ -1,0 +1,3 @@
+DROP TABLE kser.waiters;
+DROP TABLE kser.leases;
+DROP TABLE kser.pools;
