@@ -170,7 +170,7 @@ impl Shared {
     /// final state commit together. A failed run rolls back and comes back
     /// to be recorded (or retried) like any task's; a lost connection runs
     /// the attempt again once the database is back.
-    pub(super) async fn execute_transactional(&self, task: Ready) -> Transacted {
+    async fn execute_transactional(&self, task: Ready) -> Transacted {
         let mut delay = Duration::from_millis(100);
         let mut failures = 0;
         let Ok(_slot) = self.transactions.acquire().await else {
@@ -234,11 +234,7 @@ impl Shared {
     /// Records a failed attempt of an ordered task and waits out its
     /// backoff. `Final` when the task cannot be retried after all (the row
     /// then says FAILED, or the attempt was fenced), `Stop` on shutdown.
-    pub(super) async fn retry_in_place(
-        &self,
-        row: &mut NewTask,
-        shutdown: &CancellationToken,
-    ) -> InPlace {
+    async fn retry_in_place(&self, row: &mut NewTask, shutdown: &CancellationToken) -> InPlace {
         let retry = Retry {
             row: row.clone(),
             message: None,
@@ -475,4 +471,52 @@ mod fault {
             panic!("fault injected after {entrypoint} ran (KSER_FAULT_PANIC_AFTER_RUN)");
         }
     }
+}
+
+/// Who finishes a task once its run ends.
+enum Handed {
+    /// The finisher got its outcome.
+    ToFinisher,
+    /// Nothing to write: it is final, or a newer attempt runs elsewhere.
+    Done,
+    /// The worker is stopping; it will be delivered again.
+    Abandoned,
+}
+
+/// What became of a transactional task.
+enum Transacted {
+    /// It failed (its writes rolled back): record this row, or retry.
+    Ran(NewTask, Option<NewOutbox>),
+    /// It succeeded: its writes and its SUCCESS are committed; the
+    /// operation its step ended, if any.
+    Committed(NewTask, Option<FinishedOperation>),
+    /// A newer attempt owns the task (or it is final): rolled back.
+    Fenced(String),
+    /// The worker gave up waiting for the database at shutdown.
+    Stop,
+}
+
+/// Why a transactional task's transaction rolled back.
+enum TxAbort {
+    Ran(Box<NewTask>, Option<NewOutbox>),
+    Fenced,
+    Store(StoreError, Option<Box<NewTask>>),
+}
+
+impl From<diesel::result::Error> for TxAbort {
+    fn from(err: diesel::result::Error) -> Self {
+        Self::Store(StoreError::Query(err), None)
+    }
+}
+
+/// What became of an ordered task's failed attempt.
+enum InPlace {
+    /// Recorded, and its backoff has passed: run it again.
+    Due,
+    /// It cannot be retried after all: record the row as it is.
+    Final,
+    /// A newer attempt of the task runs elsewhere: record nothing.
+    Fenced,
+    /// The worker is stopping: leave it for redelivery.
+    Stop,
 }
