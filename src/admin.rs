@@ -126,3 +126,36 @@ pub async fn ensure_topics(
     }
     Ok(())
 }
+
+/// The longest topic name Kafka takes.
+const TOPIC_MAX: usize = 249;
+
+/// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+/// A name starting with `^` would be a regular expression to librdkafka and
+/// subscribe to whatever it matches, kser's dead-letter topics included:
+/// refused.
+pub(crate) fn topic_name(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a topic name must not be empty".to_owned());
+    }
+    if text.starts_with('^') {
+        return Err(format!(
+            "'{text}' would be a regular expression to librdkafka; list topics by name, or give a pattern with --topic-pattern"
+        ));
+    }
+    if text.len() > TOPIC_MAX {
+        return Err(format!("a topic name has at most {TOPIC_MAX} characters"));
+    }
+    if text == "." || text == ".." {
+        return Err(format!("'{text}' is not a valid topic name"));
+    }
+    if let Some(bad) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{bad:?} is not allowed in a topic name (only a-z, A-Z, 0-9, '.', '_' and '-')"
+        ));
+    }
+    Ok(text.to_owned())
+}

@@ -67,13 +67,16 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dead_letter;
+mod fleet;
 pub mod message;
 pub mod operation;
 #[cfg(feature = "otel")]
 pub mod otel;
 pub mod producer;
+mod publish;
 pub mod redact;
 pub mod registry;
+mod replay;
 pub mod report;
 pub mod retry;
 pub mod schedule;

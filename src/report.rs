@@ -8,7 +8,9 @@
 //! [`error_chain`] drops a cause whose text the line already has, whoever
 //! made the error.
 
+use std::borrow::Cow;
 use std::error::Error;
+use std::fmt::Write as _;
 
 /// `err` and its causes, joined by `: `, each cause left out when the text
 /// before it already says it.
@@ -24,6 +26,34 @@ pub fn error_chain(err: &(dyn Error + 'static)) -> String {
         source = cause.source();
     }
     line
+}
+
+/// `text` safe to print on a terminal: control characters (C0, DEL, C1) and
+/// the bidirectional overrides that reorder what is shown are written as
+/// escapes (`\n`, `\r`, `\t`, `\u{1b}`); everything else is unchanged.
+/// Every value from the database or a topic goes through it before the CLI
+/// prints it.
+pub(crate) fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]

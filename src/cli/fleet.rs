@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::output::{add_row, new_table, printable};
+use crate::fleet::{check_drain, check_target, names};
 use crate::registry::Registry;
 use crate::store::{ControlAction, PoolRow, Store, WorkerRow};
 
@@ -299,29 +300,6 @@ async fn event(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Refuses to drain a worker that is not running, naming those that are.
-pub(crate) fn check_drain(worker: &str, rows: &[WorkerRow]) -> anyhow::Result<()> {
-    let live: Vec<&WorkerRow> = rows.iter().filter(|w| w.is_live()).collect();
-    if !live.iter().any(|w| w.id == worker) {
-        let state = rows
-            .iter()
-            .find(|w| w.id == worker)
-            .map(|w| w.state.as_str());
-        let known = names(live.iter().map(|w| w.id.as_str()));
-        match state {
-            Some(state) => bail!(
-                "worker '{}' is {state}, not running; running workers: {known}",
-                printable(worker)
-            ),
-            None => bail!(
-                "unknown worker '{}'; running workers: {known}",
-                printable(worker)
-            ),
-        }
-    }
-    Ok(())
-}
-
 /// Refuses a worker or entrypoint no worker has registered, naming the
 /// known ones.
 fn check_scope(scope: &Scope, rows: &[WorkerRow], registry: &Registry) -> anyhow::Result<()> {
@@ -331,71 +309,6 @@ fn check_scope(scope: &Scope, rows: &[WorkerRow], registry: &Registry) -> anyhow
         rows,
         registry,
     )
-}
-
-/// [`check_scope`] for a worker id and an entrypoint name, each optional.
-pub(crate) fn check_target(
-    worker: Option<&str>,
-    entrypoint: Option<&str>,
-    rows: &[WorkerRow],
-    registry: &Registry,
-) -> anyhow::Result<()> {
-    let scope = Scope {
-        worker: worker.map(str::to_owned),
-        entrypoint: entrypoint.map(str::to_owned),
-    };
-    let scope = &scope;
-    let target: Vec<&WorkerRow> = match &scope.worker {
-        Some(id) => {
-            let found: Vec<_> = rows.iter().filter(|w| &w.id == id).collect();
-            if found.is_empty() {
-                bail!(
-                    "unknown worker '{}'; known workers: {}",
-                    printable(id),
-                    names(rows.iter().map(|w| w.id.as_str()))
-                );
-            }
-            found
-        }
-        None => rows.iter().collect(),
-    };
-    if let Some(name) = &scope.entrypoint {
-        let mut known: BTreeSet<&str> = target.iter().flat_map(|w| w.task_entrypoints()).collect();
-        if scope.worker.is_none() {
-            known.extend(
-                registry
-                    .entrypoints()
-                    .filter(|e| e.kind != "operation")
-                    .map(|e| e.name),
-            );
-        }
-        if !known.contains(name.as_str()) {
-            let operation = target.iter().any(|w| {
-                w.entrypoints.as_array().into_iter().flatten().any(|e| {
-                    e.get("name").and_then(Value::as_str) == Some(name)
-                        && e.get("kind").and_then(Value::as_str) == Some("operation")
-                })
-            }) || registry
-                .entrypoints()
-                .any(|e| e.name == name && e.kind == "operation");
-            let hint = if operation {
-                " (it is an operation: pause the entrypoints of its steps)"
-            } else {
-                ""
-            };
-            bail!(
-                "unknown entrypoint '{}'{hint}; {} task entrypoints: {}",
-                printable(name),
-                if scope.worker.is_some() {
-                    "the worker's"
-                } else {
-                    "known"
-                },
-                names(known.into_iter())
-            );
-        }
-    }
-    Ok(())
 }
 
 fn describe(scope: &Scope) -> String {
@@ -418,16 +331,6 @@ fn describe(scope: &Scope) -> String {
     )
 }
 
-fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    let names: Vec<String> = names.map(|n| printable(n).into_owned()).collect();
-    if names.is_empty() {
-        "(none)".to_owned()
-    } else {
-        names.join(", ")
-    }
-}
-
-/// The fleet for people: one row per worker.
 /// `kser pools`: each pool's capacity, units in use, and tasks waiting.
 pub(super) async fn pools(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
     let rows = store.pools().await?;
@@ -469,6 +372,7 @@ fn pools_table(rows: &[PoolRow]) -> String {
     table.to_string()
 }
 
+/// The fleet for people: one row per worker.
 fn workers_table(rows: &[WorkerRow]) -> String {
     let mut table = new_table(&[
         "WORKER",

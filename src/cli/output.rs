@@ -6,7 +6,6 @@
 //! cannot move the cursor, retitle the window or hide text. `--json` output
 //! is escaped by serde instead.
 
-use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
@@ -325,29 +324,7 @@ pub(super) fn entrypoint_table(entries: &[&EntrypointInfo]) -> String {
     table.to_string()
 }
 
-/// `text` safe to print on a terminal: control characters (C0, DEL, C1) and
-/// the bidirectional overrides that reorder what is shown are written as
-/// escapes (`\n`, `\r`, `\t`, `\u{1b}`); everything else is unchanged.
-/// Every value from the database or a topic goes through it before the CLI
-/// prints it.
-pub(super) fn printable(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(needs_escape) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if needs_escape(c) => {
-                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
-}
+pub(super) use crate::report::printable;
 
 /// [`printable`] line by line, for multi-line values (a task's stdout).
 fn printable_lines(text: &str) -> String {
@@ -355,10 +332,6 @@ fn printable_lines(text: &str) -> String {
         .map(printable)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn needs_escape(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Adds a row of printable cells (a cell may have several lines).
@@ -501,12 +474,15 @@ mod tests {
     fn control_characters_are_shown_not_obeyed() {
         let hostile = "a\x1b]0;owned\x07b\x1b[2Jc\rd\u{9b}31me\u{202e}f\x7f";
         let shown = printable(hostile);
-        assert!(!shown.chars().any(needs_escape), "{shown}");
+        assert!(!shown.chars().any(char::is_control), "{shown}");
         assert_eq!(
             shown,
             "a\\u{1b}]0;owned\\u{7}b\\u{1b}[2Jc\\rd\\u{9b}31me\\u{202e}f\\u{7f}"
         );
-        assert!(matches!(printable("plain · text"), Cow::Borrowed(_)));
+        assert!(matches!(
+            printable("plain · text"),
+            std::borrow::Cow::Borrowed(_)
+        ));
         assert_eq!(printable_lines("one\ntwo\x1b"), "one\ntwo\\u{1b}");
     }
 

@@ -16,7 +16,8 @@ use crate::admin::{self, TopicLayout};
 use crate::config::KafkaConfig;
 use crate::message::{JsonObject, Message, TaskResult};
 use crate::producer::Producer;
-use crate::store::{NewOutbox, NewTask, Store, TaskStatus};
+use crate::publish::{Outgoing, Target, publish};
+use crate::store::{Store, TaskStatus};
 use chrono::{DateTime, Utc};
 
 /// Messages recorded and sent together in batch mode.
@@ -122,21 +123,6 @@ struct BatchLine {
     result: Option<TaskResult>,
     #[serde(default)]
     key: Option<String>,
-}
-
-/// A message to publish, with its record key (`None`: its uuid).
-#[derive(Debug)]
-struct Outgoing {
-    message: Message,
-    key: Option<String>,
-    /// Whether the uuid came from the input rather than being generated.
-    explicit_uuid: bool,
-}
-
-impl Outgoing {
-    fn key(&self) -> &str {
-        self.key.as_deref().unwrap_or(&self.message.uuid)
-    }
 }
 
 pub(super) async fn send(
@@ -425,15 +411,6 @@ fn parse_line(line: &str) -> anyhow::Result<Outgoing> {
     })
 }
 
-/// Where and when messages go.
-struct Target<'a> {
-    topic: &'a str,
-    producer: &'a Producer,
-    store: Option<&'a Store>,
-    /// Send later: schedule in the outbox instead of publishing now.
-    due: Option<DateTime<Utc>>,
-}
-
 async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Result<ExitCode> {
     let (topic, producer) = (target.topic, target.producer);
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if source == "-" {
@@ -609,138 +586,6 @@ async fn send_batch(source: &str, cap: u64, target: &Target<'_>) -> anyhow::Resu
     })
 }
 
-/// What became of a chunk of messages.
-struct Published {
-    /// The uuids the broker acknowledged, in input order.
-    sent: Vec<String>,
-    failed: Vec<(String, String)>,
-    /// Every send failed on the broker (not a refusal of kser's own).
-    unreachable: bool,
-}
-
-/// Records `messages` as PENDING (when a database is configured) and then
-/// publishes them. Recording first means a worker always finds the row,
-/// and `status` knows a message as soon as `send` returns; a message that
-/// could not be published has its row removed again.
-async fn publish(outgoing: Vec<Outgoing>, target: &Target<'_>) -> Published {
-    let (topic, producer, store) = (target.topic, target.producer, target.store);
-    if let (Some(due), Some(store)) = (target.due, store) {
-        return schedule(outgoing, topic, producer, store, due).await;
-    }
-    let keys: Vec<Vec<u8>> = outgoing
-        .iter()
-        .map(|o| o.key().as_bytes().to_vec())
-        .collect();
-    let messages: Vec<Message> = outgoing.into_iter().map(|o| o.message).collect();
-    let mut inserted = Vec::new();
-    let mut published = Published {
-        sent: Vec::new(),
-        failed: Vec::new(),
-        unreachable: false,
-    };
-    let mut messages = messages;
-    let mut keys = keys;
-    if let Some(store) = store {
-        match store.record_pending(&pending_rows(&messages, topic)).await {
-            Ok(uuids) => inserted = uuids,
-            Err(err) => {
-                tracing::warn!(error = %err, "could not record the messages as PENDING; sending them anyway")
-            }
-        }
-        // A uuid the database knows already: sending the same message again
-        // is a resend (a worker runs it at most once), but a different
-        // message under that uuid would be taken for the old one: refused.
-        let known: Vec<String> = messages
-            .iter()
-            .map(|m| m.uuid.clone())
-            .filter(|uuid| !inserted.contains(uuid))
-            .collect();
-        match store.task_contents(&known).await {
-            Ok(existing) => {
-                let conflicts: Vec<String> = existing
-                    .into_iter()
-                    .filter(|(uuid, entrypoint, params, metadata)| {
-                        messages.iter().any(|m| {
-                            &m.uuid == uuid
-                                && (m.entrypoint != *entrypoint
-                                    || serde_json::Value::Object(m.params.clone()) != *params
-                                    || serde_json::Value::Object(m.metadata.clone()) != *metadata)
-                        })
-                    })
-                    .map(|(uuid, ..)| uuid)
-                    .collect();
-                let (kept, refused): (Vec<_>, Vec<_>) = messages
-                    .into_iter()
-                    .zip(keys)
-                    .partition(|(m, _)| !conflicts.contains(&m.uuid));
-                for (message, _) in refused {
-                    published.failed.push((
-                        message.uuid,
-                        "a task with this uuid exists with another entrypoint, params or metadata; \
-                         use a new uuid"
-                            .to_owned(),
-                    ));
-                }
-                (messages, keys) = kept.into_iter().unzip();
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "could not compare the messages with the tasks they may resend")
-            }
-        }
-    }
-    let sends = messages
-        .iter()
-        .zip(&keys)
-        .map(|(message, key)| producer.send_keyed(topic, key, message));
-    let outcomes = futures::future::join_all(sends).await;
-    published.unreachable = !outcomes.is_empty() && outcomes.iter().all(Result::is_err);
-    for (message, outcome) in messages.into_iter().zip(outcomes) {
-        match outcome {
-            Ok(_) => published.sent.push(message.uuid),
-            Err(err) => published.failed.push((message.uuid, err.to_string())),
-        }
-    }
-    if let Some(store) = store {
-        let unsent: Vec<String> = published
-            .failed
-            .iter()
-            .map(|(uuid, _)| uuid.clone())
-            .filter(|uuid| inserted.contains(uuid))
-            .collect();
-        if let Err(err) = store.forget_pending(&unsent).await {
-            tracing::warn!(error = %err, "could not remove the PENDING rows of unsent messages");
-        }
-    }
-    published
-}
-
-/// What the console's `POST /api/v1/send` does: records `messages` as
-/// PENDING and publishes them to `topic`, each keyed by its uuid, as `send`
-/// does. Returns the uuids sent, and those not sent with why.
-pub(crate) async fn publish_messages(
-    messages: Vec<Message>,
-    topic: &str,
-    producer: &Producer,
-    store: &Store,
-) -> (Vec<String>, Vec<(String, String)>) {
-    let outgoing = messages
-        .into_iter()
-        .map(|message| Outgoing {
-            message,
-            key: None,
-            explicit_uuid: true,
-        })
-        .collect();
-    let target = Target {
-        topic,
-        producer,
-        store: Some(store),
-        due: None,
-    };
-    let published = publish(outgoing, &target).await;
-    (published.sent, published.failed)
-}
-
 /// A counter on stderr when it is a terminal; nothing otherwise.
 fn progress_bar() -> ProgressBar {
     if !std::io::stderr().is_terminal() {
@@ -752,75 +597,6 @@ fn progress_bar() -> ProgressBar {
     }
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
-}
-
-/// Records messages to publish at `due`: PENDING rows and outbox messages,
-/// which a worker's relay publishes when due. With `--encrypt`, the outbox
-/// holds them encrypted already.
-async fn schedule(
-    outgoing: Vec<Outgoing>,
-    topic: &str,
-    producer: &Producer,
-    store: &Store,
-    due: DateTime<Utc>,
-) -> Published {
-    let outbox: Vec<NewOutbox> = outgoing
-        .iter()
-        .map(|o| NewOutbox {
-            topic: topic.to_owned(),
-            message_key: Some(o.key().to_owned()),
-            payload: String::from_utf8_lossy(&producer.payload(&o.message)).into_owned(),
-            operation_uuid: None,
-            available_at: Some(due),
-        })
-        .collect();
-    let messages: Vec<Message> = outgoing.into_iter().map(|o| o.message).collect();
-    let mut rows = pending_rows(&messages, topic);
-    for row in &mut rows {
-        row.next_attempt_at = Some(due);
-    }
-    let mut published = Published {
-        sent: Vec::new(),
-        failed: Vec::new(),
-        unreachable: false,
-    };
-    match store.schedule(&rows, &outbox).await {
-        Ok(scheduled) => {
-            for message in messages {
-                if scheduled.contains(&message.uuid) {
-                    published.sent.push(message.uuid);
-                } else {
-                    let why = "a task with this uuid exists already".to_owned();
-                    published.failed.push((message.uuid, why));
-                }
-            }
-        }
-        Err(err) => {
-            let why = format!("could not schedule: {err}");
-            published
-                .failed
-                .extend(messages.into_iter().map(|m| (m.uuid, why.clone())));
-        }
-    }
-    published
-}
-
-pub(crate) fn pending_rows(messages: &[Message], topic: &str) -> Vec<NewTask> {
-    messages
-        .iter()
-        .map(|message| {
-            let mut row = NewTask::new(
-                message.uuid.clone(),
-                message.entrypoint.clone(),
-                TaskStatus::Pending,
-            );
-            row.params = serde_json::Value::Object(message.params.clone());
-            row.metadata = serde_json::Value::Object(message.metadata.clone());
-            row.topic = Some(topic.to_owned());
-            row.enqueued_at = Some(chrono::Utc::now());
-            row
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -15,9 +15,6 @@ use chrono::{DateTime, Utc};
 /// The furthest in the future `--delay` and `--at` reach.
 pub(super) const FURTHEST: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
-/// Kafka's longest topic name.
-const TOPIC_MAX: usize = 249;
-
 /// A whole number from `min` to `max`, as `T`.
 pub(super) fn count<T>(min: u64, max: u64) -> impl Fn(&str) -> Result<T, String> + Clone
 where
@@ -104,35 +101,7 @@ pub(super) fn topic_pattern(text: &str) -> Result<crate::worker::TopicPattern, S
     crate::worker::TopicPattern::new(text)
 }
 
-/// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
-/// A name starting with `^` would be a regular expression to librdkafka and
-/// subscribe to whatever it matches, kser's dead-letter topics included:
-/// refused.
-pub(crate) fn topic(text: &str) -> Result<String, String> {
-    if text.is_empty() {
-        return Err("a topic name must not be empty".to_owned());
-    }
-    if text.starts_with('^') {
-        return Err(format!(
-            "'{text}' would be a regular expression to librdkafka; list topics by name, or give a pattern with --topic-pattern"
-        ));
-    }
-    if text.len() > TOPIC_MAX {
-        return Err(format!("a topic name has at most {TOPIC_MAX} characters"));
-    }
-    if text == "." || text == ".." {
-        return Err(format!("'{text}' is not a valid topic name"));
-    }
-    if let Some(bad) = text
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{bad:?} is not allowed in a topic name (only a-z, A-Z, 0-9, '.', '_' and '-')"
-        ));
-    }
-    Ok(text.to_owned())
-}
+pub(crate) use crate::admin::topic_name as topic;
 
 /// An RFC 3339 time, at most [`FURTHEST`] from now.
 pub(super) fn time(text: &str) -> Result<DateTime<Utc>, String> {

@@ -359,7 +359,7 @@ impl DeadLetterQuery {
             .filter(|t| !t.is_empty())
             .unwrap_or_else(|| crate::dead_letter::default_topic(&topic));
         for name in [&topic, &dlq] {
-            crate::cli::values::topic(name).map_err(ApiError::bad_request)?;
+            crate::admin::topic_name(name).map_err(ApiError::bad_request)?;
         }
         Ok((topic, dlq))
     }
@@ -463,7 +463,7 @@ pub(super) async fn replay(console: &Console, request: &ReplayRequest) -> Result
         dlq_topic: request.dlq_topic.clone(),
     };
     let (topic, dlq) = query.topics(console)?;
-    let replayed = crate::cli::dlq::replay_ids(
+    let replayed = crate::replay::replay_ids(
         console.kafka()?,
         console.store(),
         &dlq,
@@ -533,8 +533,7 @@ pub(super) async fn steer(
     let registry = console.registry_view();
     match action {
         FleetAction::Pause => {
-            crate::cli::fleet::check_target(worker, entrypoint, &rows, registry)
-                .map_err(refused)?;
+            crate::fleet::check_target(worker, entrypoint, &rows, registry).map_err(refused)?;
             let added = store
                 .add_control(ControlAction::Pause, worker, entrypoint)
                 .await?;
@@ -545,14 +544,13 @@ pub(super) async fn steer(
             })
         }
         FleetAction::Resume => {
-            crate::cli::fleet::check_target(worker, entrypoint, &rows, registry)
-                .map_err(refused)?;
+            crate::fleet::check_target(worker, entrypoint, &rows, registry).map_err(refused)?;
             let lifted = store.remove_pauses(worker, entrypoint).await?;
             Ok(format!("resumed {scope} ({lifted} pause(s) lifted)"))
         }
         FleetAction::Drain => {
             let worker = worker.ok_or_else(|| ApiError::bad_request("name the worker to drain"))?;
-            crate::cli::fleet::check_drain(worker, &rows).map_err(refused)?;
+            crate::fleet::check_drain(worker, &rows).map_err(refused)?;
             store
                 .add_control(ControlAction::Drain, Some(worker), None)
                 .await?;

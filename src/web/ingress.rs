@@ -198,7 +198,7 @@ fn parse_wait(text: &str) -> Result<Duration, ApiError> {
 /// The topic asked for (a valid Kafka name) or the console's.
 fn choose_topic(console: &Console, asked: Option<&str>) -> Result<String, ApiError> {
     match asked.filter(|t| !t.is_empty()) {
-        Some(topic) => crate::cli::values::topic(topic).map_err(ApiError::bad_request),
+        Some(topic) => crate::admin::topic_name(topic).map_err(ApiError::bad_request),
         None => Ok(console.inner.topic.clone()),
     }
 }
@@ -211,7 +211,7 @@ async fn publish(
 ) -> Result<(Vec<String>, Vec<(String, String)>), ApiError> {
     let producer = console.producer()?;
     console.ensure_topic(topic).await?;
-    Ok(crate::cli::send::publish_messages(messages, topic, producer, console.store()).await)
+    Ok(crate::publish::publish_messages(messages, topic, producer, console.store()).await)
 }
 
 /// 409 when messages were refused for taking another's uuid, 502 when the
@@ -258,7 +258,7 @@ pub(super) async fn topic(
     ApiQuery(query): ApiQuery<TopicQuery>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let topic = crate::cli::values::topic(&topic).map_err(ApiError::bad_request)?;
+    let topic = crate::admin::topic_name(&topic).map_err(ApiError::bad_request)?;
     let messages: Vec<Message> = if query.format.as_deref() == Some("raw") {
         vec![serde_json::from_value(body).map_err(|err| ApiError::bad_request(err.to_string()))?]
     } else {

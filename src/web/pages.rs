@@ -909,14 +909,14 @@ async fn send_action(State(console): State<Console>, body: Bytes) -> Result<Resp
     let params: crate::message::JsonObject = serde_json::from_str(&params)
         .map_err(|err| ApiError::bad_request(format!("parameters: not a JSON object: {err}")))?;
     let topic = match field(&fields, "topic") {
-        Some(topic) => crate::cli::values::topic(&topic).map_err(ApiError::bad_request)?,
+        Some(topic) => crate::admin::topic_name(&topic).map_err(ApiError::bad_request)?,
         None => console.inner.topic.clone(),
     };
     let message = crate::message::Message::new(entrypoint, params);
     let producer = console.producer()?;
     console.ensure_topic(&topic).await?;
     let (sent, failed) =
-        crate::cli::send::publish_messages(vec![message], &topic, producer, console.store()).await;
+        crate::publish::publish_messages(vec![message], &topic, producer, console.store()).await;
     if let Some((_, why)) = failed.into_iter().next() {
         return Err(ApiError::new(StatusCode::BAD_GATEWAY, why).into());
     }

@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::send::pending_rows;
 use crate::message::{JsonObject, Message};
 use crate::producer::Producer;
+use crate::publish::pending_rows;
 use crate::schedule::{self, Missed};
 use crate::store::{NewOutbox, ScheduleFiring, ScheduleRow, Store};
 
