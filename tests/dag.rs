@@ -549,3 +549,58 @@ fn bad_graphs_are_refused_before_anything_is_created() {
     assert_eq!(count(&env, "SELECT count(*) FROM kser.steps"), 0);
     assert_eq!(count(&env, "SELECT count(*) FROM kser.outbox"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_step_message_fails_its_own_step() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    // Both roots wait a minute in the outbox, so neither is published
+    // while the test settles `b`'s message as the broker refusing it.
+    let steps = json!([
+        {"name": "a", "entrypoint": "showcase.Echo", "params": {"text": "a"},
+         "delay_ms": 60_000},
+        {"name": "b", "entrypoint": "showcase.Echo", "params": {"text": "b"},
+         "delay_ms": 60_000},
+        {"name": "c", "entrypoint": "showcase.Echo", "after": ["a", "b"],
+         "params": {"text": "c"}}
+    ]);
+    let uuid = send_batch(&env, &graph(steps)).remove(0);
+    env.wait_count(
+        "SELECT count(*) FROM kser.outbox",
+        2,
+        Duration::from_secs(60),
+    );
+    let b = task_field(&env, &uuid, "b", "uuid");
+    let id: i64 = env
+        .sql(&format!(
+            "SELECT id FROM kser.outbox WHERE payload::jsonb->>'uuid' = '{b}'"
+        ))
+        .parse()
+        .expect("b's outbox row");
+    let store = kser::Store::connect(&env.database_url, 2)
+        .await
+        .expect("store");
+    // As the relay calls it when it cannot read the message itself.
+    let ended = store
+        .fail_unpublishable(id, None, "the broker refused it for good")
+        .await
+        .expect("settled");
+    assert_eq!(ended.map(|op| op.uuid).as_deref(), Some(uuid.as_str()));
+    assert_eq!(
+        steps_of(&env, &uuid),
+        [
+            ("a".to_owned(), "CANCELLED".to_owned()),
+            ("b".into(), "FAILED".into()),
+            ("c".into(), "CANCELLED".into()),
+        ]
+    );
+    let error = env.sql(&format!(
+        "SELECT error FROM kser.operations WHERE uuid = '{uuid}'"
+    ));
+    assert!(
+        error.starts_with("step 'b' (showcase.Echo) failed: the broker refused it"),
+        "{error}"
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM kser.outbox"), 0);
+}

@@ -511,11 +511,18 @@ impl Store {
     /// for it, an invalid record, no right to write the topic), in one
     /// transaction: the message is deleted and the task it would have run,
     /// if still PENDING, ends FAILED with `reason`; for a step, its
-    /// operation ends FAILED too (and `kser resume` can run it again).
-    /// `task_uuid` is the uuid the message carries, when it could be read;
-    /// without it a step message fails its operation's first PENDING step.
-    /// Returns the operation that ended, for its hook; nothing when the
-    /// message was settled already.
+    /// operation moves on as after any failure of that step (by default it
+    /// ends FAILED, and `kser resume` can run it again).
+    ///
+    /// The task is the one the message names: the uuid in the row's own
+    /// payload, else `task_uuid` (what the caller read, after decrypting),
+    /// else, for a step, the row's key when it is a task of the operation
+    /// (a graph step's message is keyed by its own uuid). Only a list's
+    /// step falls back to its operation's first PENDING step, the one step
+    /// of a list with a message out; a graph's step that cannot be told is
+    /// an error, and the row stays for the next attempt rather than failing
+    /// a sibling. Returns the operation that ended, for its hook; nothing
+    /// when the message was settled already.
     pub async fn fail_unpublishable(
         &self,
         id: i64,
@@ -524,31 +531,57 @@ impl Store {
     ) -> Result<Option<FinishedOperation>, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let deleted: Option<Option<String>> = diesel::delete(outbox::table.find(id))
-                .returning(outbox::operation_uuid)
-                .get_result(conn)
-                .await
-                .optional()?;
-            let Some(op_uuid) = deleted else {
+            let deleted: Option<(Option<String>, Option<String>, String)> =
+                diesel::delete(outbox::table.find(id))
+                    .returning((outbox::operation_uuid, outbox::message_key, outbox::payload))
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+            let Some((op_uuid, key, payload)) = deleted else {
                 return Ok(None);
             };
-            let task: Option<TaskRow> = match (task_uuid, &op_uuid) {
-                (Some(uuid), _) => tasks::table
-                    .find(uuid)
+            let mut named = vec![message_uuid(&payload), task_uuid.map(str::to_owned)];
+            if op_uuid.is_some() {
+                named.push(key);
+            }
+            let mut task: Option<TaskRow> = None;
+            for uuid in named.into_iter().flatten() {
+                task = tasks::table
+                    .find(&uuid)
                     .select(TaskRow::as_select())
                     .first(conn)
                     .await
-                    .optional()?,
-                (None, Some(op_uuid)) => tasks::table
+                    .optional()?
+                    .filter(|t| op_uuid.is_none() || t.operation_uuid == op_uuid);
+                if task.is_some() {
+                    break;
+                }
+            }
+            if task.is_none()
+                && let Some(op_uuid) = &op_uuid
+            {
+                let graph: bool = operations::table
+                    .find(op_uuid)
+                    .select(operations::graph)
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .unwrap_or(false);
+                if graph {
+                    return Err(StoreError::Conflict(format!(
+                        "outbox message {id} of graph operation {op_uuid} names no step \
+                         of it, so the step whose message was refused is unknown"
+                    )));
+                }
+                task = tasks::table
                     .filter(tasks::operation_uuid.eq(op_uuid))
                     .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
                     .order(tasks::position.asc())
                     .select(TaskRow::as_select())
                     .first(conn)
                     .await
-                    .optional()?,
-                (None, None) => None,
-            };
+                    .optional()?;
+            }
             // A task no longer PENDING was published before (the message is
             // a copy): only the message goes.
             let Some(task) = task.filter(|t| t.status == TaskStatus::Pending.as_str()) else {
@@ -563,7 +596,7 @@ impl Store {
             failed.operation_uuid = task.operation_uuid.clone();
             failed.position = task.position;
             failed.finished_at = Some(now);
-            diesel::update(
+            let updated = diesel::update(
                 tasks::table
                     .find(&task.uuid)
                     .filter(tasks::status.eq(TaskStatus::Pending.as_str())),
@@ -578,6 +611,10 @@ impl Store {
             ))
             .execute(conn)
             .await?;
+            // Ended meanwhile by a copy published before: that moved it on.
+            if updated == 0 {
+                return Ok(None);
+            }
             advance(conn, &failed).await
         })
         .await
@@ -725,6 +762,20 @@ pub(super) fn step_message(
         operation_uuid: Some(op_uuid.to_owned()),
         available_at: None,
     }
+}
+
+/// The uuid of the message in an outbox row's payload; `None` when the
+/// payload is not a plain kser message (`send --delay --encrypt` queues
+/// encrypted ones). Every operation's message is plain: the relay seals
+/// messages as it publishes them.
+pub(super) fn message_uuid(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        uuid: String,
+    }
+    serde_json::from_str::<Named>(payload)
+        .ok()
+        .map(|named| named.uuid)
 }
 
 pub(super) fn pending_row(task: &TaskRow) -> NewTask {
