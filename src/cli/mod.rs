@@ -498,7 +498,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::Resume { uuid } => {
             let store = connect(&global.database_url).await?;
             let resumed = store.resume_operation(&uuid).await?;
-            if resumed.started.is_empty() {
+            if resumed.started.is_empty() && resumed.running.is_empty() {
                 outln!(
                     "resumed operation {} from step {} ({})",
                     output::printable(&uuid),
@@ -506,11 +506,22 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                     output::printable(&resumed.entrypoint)
                 );
             } else {
-                outln!(
+                let started = match resumed.started.is_empty() {
+                    true => "nothing yet".to_owned(),
+                    false => resumed.started.join(", "),
+                };
+                let mut said = format!(
                     "resumed operation {}: started {}",
                     output::printable(&uuid),
-                    output::printable(&resumed.started.join(", "))
+                    output::printable(&started)
                 );
+                if !resumed.running.is_empty() {
+                    said.push_str(&format!(
+                        "; still running, left to finish: {}",
+                        output::printable(&resumed.running.join(", "))
+                    ));
+                }
+                outln!("{said}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -71,6 +71,10 @@ pub struct Resumed {
     pub entrypoint: String,
     /// For a graph operation: the names of the steps started again.
     pub started: Vec<String>,
+    /// For a graph operation: the names of the steps still in flight (sent
+    /// before it stopped), left to finish rather than sent again; the steps
+    /// waiting on them start when they succeed.
+    pub running: Vec<String>,
 }
 
 impl Store {
@@ -290,6 +294,12 @@ impl Store {
     /// restarted step receives their merged result. A graph operation runs
     /// again the steps that did not succeed (and those declared `rerun`),
     /// or, when a compensation failed, the compensations left.
+    ///
+    /// A step still in flight is never sent again: a list's step written
+    /// RUNNING (cancelled while it ran), a graph's step PENDING with its
+    /// message out or RUNNING. It finishes once, and what comes after it
+    /// starts when it succeeds, the operation running again; `running`
+    /// names such steps.
     pub async fn resume_operation(&self, uuid: &str) -> Result<Resumed, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
@@ -319,12 +329,17 @@ impl Store {
             for step in steps.iter().take_while(|t| t.status == TaskStatus::Success.as_str()) {
                 merged.merge(&parse_result(step.result.as_ref()));
             }
+            // A step still running (the operation was cancelled while it
+            // ran) is not sent again: it finishes once, and its end sends
+            // the next step, the operation running again.
+            let running = restart.status == TaskStatus::Running.as_str();
             let now = Utc::now();
             diesel::update(
                 tasks::table
                     .filter(tasks::operation_uuid.eq(uuid))
                     .filter(tasks::position.ge(position))
-                    .filter(tasks::status.ne(TaskStatus::Success.as_str())),
+                    .filter(tasks::status.ne(TaskStatus::Success.as_str()))
+                    .filter(tasks::status.ne(TaskStatus::Running.as_str())),
             )
             .set((
                 tasks::status.eq(TaskStatus::Pending.as_str()),
@@ -335,17 +350,19 @@ impl Store {
             ))
             .execute(conn)
             .await?;
-            let forwarded = (position > 0).then_some(&merged);
-            let restart_row = pending_row(restart);
-            let message = step_message(
-                uuid,
-                op.topic.as_deref(),
-                &restart_row,
-                &op.metadata,
-                forwarded,
-                None,
-            );
-            diesel::insert_into(outbox::table).values(message).execute(conn).await?;
+            if !running {
+                let forwarded = (position > 0).then_some(&merged);
+                let restart_row = pending_row(restart);
+                let message = step_message(
+                    uuid,
+                    op.topic.as_deref(),
+                    &restart_row,
+                    &op.metadata,
+                    forwarded,
+                    None,
+                );
+                diesel::insert_into(outbox::table).values(message).execute(conn).await?;
+            }
             diesel::update(operations::table.find(uuid))
                 .set((
                     operations::status.eq(TaskStatus::Running.as_str()),
@@ -356,10 +373,12 @@ impl Store {
                 ))
                 .execute(conn)
                 .await?;
+            let name = format!("step {} ({})", position + 1, restart.entrypoint);
             Ok(Resumed {
                 step: position + 1,
                 entrypoint: restart.entrypoint.clone(),
                 started: Vec::new(),
+                running: if running { vec![name] } else { Vec::new() },
             })
         })
         .await
