@@ -588,6 +588,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             prune::run(args, &store).await
         }
         Command::Schedule(args) => {
+            schedule::check(&args, &registry)?;
             let store = connect_sized(&global.database_url, 1).await?;
             store.check_migrated().await?;
             schedule::run(args, &store).await
