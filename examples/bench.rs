@@ -11,12 +11,17 @@
 //!    over it;
 //! 4. the `--ordering none` run again with `--http` (the metrics recorder on,
 //!    `/metrics` scraped every second), and its rate over the run without;
-//! 5. the gap between an operation step finishing and the next one
-//!    starting, over 200 three-step operations sent one at a time.
+//! 5. operations: one worker draining a backlog of N/10 three-step
+//!    operations of no-op steps (operations and steps per second), the gap
+//!    between an operation step finishing and the next one starting, over
+//!    200 three-step operations sent one at a time, and the end-to-end time
+//!    of a 1 -> 20 -> 1 fan-out/fan-in graph operation, over 100 sent one at
+//!    a time.
 //!
 //! ```text
 //! scripts/bench                 # starts Apache Kafka and Postgres if needed, 100000 tasks
 //! scripts/bench --memory        # only the memory run: a 1,000,000-record backlog
+//! scripts/bench --operations    # only the operation runs (N/10 operations in the backlog)
 //! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- 100000
 //! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- --memory 1000000
 //! ```
@@ -109,12 +114,36 @@ impl Operation for ThreeSteps {
     }
 }
 
+/// A graph of no-op steps: one root, `FAN_OUT` parallel branches after it,
+/// and a join after all of them; what the fan-out/fan-in latency is
+/// measured on.
+struct FanOut;
+
+impl Operation for FanOut {
+    const ENTRYPOINT: &'static str = "bench.FanOut";
+    type Params = Nothing;
+
+    fn build(&self, _params: &Nothing) -> Result<Vec<Step>, TaskError> {
+        let noop = || Step::new(Noop::ENTRYPOINT, serde_json::json!({}));
+        let branches: Vec<String> = (1..=FAN_OUT).map(|i| format!("branch{i}")).collect();
+        let mut steps = vec![noop().named("start")];
+        steps.extend(
+            branches
+                .iter()
+                .map(|name| noop().named(name.as_str()).after(["start"])),
+        );
+        steps.push(noop().named("join").after(branches));
+        Ok(steps)
+    }
+}
+
 fn registry() -> Result<Registry, kser::RegistryError> {
     let mut registry = Registry::new();
     registry
         .register(Noop)?
         .register_transactional(TxNoop)?
-        .register_operation(ThreeSteps)?;
+        .register_operation(ThreeSteps)?
+        .register_operation(FanOut)?;
     Ok(registry)
 }
 
@@ -127,6 +156,14 @@ const PARTITIONS: i32 = 6;
 const ONE_AT_A_TIME_MAX: usize = 20_000;
 /// Operations of the step latency run.
 const OPERATIONS: usize = 200;
+/// Tasks per run for each three-step operation of the operation
+/// throughput run: N tasks per run make N / 10 operations (3 N / 10 steps).
+const TASKS_PER_OPERATION: usize = 10;
+/// Parallel branches of the fan-out/fan-in graph.
+const FAN_OUT: usize = 20;
+/// Graph operations of the fan-out/fan-in latency run (after one to warm
+/// up, not counted).
+const GRAPHS: usize = 100;
 /// The issue's memory target while draining a 1,000,000-record backlog.
 const MEMORY_TARGET_MIB: u64 = 64;
 
@@ -143,6 +180,10 @@ struct Args {
     /// Only the step latency run.
     #[arg(long, conflicts_with = "memory")]
     steps: bool,
+    /// Only the operation runs: a backlog of N/10 three-step operations,
+    /// the step latency and the fan-out/fan-in latency.
+    #[arg(long, conflicts_with_all = ["memory", "steps"])]
+    operations: bool,
 }
 
 fn main() -> ExitCode {
@@ -249,6 +290,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     } else if args.steps {
         bench.step_latency().await?.print();
         Ok(())
+    } else if args.operations {
+        operation_runs(&mut bench, args.count, None).await
     } else {
         full_run(&mut bench, args.count).await
     }
@@ -306,6 +349,7 @@ async fn full_run(bench: &mut Bench, count: usize) -> anyhow::Result<()> {
     produce(&bench.kafka, &python_topic, slow, Noop::ENTRYPOINT).await?;
     let http_topic = bench.topic("http");
     produce(&bench.kafka, &http_topic, count, Noop::ENTRYPOINT).await?;
+    let operations = operations_backlog(bench, count).await?;
 
     println!("  {count} no-op tasks per run ({slow} for the runs one task at a time)");
     println!("  produce (kser producer, idempotent, acks=all)     {produce_rate:>10.0} msg/s");
@@ -392,8 +436,36 @@ async fn full_run(bench: &mut Bench, count: usize) -> anyhow::Result<()> {
         PythonRun::Missing(why) => println!("  Python kser 0.8.27: skipped, {why}"),
     }
 
-    let latency = bench.step_latency().await?;
-    latency.print();
+    operation_runs(bench, count, Some(operations)).await
+}
+
+/// Produces the backlog of the operation throughput run: `count /
+/// TASKS_PER_OPERATION` three-step operations. Returns the topic and how
+/// many.
+async fn operations_backlog(bench: &Bench, count: usize) -> anyhow::Result<(String, usize)> {
+    let operations = (count / TASKS_PER_OPERATION).max(1);
+    let topic = bench.topic("operations");
+    produce(&bench.kafka, &topic, operations, ThreeSteps::ENTRYPOINT).await?;
+    Ok((topic, operations))
+}
+
+/// The operation figures: throughput on a backlog (produced now unless
+/// `backlog` was produced before), step latency, fan-out/fan-in latency.
+async fn operation_runs(
+    bench: &mut Bench,
+    count: usize,
+    backlog: Option<(String, usize)>,
+) -> anyhow::Result<()> {
+    let (topic, operations) = match backlog {
+        Some(backlog) => backlog,
+        None => operations_backlog(bench, count).await?,
+    };
+    bench
+        .operation_throughput(&topic, operations)
+        .await?
+        .print();
+    bench.step_latency().await?.print();
+    bench.fan_latency().await?.print();
     Ok(())
 }
 
@@ -608,15 +680,224 @@ impl Bench {
         Ok(WorkerProcess { child, log })
     }
 
-    /// Runs `OPERATIONS` three-step operations one at a time on a worker
-    /// whose consumer has `fetch.wait.max.ms=1`, and measures the gaps
-    /// between a step's end and the next step's start.
-    async fn step_latency(&mut self) -> anyhow::Result<StepLatency> {
+    /// Polls operation `uuid` every 2 ms until it is SUCCESS: an error if
+    /// it ends otherwise, the worker exits, or `limit` passes.
+    async fn wait_operation(
+        &mut self,
+        worker: &mut WorkerProcess,
+        uuid: &str,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         #[derive(diesel::QueryableByName)]
         struct Status {
             #[diesel(sql_type = Text)]
             status: String,
         }
+
+        let sent = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let status: Option<Status> =
+                diesel::sql_query("SELECT status FROM kser.operations WHERE uuid = $1")
+                    .bind::<Text, _>(uuid)
+                    .get_result(&mut self.conn)
+                    .await
+                    .map(Some)
+                    .or_else(|err| match err {
+                        diesel::result::Error::NotFound => Ok(None),
+                        err => Err(err),
+                    })?;
+            match status.as_ref().map(|s| s.status.as_str()) {
+                Some("SUCCESS") => return Ok(()),
+                Some(status @ ("FAILED" | "CANCELLED")) => {
+                    anyhow::bail!("operation {uuid} ended {status}")
+                }
+                _ => {}
+            }
+            worker.check_alive()?;
+            anyhow::ensure!(
+                sent.elapsed() < limit,
+                "operation {uuid} not done after {} s; worker log: {}",
+                limit.as_secs(),
+                worker.log.display()
+            );
+        }
+    }
+
+    /// One worker (`--ordering key`, concurrency 256) drains a backlog of
+    /// `operations` three-step operations: from the first operation
+    /// recorded (`kser.operations.started_at`) to the last one's final
+    /// state (`finished_at`, stamped in the transaction that writes it).
+    /// The end is seen by counting finished operations every 100 ms.
+    async fn operation_throughput(
+        &mut self,
+        topic: &str,
+        operations: usize,
+    ) -> anyhow::Result<OperationThroughput> {
+        #[derive(diesel::QueryableByName)]
+        struct Done {
+            #[diesel(sql_type = BigInt)]
+            done: i64,
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Window {
+            #[diesel(sql_type = BigInt)]
+            succeeded: i64,
+            #[diesel(sql_type = BigInt)]
+            failed: i64,
+            #[diesel(sql_type = Nullable<Double>)]
+            first_started: Option<f64>,
+            #[diesel(sql_type = Nullable<Double>)]
+            last_finished: Option<f64>,
+            #[diesel(sql_type = BigInt)]
+            steps: i64,
+        }
+
+        self.empty_tables().await?;
+        let group = format!("bench-worker-{topic}");
+        let wall = Instant::now();
+        let mut worker = self.spawn_worker(topic, &group, "key", 256, &[])?;
+        let limit = Duration::from_secs(600);
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            worker.check_alive()?;
+            let done: Done = diesel::sql_query(
+                "SELECT count(*) AS done FROM kser.operations WHERE finished_at IS NOT NULL",
+            )
+            .get_result(&mut self.conn)
+            .await?;
+            if done.done >= operations as i64 {
+                break;
+            }
+            anyhow::ensure!(
+                wall.elapsed() < limit,
+                "only {} of {operations} operations done after {} s; worker log: {}",
+                done.done,
+                limit.as_secs(),
+                worker.log.display()
+            );
+        }
+        let wall_seconds = wall.elapsed().as_secs_f64();
+        let memory = worker.memory();
+        worker.stop().await?;
+        let window: Window = diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE status = 'SUCCESS') AS succeeded, \
+                 count(*) FILTER (WHERE status <> 'SUCCESS') AS failed, \
+                 extract(epoch FROM min(started_at))::float8 AS first_started, \
+                 extract(epoch FROM max(finished_at))::float8 AS last_finished, \
+                 (SELECT count(*) FROM kser.tasks WHERE topic = $1 \
+                     AND status = 'SUCCESS') AS steps \
+             FROM kser.operations WHERE topic = $1",
+        )
+        .bind::<Text, _>(topic)
+        .get_result(&mut self.conn)
+        .await?;
+        let seconds = match (window.first_started, window.last_finished) {
+            (Some(first), Some(last)) => last - first,
+            _ => wall_seconds,
+        };
+        let rate = operations as f64 / seconds.max(f64::EPSILON);
+        Ok(OperationThroughput {
+            operations,
+            rate,
+            seconds,
+            wall_seconds,
+            succeeded: window.succeeded,
+            failed: window.failed,
+            steps: window.steps,
+            memory,
+        })
+    }
+
+    /// Runs `GRAPHS` fan-out/fan-in operations one at a time (each sent
+    /// once the previous one ended, after one to warm up) on a worker
+    /// whose consumer has `fetch.wait.max.ms=1`, and measures each from
+    /// just before its send to its SUCCESS seen in Postgres.
+    async fn fan_latency(&mut self) -> anyhow::Result<FanLatency> {
+        #[derive(diesel::QueryableByName)]
+        struct Marks {
+            #[diesel(sql_type = Text)]
+            uuid: String,
+            #[diesel(sql_type = Nullable<Double>)]
+            root_finished: Option<f64>,
+            #[diesel(sql_type = Nullable<Double>)]
+            branches_finished: Option<f64>,
+        }
+
+        self.empty_tables().await?;
+        let topic = self.topic("fan");
+        let layout = TopicLayout {
+            partitions: PARTITIONS,
+            replication_factor: 1,
+        };
+        ensure_topics(&self.kafka, std::slice::from_ref(&topic), layout).await?;
+        let group = format!("bench-worker-{topic}");
+        let mut worker = self.spawn_worker(
+            &topic,
+            &group,
+            "key",
+            256,
+            &[("KSER_KAFKA_FETCH_WAIT_MAX_MS", "1")],
+        )?;
+        let producer = Producer::new(&self.kafka)?;
+        // Per operation: when it was sent and when its SUCCESS was seen, in
+        // seconds since the epoch (the worker stamps its rows with the same
+        // clock: one machine).
+        let mut timed: Vec<(String, f64, f64)> = Vec::with_capacity(GRAPHS);
+        for index in 0..=GRAPHS {
+            let message = Message::new(FanOut::ENTRYPOINT, JsonObject::new());
+            // The first one waits for the worker to start and join.
+            let limit = Duration::from_secs(if index == 0 { 120 } else { 30 });
+            let sent_at = epoch_now();
+            producer.send(&topic, &message).await?;
+            self.wait_operation(&mut worker, &message.uuid, limit)
+                .await?;
+            if index > 0 {
+                timed.push((message.uuid.clone(), sent_at, epoch_now()));
+            }
+        }
+        worker.stop().await?;
+        let marks: Vec<Marks> = diesel::sql_query(
+            "SELECT o.uuid, \
+                 extract(epoch FROM max(t.finished_at) FILTER (WHERE s.name = 'start'))::float8 \
+                     AS root_finished, \
+                 extract(epoch FROM max(t.finished_at) FILTER (WHERE s.name LIKE 'branch%'))::float8 \
+                     AS branches_finished \
+             FROM kser.operations o JOIN kser.tasks t ON t.operation_uuid = o.uuid \
+             JOIN kser.steps s ON s.task_uuid = t.uuid \
+             WHERE o.topic = $1 GROUP BY o.uuid",
+        )
+        .bind::<Text, _>(&topic)
+        .load(&mut self.conn)
+        .await?;
+        let marks: std::collections::HashMap<String, (f64, f64)> = marks
+            .into_iter()
+            .filter_map(|m| Some((m.uuid, (m.root_finished?, m.branches_finished?))))
+            .collect();
+        let ms = |seconds: f64| seconds * 1000.0;
+        let split: Vec<(f64, f64, f64)> = timed
+            .iter()
+            .filter_map(|(uuid, sent, seen)| {
+                let (root, branches) = marks.get(uuid)?;
+                Some((ms(root - sent), ms(branches - root), ms(seen - branches)))
+            })
+            .collect();
+        anyhow::ensure!(
+            split.len() == timed.len(),
+            "the steps of some fan-out operations were not found"
+        );
+        Ok(FanLatency {
+            total: Percentiles::of(timed.iter().map(|(_, sent, seen)| ms(seen - sent))),
+            to_root: Percentiles::of(split.iter().map(|s| s.0)),
+            branches: Percentiles::of(split.iter().map(|s| s.1)),
+            to_end: Percentiles::of(split.iter().map(|s| s.2)),
+        })
+    }
+
+    /// Runs `OPERATIONS` three-step operations one at a time on a worker
+    /// whose consumer has `fetch.wait.max.ms=1`, and measures the gaps
+    /// between a step's end and the next step's start.
+    async fn step_latency(&mut self) -> anyhow::Result<StepLatency> {
         #[derive(diesel::QueryableByName)]
         struct Gap {
             #[diesel(sql_type = Double)]
@@ -648,35 +929,8 @@ impl Bench {
             producer.send(&topic, &message).await?;
             // The first one waits for the worker to start and join.
             let limit = Duration::from_secs(if index == 0 { 120 } else { 30 });
-            let sent = Instant::now();
-            loop {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                let status: Option<Status> =
-                    diesel::sql_query("SELECT status FROM kser.operations WHERE uuid = $1")
-                        .bind::<Text, _>(&message.uuid)
-                        .get_result(&mut self.conn)
-                        .await
-                        .map(Some)
-                        .or_else(|err| match err {
-                            diesel::result::Error::NotFound => Ok(None),
-                            err => Err(err),
-                        })?;
-                match status.as_ref().map(|s| s.status.as_str()) {
-                    Some("SUCCESS") => break,
-                    Some(status @ ("FAILED" | "CANCELLED")) => {
-                        anyhow::bail!("operation {} ended {status}", message.uuid)
-                    }
-                    _ => {}
-                }
-                worker.check_alive()?;
-                anyhow::ensure!(
-                    sent.elapsed() < limit,
-                    "operation {} not done after {} s; worker log: {}",
-                    message.uuid,
-                    limit.as_secs(),
-                    worker.log.display()
-                );
-            }
+            self.wait_operation(&mut worker, &message.uuid, limit)
+                .await?;
         }
         worker.stop().await?;
         // The record timestamp of a step's message (its `enqueued_at`, set
@@ -1065,6 +1319,90 @@ impl StepLatency {
             "      of which finished -> next step's record produced: p50 {:.1} ms, p99 {:.1} ms; \
              produced -> started: p50 {:.1} ms, p99 {:.1} ms (record timestamps are whole ms)",
             self.to_publish.p50, self.to_publish.p99, self.to_start.p50, self.to_start.p99
+        );
+    }
+}
+
+/// Seconds since the epoch, now.
+fn epoch_now() -> f64 {
+    chrono::Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// What the operation throughput run measured.
+struct OperationThroughput {
+    operations: usize,
+    /// Operations per second.
+    rate: f64,
+    /// From the first operation recorded to the last one finished.
+    seconds: f64,
+    wall_seconds: f64,
+    succeeded: i64,
+    failed: i64,
+    /// Steps that succeeded.
+    steps: i64,
+    memory: Memory,
+}
+
+impl OperationThroughput {
+    fn print(&self) {
+        println!(
+            "  {:<49} {:>10.0} ops/s = {:.0} steps/s  ({} operations of 3 no-op steps, \
+             {:.2}s processing, {:.2}s with start and group join; {} succeeded, {} failed, \
+             {} steps succeeded)",
+            "3-step operations, one worker (--ordering key)",
+            self.rate,
+            self.rate * 3.0,
+            self.operations,
+            self.seconds,
+            self.wall_seconds,
+            self.succeeded,
+            self.failed,
+            self.steps
+        );
+        let cpu = self
+            .memory
+            .cpu_seconds
+            .map(|cpu| {
+                let steps = self.steps.max(1) as f64;
+                format!("; {:.0} µs CPU per step", cpu * 1e6 / steps)
+            })
+            .unwrap_or_default();
+        println!("      {}{cpu}", self.memory.describe());
+    }
+}
+
+/// End-to-end times of the fan-out/fan-in graph operations.
+struct FanLatency {
+    /// From just before the send to the operation's SUCCESS seen.
+    total: Percentiles,
+    /// From the send to the root step's `finished_at`.
+    to_root: Percentiles,
+    /// From the root's end to the last branch's `finished_at`.
+    branches: Percentiles,
+    /// From the last branch's end to the SUCCESS seen: the join.
+    to_end: Percentiles,
+}
+
+impl FanLatency {
+    fn print(&self) {
+        println!(
+            "  fan-out/fan-in latency ({GRAPHS} graph operations 1 -> {FAN_OUT} -> 1 of no-op steps, \
+             sent one at a time, each after the previous one ended; consumer fetch.wait.max.ms=1)"
+        );
+        println!(
+            "      send -> operation SUCCESS seen: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} operations)",
+            self.total.p50, self.total.p99, self.total.max, self.total.count
+        );
+        println!(
+            "      of which send -> root finished: p50 {:.1} ms, p99 {:.1} ms; root -> last of the \
+             {FAN_OUT} branches finished: p50 {:.1} ms, p99 {:.1} ms; -> join done, SUCCESS seen: \
+             p50 {:.1} ms, p99 {:.1} ms",
+            self.to_root.p50,
+            self.to_root.p99,
+            self.branches.p50,
+            self.branches.p99,
+            self.to_end.p50,
+            self.to_end.p99
         );
     }
 }

@@ -549,3 +549,132 @@ fn bad_graphs_are_refused_before_anything_is_created() {
     assert_eq!(count(&env, "SELECT count(*) FROM kser.steps"), 0);
     assert_eq!(count(&env, "SELECT count(*) FROM kser.outbox"), 0);
 }
+
+#[test]
+fn an_early_resume_leaves_the_steps_still_running_to_finish_once() {
+    let env = TestEnv::new();
+    let journal = env.dir.path().join("journal");
+    let journal_path = journal.to_str().expect("utf-8 path");
+    let flag = env.dir.path().join("flag");
+    let flag_path = flag.to_str().expect("utf-8 path");
+    let mut worker = env.start_worker_env(
+        "showcase",
+        &["--concurrency", "8"],
+        &[("SHOWCASE_JOURNAL", journal_path)],
+    );
+    worker.wait_assigned();
+    // `flaky` fails (the default policy, fail) 1.5 s in: `slow` has been
+    // written RUNNING by then (--running-after 1 s), and `mid`, released
+    // with `flaky`, has its message out and is not yet written RUNNING.
+    let steps = json!([
+        {"name": "slow", "entrypoint": "showcase.Sleep", "params": {"ms": 6000}},
+        {"name": "gate", "entrypoint": "showcase.Sleep", "params": {"ms": 1500}},
+        {"name": "flaky", "entrypoint": "showcase.Flaky", "after": ["gate"],
+         "params": {"flag": flag_path}},
+        {"name": "mid", "entrypoint": "showcase.Sleep", "after": ["gate"],
+         "params": {"ms": 3000}},
+        {"name": "join", "entrypoint": "showcase.Append", "after": ["slow", "flaky", "mid"],
+         "params": {"item": "join"}}
+    ]);
+    let uuid = send_batch(&env, &graph(steps)).remove(0);
+    wait_op(&env, &uuid, "FAILED");
+    let status_of = |name: &str| task_field(&env, &uuid, name, "status");
+    assert_eq!(status_of("slow"), "RUNNING");
+    assert!(
+        matches!(status_of("mid").as_str(), "PENDING" | "RUNNING"),
+        "a step whose message is out is left to finish: {}",
+        status_of("mid")
+    );
+    assert_eq!(status_of("join"), "CANCELLED");
+
+    // Resumed before `slow` and `mid` end: only `flaky` runs again.
+    std::fs::write(&flag, "").expect("flag");
+    let out = env.kser(&["resume", &uuid]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("started flaky") && said.contains("slow") && said.contains("mid"),
+        "{said}"
+    );
+    wait_op(&env, &uuid, "SUCCESS");
+    let statuses: Vec<String> = steps_of(&env, &uuid)
+        .into_iter()
+        .map(|(name, status)| format!("{name}={status}"))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "slow=SUCCESS",
+            "gate=SUCCESS",
+            "flaky=SUCCESS",
+            "mid=SUCCESS",
+            "join=SUCCESS"
+        ]
+    );
+    let journal = std::fs::read_to_string(&journal).expect("journal");
+    for name in ["slow", "mid", "join"] {
+        let task = task_field(&env, &uuid, name, "uuid");
+        let runs = journal.lines().filter(|l| l.starts_with(&task)).count();
+        assert_eq!(runs, 1, "{name} ran {runs} times:\n{journal}");
+    }
+    let attempts: Vec<String> = ["slow", "flaky", "mid", "join"]
+        .iter()
+        .map(|name| format!("{name}={}", task_field(&env, &uuid, name, "attempts")))
+        .collect();
+    assert_eq!(attempts, ["slow=1", "flaky=2", "mid=1", "join=1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_step_message_fails_its_own_step() {
+    let env = TestEnv::new();
+    let mut worker = env.start_worker("showcase", &[]);
+    worker.wait_assigned();
+    // Both roots wait a minute in the outbox, so neither is published
+    // while the test settles `b`'s message as the broker refusing it.
+    let steps = json!([
+        {"name": "a", "entrypoint": "showcase.Echo", "params": {"text": "a"},
+         "delay_ms": 60_000},
+        {"name": "b", "entrypoint": "showcase.Echo", "params": {"text": "b"},
+         "delay_ms": 60_000},
+        {"name": "c", "entrypoint": "showcase.Echo", "after": ["a", "b"],
+         "params": {"text": "c"}}
+    ]);
+    let uuid = send_batch(&env, &graph(steps)).remove(0);
+    env.wait_count(
+        "SELECT count(*) FROM kser.outbox",
+        2,
+        Duration::from_secs(60),
+    );
+    let b = task_field(&env, &uuid, "b", "uuid");
+    let id: i64 = env
+        .sql(&format!(
+            "SELECT id FROM kser.outbox WHERE payload::jsonb->>'uuid' = '{b}'"
+        ))
+        .parse()
+        .expect("b's outbox row");
+    let store = kser::Store::connect(&env.database_url, 2)
+        .await
+        .expect("store");
+    // As the relay calls it when it cannot read the message itself.
+    let ended = store
+        .fail_unpublishable(id, None, "the broker refused it for good")
+        .await
+        .expect("settled");
+    assert_eq!(ended.map(|op| op.uuid).as_deref(), Some(uuid.as_str()));
+    assert_eq!(
+        steps_of(&env, &uuid),
+        [
+            ("a".to_owned(), "CANCELLED".to_owned()),
+            ("b".into(), "FAILED".into()),
+            ("c".into(), "CANCELLED".into()),
+        ]
+    );
+    let error = env.sql(&format!(
+        "SELECT error FROM kser.operations WHERE uuid = '{uuid}'"
+    ));
+    assert!(
+        error.starts_with("step 'b' (showcase.Echo) failed: the broker refused it"),
+        "{error}"
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM kser.outbox"), 0);
+}

@@ -412,6 +412,43 @@ fn cancel_stops_an_operation_between_steps() {
 }
 
 #[test]
+fn a_resume_while_the_cancelled_step_still_runs_lets_it_finish_once() {
+    let env = TestEnv::new();
+    let journal = env.dir.path().join("journal");
+    let journal_path = journal.to_str().expect("utf-8 path");
+    let mut worker = env.start_worker_env("showcase", &[], &[("SHOWCASE_JOURNAL", journal_path)]);
+    worker.wait_assigned();
+    let uuid = env.send("showcase", "showcase.Chain", r#"{"count": 3, "ms": 3000}"#);
+    common::wait_until("the first step to start", Duration::from_secs(60), || {
+        env.status(&uuid)["tasks"][0]["status"] == "RUNNING"
+    });
+    let out = env.kser(&["cancel", &uuid]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Resumed at once: step 1 is still running, so it is not sent again;
+    // its end sends step 2.
+    let out = env.kser(&["resume", &uuid]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("still running, left to finish: step 1 (showcase.Append)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (code, _) = watch(&env, &uuid);
+    assert_eq!(code, 0);
+    let status = env.status(&uuid);
+    assert_eq!(
+        status["result"]["retval"]["items"],
+        json!([0, 1, 2]),
+        "{status}"
+    );
+    let first = status["tasks"][0]["uuid"].as_str().expect("step 1's uuid");
+    let journal = std::fs::read_to_string(&journal).expect("journal");
+    let runs = journal.lines().filter(|l| l.starts_with(first)).count();
+    assert_eq!(runs, 1, "step 1 ran {runs} times:\n{journal}");
+    assert_eq!(status["tasks"][0]["attempts"], json!(1), "{status}");
+}
+
+#[test]
 fn operations_that_cannot_be_built_fail_up_front() {
     let env = TestEnv::new();
     let mut worker = env.start_worker("showcase", &[]);

@@ -202,3 +202,31 @@ fn missed_ticks_are_skipped_or_caught_up_once() {
     );
     worker.terminate(Duration::from_secs(20));
 }
+
+#[test]
+fn a_worker_binary_refuses_to_schedule_an_entrypoint_it_does_not_register() {
+    let env = TestEnv::new();
+    ok(&env, &["migrate"]);
+    let add = |entrypoint: &str| {
+        env.example_cmd(
+            "showcase",
+            &["schedule", "add", "typo", "--cron", "* * * * *", entrypoint],
+        )
+    };
+    let refused = add("showcase.Ecco");
+    assert!(!refused.status.success());
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("unknown entrypoint 'showcase.Ecco'; registered entrypoints: ")
+            && err.contains("showcase.Echo")
+            && err.contains("showcase.Graph"),
+        "{err}"
+    );
+    assert_eq!(ok(&env, &["schedule", "list", "--json"]).trim(), "[]");
+
+    // A registered one, task or operation, is taken.
+    let added = add("showcase.Echo");
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    let listed: Value = serde_json::from_str(&ok(&env, &["schedule", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["entrypoint"], "showcase.Echo");
+}

@@ -506,7 +506,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::Resume { uuid } => {
             let store = connect(&global.database_url).await?;
             let resumed = store.resume_operation(&uuid).await?;
-            if resumed.started.is_empty() {
+            if resumed.started.is_empty() && resumed.running.is_empty() {
                 outln!(
                     "resumed operation {} from step {} ({})",
                     output::printable(&uuid),
@@ -514,11 +514,22 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                     output::printable(&resumed.entrypoint)
                 );
             } else {
-                outln!(
+                let started = match resumed.started.is_empty() {
+                    true => "nothing yet".to_owned(),
+                    false => resumed.started.join(", "),
+                };
+                let mut said = format!(
                     "resumed operation {}: started {}",
                     output::printable(&uuid),
-                    output::printable(&resumed.started.join(", "))
+                    output::printable(&started)
                 );
+                if !resumed.running.is_empty() {
+                    said.push_str(&format!(
+                        "; still running, left to finish: {}",
+                        output::printable(&resumed.running.join(", "))
+                    ));
+                }
+                outln!("{said}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -585,6 +596,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             prune::run(args, &store).await
         }
         Command::Schedule(args) => {
+            schedule::check(&args, &registry)?;
             let store = connect_sized(&global.database_url, 1).await?;
             store.check_migrated().await?;
             schedule::run(args, &store).await

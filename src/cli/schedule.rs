@@ -9,6 +9,7 @@ use chrono::Utc;
 use clap::{Args, Subcommand};
 
 use super::output;
+use crate::registry::Registry;
 use crate::schedule::{self, Missed};
 use crate::store::{NewSchedule, ScheduleRow, Store};
 
@@ -31,7 +32,8 @@ enum ScheduleCommand {
         /// or six with seconds first (e.g. "*/10 * * * * *"), in UTC.
         #[arg(long, value_parser = cron)]
         cron: String,
-        /// The entrypoint to run, e.g. dice.DiceRoll.
+        /// The entrypoint to run, e.g. dice.DiceRoll: one this binary
+        /// registers (the plain `kser`, which registers none, takes any).
         #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         entrypoint: String,
         /// Parameters as a JSON object, the same for every tick.
@@ -64,6 +66,15 @@ enum ScheduleCommand {
 fn cron(text: &str) -> Result<String, String> {
     schedule::parse(text).map_err(|err| err.to_string())?;
     Ok(text.trim().to_owned())
+}
+
+/// What can be refused before the database is touched: an entrypoint
+/// `schedule add` names that the binary does not register.
+pub(super) fn check(args: &ScheduleArgs, registry: &Registry) -> anyhow::Result<()> {
+    match &args.command {
+        ScheduleCommand::Add { entrypoint, .. } => check_entrypoint(registry, entrypoint),
+        _ => Ok(()),
+    }
 }
 
 pub(super) async fn run(args: ScheduleArgs, store: &Store) -> anyhow::Result<ExitCode> {
@@ -118,6 +129,23 @@ pub(super) async fn run(args: ScheduleArgs, store: &Store) -> anyhow::Result<Exi
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses an entrypoint the binary does not register, naming those it
+/// does: a typo would otherwise fail only at each tick, as FAILED tasks.
+/// The plain `kser` binary registers no task, so it cannot tell and takes
+/// any name (a schedule for another binary's, or Python kser's, tasks).
+fn check_entrypoint(registry: &Registry, entrypoint: &str) -> anyhow::Result<()> {
+    if registry.is_empty() {
+        return Ok(());
+    }
+    registry.check(entrypoint).map_err(|err| {
+        anyhow::anyhow!(
+            "{}; add the schedule with the binary that registers it, or with the plain kser \
+             binary, which checks no name",
+            output::printable(&err.to_string())
+        )
+    })
 }
 
 /// The first tick of `expression` after now.

@@ -17,6 +17,8 @@
 //! a step finishing at that moment is left to its own transaction, which
 //! comes through here next.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -25,8 +27,8 @@ use serde_json::{Value, json};
 use super::StoreError;
 use super::models::{NewOutbox, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
 use super::operations::{
-    FinishedOperation, OPERATION_METADATA_KEY, Resumed, empty_result, parse_result, pending_row,
-    step_message,
+    FinishedOperation, OPERATION_METADATA_KEY, Resumed, empty_result, message_uuid, parse_result,
+    pending_row, step_message,
 };
 use super::schema::kser::{operations, outbox, steps, tasks};
 use crate::message::TaskResult;
@@ -77,6 +79,13 @@ impl Graph {
 
     fn is_unfinished(&self, index: usize) -> bool {
         matches!(self.status(index), "PENDING" | "RUNNING" | "WAITING")
+    }
+
+    /// Whether step `index` has been sent and may be running: PENDING (a
+    /// graph step is PENDING only with its message queued or out) or
+    /// RUNNING. What [`stop`] left is out: it took back the rest.
+    fn in_flight(&self, index: usize) -> bool {
+        matches!(self.status(index), "PENDING" | "RUNNING")
     }
 
     /// Whether step `index` may start: every dependency satisfied, or for
@@ -349,9 +358,14 @@ async fn cancel_waiting(
     Ok(())
 }
 
-/// Stops the steps that have not started: their queued messages go, the
-/// WAITING and PENDING steps become CANCELLED. A step finishing at this
-/// moment (its row locked) is left alone: it finishes, and starts nothing.
+/// Stops what has not been sent: the WAITING steps become CANCELLED, and
+/// so do the PENDING steps whose message it takes back from the outbox
+/// (one no relay holds). A step whose message is out (published, or
+/// claimed by a relay that is publishing it) may be running already: it is
+/// left PENDING or RUNNING, runs to its end and its outcome is recorded,
+/// but it starts nothing while the operation is not RUNNING. A step
+/// finishing at this moment (its row locked) is left alone too: it
+/// finishes, and starts nothing.
 async fn stop(
     conn: &mut AsyncPgConnection,
     op: &OperationRow,
@@ -359,25 +373,32 @@ async fn stop(
 ) -> Result<(), StoreError> {
     use diesel::sql_types::{Array, Text};
 
-    diesel::sql_query(
+    let withdrawn: Vec<Withdrawn> = diesel::sql_query(
         "DELETE FROM kser.outbox WHERE id IN (SELECT id FROM kser.outbox \
-         WHERE operation_uuid = $1 FOR UPDATE SKIP LOCKED)",
+         WHERE operation_uuid = $1 AND (claimed_until IS NULL OR claimed_until < now()) \
+         FOR UPDATE SKIP LOCKED) \
+         RETURNING payload",
     )
     .bind::<Text, _>(&op.uuid)
-    .execute(conn)
+    .load(conn)
     .await?;
+    let withdrawn: HashSet<String> = withdrawn
+        .iter()
+        .filter_map(|row| message_uuid(&row.payload))
+        .collect();
     let error = "not run: the operation failed";
     let waiting: Vec<usize> = graph
         .forward()
         .filter(|i| graph.status(*i) == TaskStatus::Waiting.as_str())
         .collect();
     cancel_waiting(conn, graph, &waiting, error).await?;
-    let pending: Vec<String> = graph
+    let unsent: Vec<String> = graph
         .forward()
         .filter(|i| graph.status(*i) == TaskStatus::Pending.as_str())
         .map(|i| graph.nodes[i].0.uuid.clone())
+        .filter(|uuid| withdrawn.contains(uuid))
         .collect();
-    if pending.is_empty() {
+    if unsent.is_empty() {
         return Ok(());
     }
     let cancelled: Vec<Completed> = diesel::sql_query(
@@ -387,7 +408,7 @@ async fn stop(
              AND status = 'PENDING' FOR UPDATE SKIP LOCKED) \
          RETURNING uuid",
     )
-    .bind::<Array<Text>, _>(pending)
+    .bind::<Array<Text>, _>(unsent)
     .bind::<Text, _>(error)
     .load(conn)
     .await?;
@@ -397,6 +418,12 @@ async fn stop(
         }
     }
     Ok(())
+}
+
+#[derive(QueryableByName)]
+struct Withdrawn {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    payload: String,
 }
 
 #[derive(QueryableByName)]
@@ -570,6 +597,11 @@ async fn finish(
 /// steps that did not succeed run again (those declared `rerun` too, those
 /// declared `skip` are SKIPPED instead), each as soon as its dependencies
 /// are satisfied. Steps that succeeded keep their results.
+///
+/// A step still in flight (PENDING with its message out, or RUNNING: a
+/// sibling of the step that failed, sent before the failure) is not sent
+/// again, whatever its recovery: it runs to its end, once, and the steps
+/// after it start when it succeeds, since the operation runs again.
 pub(super) async fn resume(
     conn: &mut AsyncPgConnection,
     op: &OperationRow,
@@ -577,12 +609,23 @@ pub(super) async fn resume(
     let mut graph = Graph::load(conn, &op.uuid).await?;
     let now = Utc::now();
     let compensations: Vec<usize> = graph.compensations().collect();
-    let (status, started) = if compensations.is_empty() {
+    let (status, restart) = if compensations.is_empty() {
         (
             TaskStatus::Running,
             resume_steps(conn, op, &mut graph, now).await?,
         )
     } else {
+        // A compensation still in flight (the operation was cancelled
+        // while it ran) would run twice if queued again.
+        if let Some(busy) = compensations.iter().find(|i| graph.in_flight(**i)) {
+            return Err(StoreError::Conflict(format!(
+                "operation {}: the compensation of step '{}' is still {}; \
+                 resume once it has ended",
+                op.uuid,
+                graph.nodes[*busy].1.name,
+                graph.status(*busy)
+            )));
+        }
         let unfinished: Vec<usize> = compensations
             .into_iter()
             .filter(|i| graph.status(*i) != TaskStatus::Success.as_str())
@@ -599,7 +642,12 @@ pub(super) async fn resume(
             .named(&graph.nodes[first].1.name)
             .map(|i| parse_result(graph.nodes[i].0.result.as_ref()));
         release(conn, op, &mut graph, first, compensated.as_ref()).await?;
-        (TaskStatus::Compensating, vec![first])
+        let restart = Restart {
+            first,
+            started: vec![first],
+            running: Vec::new(),
+        };
+        (TaskStatus::Compensating, restart)
     };
     diesel::update(operations::table.find(&op.uuid))
         .set((
@@ -610,42 +658,73 @@ pub(super) async fn resume(
         ))
         .execute(conn)
         .await?;
-    let first = started[0];
-    Ok(Resumed {
-        step: graph.nodes[first].0.position.unwrap_or(0) + 1,
-        entrypoint: graph.nodes[first].0.entrypoint.clone(),
-        started: started
+    let names = |indices: &[usize]| -> Vec<String> {
+        indices
             .iter()
             .map(|i| graph.nodes[*i].1.name.clone())
-            .collect(),
+            .collect()
+    };
+    Ok(Resumed {
+        step: graph.nodes[restart.first].0.position.unwrap_or(0) + 1,
+        entrypoint: graph.nodes[restart.first].0.entrypoint.clone(),
+        started: names(&restart.started),
+        running: names(&restart.running),
     })
 }
 
-/// The forward part of [`resume`]: returns the steps queued.
+/// What [`resume_steps`] did.
+struct Restart {
+    /// The first step put back (by position): queued, or waiting.
+    first: usize,
+    /// The steps queued at once.
+    started: Vec<usize>,
+    /// The steps still in flight, left to finish.
+    running: Vec<usize>,
+}
+
+/// The forward part of [`resume`].
 async fn resume_steps(
     conn: &mut AsyncPgConnection,
     op: &OperationRow,
     graph: &mut Graph,
     now: DateTime<Utc>,
-) -> Result<Vec<usize>, StoreError> {
+) -> Result<Restart, StoreError> {
     let mut skip = Vec::new();
     let mut again = Vec::new();
+    let mut running = Vec::new();
     for index in graph.forward() {
         let (task, step) = &graph.nodes[index];
-        let succeeded = task.status == TaskStatus::Success.as_str();
+        let kept = task.status == TaskStatus::Success.as_str()
+            || task.status == TaskStatus::Skipped.as_str();
+        if graph.in_flight(index) {
+            running.push(index);
+            continue;
+        }
         match step.recovery.as_str() {
             "rerun" => again.push(index),
-            "skip" if !succeeded && task.status != TaskStatus::Skipped.as_str() => skip.push(index),
-            _ if !succeeded && task.status != TaskStatus::Skipped.as_str() => again.push(index),
+            "skip" if !kept => skip.push(index),
+            _ if !kept => again.push(index),
             _ => {}
         }
     }
+    let still_running = || -> String {
+        if running.is_empty() {
+            return String::new();
+        }
+        let names: Vec<&str> = running
+            .iter()
+            .map(|i| graph.nodes[*i].1.name.as_str())
+            .collect();
+        format!(" (still running: {})", names.join(", "))
+    };
     if again.is_empty() && skip.is_empty() {
         return Err(StoreError::Conflict(format!(
-            "operation {} has no unfinished step to resume",
-            op.uuid
+            "operation {} has no unfinished step to resume{}",
+            op.uuid,
+            still_running()
         )));
     }
+    let first = again.iter().chain(&skip).copied().min().unwrap_or_default();
     if !skip.is_empty() {
         let uuids: Vec<&str> = skip
             .iter()
@@ -687,13 +766,19 @@ async fn resume_steps(
             started.push(index);
         }
     }
-    if started.is_empty() {
+    // Nothing queued is fine while a step still in flight will release
+    // what waits on it.
+    if started.is_empty() && running.is_empty() {
         return Err(StoreError::Conflict(format!(
             "operation {}: no step could start again",
             op.uuid
         )));
     }
-    Ok(started)
+    Ok(Restart {
+        first,
+        started,
+        running,
+    })
 }
 
 /// Tasks back to `status`, their outcome cleared.

@@ -71,6 +71,10 @@ pub struct Resumed {
     pub entrypoint: String,
     /// For a graph operation: the names of the steps started again.
     pub started: Vec<String>,
+    /// For a graph operation: the names of the steps still in flight (sent
+    /// before it stopped), left to finish rather than sent again; the steps
+    /// waiting on them start when they succeed.
+    pub running: Vec<String>,
 }
 
 impl Store {
@@ -290,6 +294,12 @@ impl Store {
     /// restarted step receives their merged result. A graph operation runs
     /// again the steps that did not succeed (and those declared `rerun`),
     /// or, when a compensation failed, the compensations left.
+    ///
+    /// A step still in flight is never sent again: a list's step written
+    /// RUNNING (cancelled while it ran), a graph's step PENDING with its
+    /// message out or RUNNING. It finishes once, and what comes after it
+    /// starts when it succeeds, the operation running again; `running`
+    /// names such steps.
     pub async fn resume_operation(&self, uuid: &str) -> Result<Resumed, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
@@ -319,12 +329,17 @@ impl Store {
             for step in steps.iter().take_while(|t| t.status == TaskStatus::Success.as_str()) {
                 merged.merge(&parse_result(step.result.as_ref()));
             }
+            // A step still running (the operation was cancelled while it
+            // ran) is not sent again: it finishes once, and its end sends
+            // the next step, the operation running again.
+            let running = restart.status == TaskStatus::Running.as_str();
             let now = Utc::now();
             diesel::update(
                 tasks::table
                     .filter(tasks::operation_uuid.eq(uuid))
                     .filter(tasks::position.ge(position))
-                    .filter(tasks::status.ne(TaskStatus::Success.as_str())),
+                    .filter(tasks::status.ne(TaskStatus::Success.as_str()))
+                    .filter(tasks::status.ne(TaskStatus::Running.as_str())),
             )
             .set((
                 tasks::status.eq(TaskStatus::Pending.as_str()),
@@ -335,17 +350,19 @@ impl Store {
             ))
             .execute(conn)
             .await?;
-            let forwarded = (position > 0).then_some(&merged);
-            let restart_row = pending_row(restart);
-            let message = step_message(
-                uuid,
-                op.topic.as_deref(),
-                &restart_row,
-                &op.metadata,
-                forwarded,
-                None,
-            );
-            diesel::insert_into(outbox::table).values(message).execute(conn).await?;
+            if !running {
+                let forwarded = (position > 0).then_some(&merged);
+                let restart_row = pending_row(restart);
+                let message = step_message(
+                    uuid,
+                    op.topic.as_deref(),
+                    &restart_row,
+                    &op.metadata,
+                    forwarded,
+                    None,
+                );
+                diesel::insert_into(outbox::table).values(message).execute(conn).await?;
+            }
             diesel::update(operations::table.find(uuid))
                 .set((
                     operations::status.eq(TaskStatus::Running.as_str()),
@@ -356,10 +373,12 @@ impl Store {
                 ))
                 .execute(conn)
                 .await?;
+            let name = format!("step {} ({})", position + 1, restart.entrypoint);
             Ok(Resumed {
                 step: position + 1,
                 entrypoint: restart.entrypoint.clone(),
                 started: Vec::new(),
+                running: if running { vec![name] } else { Vec::new() },
             })
         })
         .await
@@ -511,11 +530,18 @@ impl Store {
     /// for it, an invalid record, no right to write the topic), in one
     /// transaction: the message is deleted and the task it would have run,
     /// if still PENDING, ends FAILED with `reason`; for a step, its
-    /// operation ends FAILED too (and `kser resume` can run it again).
-    /// `task_uuid` is the uuid the message carries, when it could be read;
-    /// without it a step message fails its operation's first PENDING step.
-    /// Returns the operation that ended, for its hook; nothing when the
-    /// message was settled already.
+    /// operation moves on as after any failure of that step (by default it
+    /// ends FAILED, and `kser resume` can run it again).
+    ///
+    /// The task is the one the message names: the uuid in the row's own
+    /// payload, else `task_uuid` (what the caller read, after decrypting),
+    /// else, for a step, the row's key when it is a task of the operation
+    /// (a graph step's message is keyed by its own uuid). Only a list's
+    /// step falls back to its operation's first PENDING step, the one step
+    /// of a list with a message out; a graph's step that cannot be told is
+    /// an error, and the row stays for the next attempt rather than failing
+    /// a sibling. Returns the operation that ended, for its hook; nothing
+    /// when the message was settled already.
     pub async fn fail_unpublishable(
         &self,
         id: i64,
@@ -524,31 +550,57 @@ impl Store {
     ) -> Result<Option<FinishedOperation>, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let deleted: Option<Option<String>> = diesel::delete(outbox::table.find(id))
-                .returning(outbox::operation_uuid)
-                .get_result(conn)
-                .await
-                .optional()?;
-            let Some(op_uuid) = deleted else {
+            let deleted: Option<(Option<String>, Option<String>, String)> =
+                diesel::delete(outbox::table.find(id))
+                    .returning((outbox::operation_uuid, outbox::message_key, outbox::payload))
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+            let Some((op_uuid, key, payload)) = deleted else {
                 return Ok(None);
             };
-            let task: Option<TaskRow> = match (task_uuid, &op_uuid) {
-                (Some(uuid), _) => tasks::table
-                    .find(uuid)
+            let mut named = vec![message_uuid(&payload), task_uuid.map(str::to_owned)];
+            if op_uuid.is_some() {
+                named.push(key);
+            }
+            let mut task: Option<TaskRow> = None;
+            for uuid in named.into_iter().flatten() {
+                task = tasks::table
+                    .find(&uuid)
                     .select(TaskRow::as_select())
                     .first(conn)
                     .await
-                    .optional()?,
-                (None, Some(op_uuid)) => tasks::table
+                    .optional()?
+                    .filter(|t| op_uuid.is_none() || t.operation_uuid == op_uuid);
+                if task.is_some() {
+                    break;
+                }
+            }
+            if task.is_none()
+                && let Some(op_uuid) = &op_uuid
+            {
+                let graph: bool = operations::table
+                    .find(op_uuid)
+                    .select(operations::graph)
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .unwrap_or(false);
+                if graph {
+                    return Err(StoreError::Conflict(format!(
+                        "outbox message {id} of graph operation {op_uuid} names no step \
+                         of it, so the step whose message was refused is unknown"
+                    )));
+                }
+                task = tasks::table
                     .filter(tasks::operation_uuid.eq(op_uuid))
                     .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
                     .order(tasks::position.asc())
                     .select(TaskRow::as_select())
                     .first(conn)
                     .await
-                    .optional()?,
-                (None, None) => None,
-            };
+                    .optional()?;
+            }
             // A task no longer PENDING was published before (the message is
             // a copy): only the message goes.
             let Some(task) = task.filter(|t| t.status == TaskStatus::Pending.as_str()) else {
@@ -563,7 +615,7 @@ impl Store {
             failed.operation_uuid = task.operation_uuid.clone();
             failed.position = task.position;
             failed.finished_at = Some(now);
-            diesel::update(
+            let updated = diesel::update(
                 tasks::table
                     .find(&task.uuid)
                     .filter(tasks::status.eq(TaskStatus::Pending.as_str())),
@@ -578,6 +630,10 @@ impl Store {
             ))
             .execute(conn)
             .await?;
+            // Ended meanwhile by a copy published before: that moved it on.
+            if updated == 0 {
+                return Ok(None);
+            }
             advance(conn, &failed).await
         })
         .await
@@ -725,6 +781,20 @@ pub(super) fn step_message(
         operation_uuid: Some(op_uuid.to_owned()),
         available_at: None,
     }
+}
+
+/// The uuid of the message in an outbox row's payload; `None` when the
+/// payload is not a plain kser message (`send --delay --encrypt` queues
+/// encrypted ones). Every operation's message is plain: the relay seals
+/// messages as it publishes them.
+pub(super) fn message_uuid(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        uuid: String,
+    }
+    serde_json::from_str::<Named>(payload)
+        .ok()
+        .map(|named| named.uuid)
 }
 
 pub(super) fn pending_row(task: &TaskRow) -> NewTask {
