@@ -26,11 +26,11 @@ use serde_json::{Value, json};
 
 use super::StoreError;
 use super::models::{NewOutbox, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
-use super::operations::{
+use super::schema::kser::{operations, outbox, steps, tasks};
+use super::steps::{
     FinishedOperation, OPERATION_METADATA_KEY, Resumed, empty_result, message_uuid, parse_result,
     pending_row, step_message,
 };
-use super::schema::kser::{operations, outbox, steps, tasks};
 use crate::message::TaskResult;
 
 /// A graph operation's tasks with their place in the graph, in position

@@ -22,6 +22,7 @@ mod recovery;
 mod retries;
 mod schedules;
 mod schema;
+mod steps;
 mod tasks;
 mod workers;
 
@@ -41,9 +42,7 @@ pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow,
     TaskStatus,
 };
-pub use operations::{
-    FinishedOperation, OPERATION_METADATA_KEY, OperationStart, Resumed, RunningStep,
-};
+pub use operations::{OperationStart, RunningStep};
 #[doc(hidden)]
 pub use pools::{Admission, LeaseRequest, PoolRow, entrypoint_pool};
 pub use privileges::WORKER_PRIVILEGES;
@@ -52,6 +51,7 @@ pub use prune::{DEFAULT_PRUNE_BATCH, PRUNE_LOCK, PruneRequest, Pruned};
 pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
 pub use retries::Retry;
 pub use schedules::{Fired, NewSchedule, ScheduleFiring, ScheduleRow};
+pub use steps::{FinishedOperation, OPERATION_METADATA_KEY, Resumed};
 pub(crate) use tasks::outcome_query;
 pub use tasks::{StartedTask, TaskFilter};
 pub use workers::{Beat, BeatReply, Control, ControlAction, NewWorker, WorkerRow, WorkerState};

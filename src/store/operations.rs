@@ -19,12 +19,11 @@ use super::models::{
     NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow, TaskStatus,
 };
 use super::schema::kser::{operations, outbox, steps, tasks};
+use super::steps::{
+    FinishedOperation, Resumed, empty_result, message_uuid, parse_result, pending_row, step_message,
+};
 use super::{INSERT_CHUNK, Store, StoreError, TaskFilter};
-use crate::message::{ErrorKind, JsonObject, Message, TaskResult};
-use crate::trace::TaskTrace;
-
-/// Metadata key naming the operation a step message belongs to.
-pub const OPERATION_METADATA_KEY: &str = "kser_operation";
+use crate::message::{ErrorKind, TaskResult};
 
 /// An operation to record: the row, its tasks and its first step message.
 /// A build that failed has a FAILED row and no tasks.
@@ -40,19 +39,6 @@ pub struct OperationStart {
     pub graph: Vec<StepRow>,
 }
 
-/// An operation that reached SUCCESS or FAILED, for its finish hook.
-#[derive(Debug, Clone)]
-pub struct FinishedOperation {
-    /// The operation's uuid.
-    pub uuid: String,
-    /// Its entrypoint.
-    pub entrypoint: String,
-    /// Its message's metadata.
-    pub metadata: JsonObject,
-    /// Its result: the merged results of its steps.
-    pub result: TaskResult,
-}
-
 /// A step of a cancelled operation still running: it finishes.
 #[derive(Debug, Clone)]
 pub struct RunningStep {
@@ -60,21 +46,6 @@ pub struct RunningStep {
     pub step: i32,
     /// The step's entrypoint.
     pub entrypoint: String,
-}
-
-/// Where `resume` restarted an operation.
-#[derive(Debug, Clone)]
-pub struct Resumed {
-    /// 1-based step number (of the first step started again).
-    pub step: i32,
-    /// That step's entrypoint.
-    pub entrypoint: String,
-    /// For a graph operation: the names of the steps started again.
-    pub started: Vec<String>,
-    /// For a graph operation: the names of the steps still in flight (sent
-    /// before it stopped), left to finish rather than sent again; the steps
-    /// waiting on them start when they succeed.
-    pub running: Vec<String>,
 }
 
 impl Store {
@@ -748,75 +719,4 @@ async fn advance(
         metadata: op.metadata.as_object().cloned().unwrap_or_default(),
         result: merged,
     }))
-}
-
-/// The message that runs `step`, keyed by the operation uuid so the steps
-/// of one operation stay in one partition, in order. Its `traceparent` is
-/// the operation's (whose span is the parent of its first step), or, after
-/// a step ran, that step's: one operation is one trace.
-pub(super) fn step_message(
-    op_uuid: &str,
-    topic: Option<&str>,
-    step: &NewTask,
-    op_metadata: &Value,
-    forwarded: Option<&TaskResult>,
-    previous: Option<&TaskTrace>,
-) -> NewOutbox {
-    let mut metadata = op_metadata.as_object().cloned().unwrap_or_default();
-    metadata.insert(OPERATION_METADATA_KEY.into(), Value::from(op_uuid));
-    if let Some(previous) = previous {
-        previous.stamp(&mut metadata);
-    }
-    let message = Message {
-        uuid: step.uuid.clone(),
-        entrypoint: step.entrypoint.clone(),
-        params: step.params.as_object().cloned().unwrap_or_default(),
-        result: forwarded.cloned(),
-        metadata,
-    };
-    NewOutbox {
-        topic: topic.unwrap_or("kser").to_owned(),
-        message_key: Some(op_uuid.to_owned()),
-        payload: String::from_utf8_lossy(&message.to_bytes()).into_owned(),
-        operation_uuid: Some(op_uuid.to_owned()),
-        available_at: None,
-    }
-}
-
-/// The uuid of the message in an outbox row's payload; `None` when the
-/// payload is not a plain kser message (`send --delay --encrypt` queues
-/// encrypted ones). Every operation's message is plain: the relay seals
-/// messages as it publishes them.
-pub(super) fn message_uuid(payload: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        uuid: String,
-    }
-    serde_json::from_str::<Named>(payload)
-        .ok()
-        .map(|named| named.uuid)
-}
-
-pub(super) fn pending_row(task: &TaskRow) -> NewTask {
-    let mut row = NewTask::new(
-        task.uuid.clone(),
-        task.entrypoint.clone(),
-        TaskStatus::Pending,
-    );
-    row.params = task.params.clone();
-    row
-}
-
-/// The starting point of an operation's merged result.
-pub(super) fn empty_result(op_uuid: &str) -> TaskResult {
-    TaskResult {
-        uuid: op_uuid.to_owned(),
-        ..TaskResult::ok()
-    }
-}
-
-pub(super) fn parse_result(value: Option<&Value>) -> TaskResult {
-    value
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default()
 }
