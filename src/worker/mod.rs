@@ -35,6 +35,7 @@ mod decode;
 mod execute;
 mod finish;
 mod fleet;
+mod holding;
 mod intake;
 mod limits;
 mod metrics_topic;

@@ -150,7 +150,7 @@ impl Worker {
             finish_tx,
             semaphore,
             shutdown.clone(),
-            fleet::Holding::new(hold_rx),
+            holding::Holding::new(hold_rx),
         ));
         let reporter = tokio::spawn(Arc::clone(&shared).reporter());
         let marker = tokio::spawn(Arc::clone(&shared).marker());

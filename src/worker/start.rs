@@ -29,7 +29,7 @@ impl Shared {
         finish_tx: mpsc::Sender<Finished>,
         semaphore: Arc<Semaphore>,
         shutdown: CancellationToken,
-        mut holding: fleet::Holding,
+        mut holding: holding::Holding,
     ) {
         let mut running = JoinSet::new();
         let mut batch = Vec::with_capacity(self.batch_size);
