@@ -45,20 +45,21 @@
 //! - [`operation`]: the [`Operation`] trait: a sequence of tasks.
 //! - [`registry`]: entrypoint name -> task or operation.
 //! - [`retry`]: retry policies: attempts, backoff, timeouts.
-//! - [`schedule`]: cron schedules: parsing, and which ticks fire when.
 //! - [`worker`]: consume, record, run, commit; offsets and shutdown.
 //! - [`producer`]: publishing messages.
 //! - [`crypto`]: kser-crypto's encrypted envelope (secretbox).
 //! - [`store`]: the Postgres schema, migrations and queries.
 //! - [`config`]: Kafka client settings.
-//! - [`redact`]: printable forms of settings that hold secrets.
-//! - [`report`]: errors and their causes on one line, each said once.
 //! - [`trace`]: W3C trace context carried from a message to what kser sends for it.
 //! - [`dead_letter`]: the dead-letter topic: headers, reading it back.
 //! - [`admin`]: broker checks and topic creation.
 //! - [`status`]: a task's or operation's state by uuid; waiting for its end.
-//! - [`web`]: the web console and its JSON API (`serve`, `worker --http`).
 //! - [`cli`]: the command line shared by `kser` and user binaries.
+//!
+//! Internal (not part of the API): the web console (`web`), cron
+//! arithmetic (`schedule`), secret redaction (`redact`), error reports
+//! (`report`), and the engines the command line and the console share
+//! (`publish`, `replay`, `fleet`). `ARCHITECTURE.md` maps them.
 
 #![warn(missing_docs)]
 
@@ -74,17 +75,17 @@ pub mod operation;
 pub mod otel;
 pub mod producer;
 mod publish;
-pub mod redact;
+pub(crate) mod redact;
 pub mod registry;
 mod replay;
-pub mod report;
+pub(crate) mod report;
 pub mod retry;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod status;
 pub mod store;
 pub mod task;
 pub mod trace;
-pub mod web;
+pub(crate) mod web;
 pub mod worker;
 
 pub use config::KafkaConfig;

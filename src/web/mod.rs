@@ -104,22 +104,6 @@ impl Console {
         })
     }
 
-    /// The same console with this token (`None`: no authentication).
-    pub fn with_token(self, token: Option<String>) -> Self {
-        let inner = Inner {
-            store: self.inner.store.clone(),
-            registry: self.inner.registry.clone(),
-            kafka: self.inner.kafka.clone(),
-            producer: self.inner.producer.clone(),
-            topic: self.inner.topic.clone(),
-            token: token.filter(|token| !token.trim().is_empty()),
-            ensured: Mutex::new(HashSet::new()),
-        };
-        Self {
-            inner: Arc::new(inner),
-        }
-    }
-
     /// Every route of the console and the API, and `/healthz`: what
     /// `kser serve` answers.
     pub fn router(&self) -> Router {

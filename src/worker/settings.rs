@@ -53,7 +53,7 @@ pub struct WorkerConfig {
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when `None`).
     pub http: Option<std::net::SocketAddr>,
     /// More to serve there: wraps the worker's routes (the CLI puts the
-    /// web console around them, [`crate::web::Console::around`]).
+    /// web console around them).
     pub http_routes: Option<HttpRoutes>,
     /// The most bytes of records the worker holds: an eighth for
     /// librdkafka's prefetch queue, an eighth for a fetch in flight, half
