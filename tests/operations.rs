@@ -331,7 +331,7 @@ fn a_cancel_racing_the_last_step_ends_with_what_happened() {
     .to_string();
     let uuid = env.send("showcase", "showcase.Custom", &params);
     common::wait_until("the last step to run", Duration::from_secs(60), || {
-        env.status(&uuid)["tasks"][1]["status"] == "RUNNING"
+        env.try_status(&uuid)["tasks"][1]["status"] == "RUNNING"
     });
     let out = env.kser(&["cancel", &uuid]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
@@ -365,7 +365,7 @@ fn cancel_stops_an_operation_between_steps() {
     worker.wait_assigned();
     let uuid = env.send("showcase", "showcase.Chain", r#"{"count": 3, "ms": 2000}"#);
     common::wait_until("the first step to start", Duration::from_secs(60), || {
-        env.status(&uuid)["tasks"][0]["status"] == "RUNNING"
+        env.try_status(&uuid)["tasks"][0]["status"] == "RUNNING"
     });
     let out = env.kser(&["cancel", &uuid]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -420,7 +420,7 @@ fn a_resume_while_the_cancelled_step_still_runs_lets_it_finish_once() {
     worker.wait_assigned();
     let uuid = env.send("showcase", "showcase.Chain", r#"{"count": 3, "ms": 3000}"#);
     common::wait_until("the first step to start", Duration::from_secs(60), || {
-        env.status(&uuid)["tasks"][0]["status"] == "RUNNING"
+        env.try_status(&uuid)["tasks"][0]["status"] == "RUNNING"
     });
     let out = env.kser(&["cancel", &uuid]);
     assert!(out.status.success(), "{}", text(&out.stderr));

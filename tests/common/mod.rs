@@ -171,6 +171,17 @@ impl TestEnv {
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
+    /// `status UUID --json`, parsed, or `Value::Null` while no worker has
+    /// recorded it yet (an operation exists once a worker received it): for
+    /// waits that may begin before that.
+    pub fn try_status(&self, uuid: &str) -> Value {
+        let out = self.kser(&["status", uuid, "--json"]);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
     /// Waits until the task reaches SUCCESS or FAILED, and returns its status.
     pub fn wait_final(&self, uuid: &str) -> Value {
         let mut last = Value::Null;
