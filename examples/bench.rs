@@ -565,10 +565,12 @@ impl Bench {
     }
 
     /// Empties kser's tables, so no run pays for the rows of the one
-    /// before.
+    /// before (and the tables that refer to tasks and operations, such as
+    /// the pools' waiters, with them).
     async fn empty_tables(&mut self) -> anyhow::Result<()> {
         diesel::sql_query(
-            "TRUNCATE kser.task_attempts, kser.outbox, kser.steps, kser.tasks, kser.operations",
+            "TRUNCATE kser.task_attempts, kser.outbox, kser.steps, kser.tasks, kser.operations \
+             CASCADE",
         )
         .execute(&mut self.conn)
         .await
@@ -608,7 +610,16 @@ impl Bench {
         let durable = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             worker.check_alive()?;
-            let done = progress.committed().await?;
+            // The group's coordinator may still be loading or moving (a
+            // broker just started): not the end of the run.
+            let done = match progress.committed().await {
+                Ok(done) => done,
+                Err(err) if wall.elapsed() < limit => {
+                    eprintln!("  (reading the group's offsets: {err:#}; trying again)");
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             if done >= count as i64 {
                 break chrono::Utc::now();
             }
@@ -657,7 +668,19 @@ impl Bench {
         let log = self.logs.path(group);
         let stderr = std::fs::File::create(&log)?;
         let exe = std::env::current_exe().context("finding the benchmark's own binary")?;
-        let mut command = Command::new(exe);
+        // KSER_BENCH_WRAP runs each worker under a profiler, e.g.
+        // "heaptrack -o /tmp/worker" or "perf record -g -o /tmp/perf.data --"
+        // (the memory figures are then the wrapper's).
+        let wrap = std::env::var("KSER_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(wrapper) => {
+                let mut command = Command::new(wrapper);
+                command.args(words).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
         command
             .args(["worker", "--topics", topic, "--group", group])
             .args(["--ordering", ordering, "--concurrency"])
