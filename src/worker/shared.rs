@@ -291,17 +291,25 @@ pub(super) struct InFlight {
     /// are released when it ends, never before, so a copy skipped now is not
     /// lost if this run is abandoned.
     pub(super) copies: Vec<Position>,
-    /// Its RUNNING row, until the marker writes it.
+    /// When and what to write RUNNING, until the marker writes it.
     pub(super) mark: Option<Mark>,
     /// The attempt running, as claimed: what a panic in kser's own code
     /// records FAILED.
     pub(super) attempt: Option<StartedTask>,
 }
 
-/// When and what to write for a task that runs long.
+/// When and what to write for a task that runs long. Its RUNNING row is
+/// built from the record only when due: most tasks end sooner, and keeping
+/// a row per task would copy every message's parameters once more.
 pub(super) struct Mark {
     pub(super) at: tokio::time::Instant,
-    pub(super) row: NewTask,
+    /// When it started.
+    pub(super) started_at: DateTime<Utc>,
+    /// The attempt it runs, as claimed.
+    pub(super) attempts: i32,
+    pub(super) original: Arc<Original>,
+    pub(super) position: Position,
+    pub(super) enqueued_at: Option<DateTime<Utc>>,
 }
 
 /// The error kind of a failed row, as its result says.

@@ -378,8 +378,6 @@ impl Shared {
         for candidate in group {
             match started.remove(&candidate.message.uuid) {
                 Some(Ok(started)) => {
-                    let mut running = self.running_row(&candidate, now);
-                    running.attempts = started.attempts;
                     let Candidate {
                         position,
                         message,
@@ -392,7 +390,11 @@ impl Shared {
                         let task = in_flight.entry(message.uuid.clone()).or_default();
                         task.mark = Some(Mark {
                             at: mark_at,
-                            row: running,
+                            started_at: now,
+                            attempts: started.attempts,
+                            original: Arc::clone(&original),
+                            position: position.clone(),
+                            enqueued_at,
                         });
                         task.attempt = Some(started.clone());
                     }
@@ -485,11 +487,15 @@ impl Shared {
         loop {
             interval.tick().await;
             let now = tokio::time::Instant::now();
-            let due: Vec<NewTask> = self
+            let due: Vec<Mark> = self
                 .lock_in_flight()
                 .values_mut()
                 .filter(|task| task.mark.as_ref().is_some_and(|mark| mark.at <= now))
-                .filter_map(|task| task.mark.take().map(|mark| mark.row))
+                .filter_map(|task| task.mark.take())
+                .collect();
+            let due: Vec<NewTask> = due
+                .into_iter()
+                .filter_map(|mark| self.marked_row(mark))
                 .collect();
             for rows in due.chunks(self.batch_size) {
                 let Some(marked) = self
@@ -513,7 +519,27 @@ impl Shared {
         }
     }
 
-    /// The RUNNING row of a task about to run, written if it runs long.
+    /// The RUNNING row of a task whose mark is due, from its record. (A
+    /// task retried in place runs a message of its own, but its row exists
+    /// by then, written PENDING with the retry, and the RUNNING upsert takes
+    /// no parameters or metadata from a row it updates.)
+    fn marked_row(&self, mark: Mark) -> Option<NewTask> {
+        let Decoded::Message(message) =
+            decode(mark.original.payload.as_deref(), self.producer.secretbox())
+        else {
+            return None;
+        };
+        let mut row = NewTask::new(message.uuid, message.entrypoint, TaskStatus::Running);
+        row.params = Value::Object(message.params);
+        row.metadata = Value::Object(message.metadata);
+        row.attempts = mark.attempts;
+        self.locate(&mut row, &mark.position, mark.enqueued_at);
+        row.started_at = Some(mark.started_at);
+        row.updated_at = mark.started_at;
+        Some(row)
+    }
+
+    /// The RUNNING row of a task about to run.
     pub(super) fn running_row(&self, candidate: &Candidate, now: DateTime<Utc>) -> NewTask {
         let message = &candidate.message;
         let mut row = NewTask::new(
