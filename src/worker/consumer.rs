@@ -87,7 +87,7 @@ pub(crate) struct ConsumerSpec {
     /// Set once a consumer built from this joined its group.
     pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
     /// What librdkafka's statistics say of lag and partitions.
-    pub(crate) backlog: Arc<super::fleet::Backlog>,
+    pub(crate) backlog: Arc<super::scaling::Backlog>,
 }
 
 impl ConsumerSpec {

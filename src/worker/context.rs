@@ -16,7 +16,7 @@ pub(crate) struct KserContext {
     /// its group.
     pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
     /// Lag and partition count, for the scaling hint.
-    pub(crate) backlog: Arc<super::fleet::Backlog>,
+    pub(crate) backlog: Arc<super::scaling::Backlog>,
 }
 
 impl ClientContext for KserContext {

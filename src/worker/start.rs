@@ -1,11 +1,13 @@
 //! Stage 2, start: decodes batches, records what cannot run, waits for each
 //! record's turn in its lane, and claims the tasks that got a concurrency
-//! slot in one read before they run; the marker writes RUNNING the tasks
-//! that run long.
+//! slot in one read before they run. (`marker.rs` writes RUNNING the tasks
+//! that run long; `panicked.rs` ends a task whose run panicked in kser.)
 
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt as _;
+
+use super::panicked::Spawned;
 
 use super::*;
 
@@ -132,68 +134,6 @@ impl Shared {
             }
         }
         while running.join_next().await.is_some() {}
-    }
-
-    /// Records FAILED a task whose run panicked in kser's own code (user
-    /// code's panics are caught where it runs, as a failed result): the
-    /// task ends with the panic as its error, its lane and offset move on,
-    /// and the worker keeps running. A bug must never leave a task RUNNING
-    /// with its partition held.
-    async fn task_panicked(
-        &self,
-        spawned: Spawned,
-        text: &str,
-        finish_tx: &mpsc::Sender<Finished>,
-    ) {
-        tracing::error!(task.uuid = %spawned.uuid, panic = %text, "kser panicked while running the task; recording it FAILED");
-        let attempt = self
-            .lock_in_flight()
-            .get_mut(&spawned.uuid)
-            .and_then(|task| {
-                task.mark = None;
-                task.attempt.clone()
-            });
-        let Some(attempt) = attempt else {
-            // Not claimed, or already handed over: nothing holds it.
-            self.forget_in_flight(&spawned.uuid, false);
-            return;
-        };
-        let now = Utc::now();
-        let message = match decode(
-            spawned.original.payload.as_deref(),
-            self.producer.secretbox(),
-        ) {
-            Decoded::Message(message) => Some(message),
-            Decoded::Invalid { .. } => None,
-        };
-        let entrypoint = message
-            .as_ref()
-            .map(|m| m.entrypoint.clone())
-            .unwrap_or_default();
-        let error = format!("kser panicked while running the task (a bug in kser): {text}");
-        let result = TaskResult::error(500, ErrorKind::Panic, error.clone(), Value::Null);
-        let mut row = NewTask::new(spawned.uuid, entrypoint, TaskStatus::Failed);
-        if let Some(message) = message {
-            row.params = Value::Object(message.params);
-            row.metadata = Value::Object(message.metadata);
-        }
-        row.result = serde_json::to_value(&result).ok();
-        row.error = Some(error);
-        row.attempts = attempt.attempts;
-        row.operation_uuid = attempt.operation_uuid;
-        row.position = attempt.position;
-        self.locate(&mut row, &spawned.position, spawned.enqueued_at);
-        row.started_at = Some(now);
-        row.finished_at = Some(now);
-        let finished = Finished {
-            kind: Outcome::of_run(&row),
-            position: spawned.position,
-            row,
-            resend: None,
-            original: spawned.original,
-            lane: spawned.lane,
-        };
-        let _ = finish_tx.send(finished).await;
     }
 
     /// Drops candidates that will not start here (the worker is stopping):
@@ -476,69 +416,6 @@ impl Shared {
         Some(started)
     }
 
-    /// Writes RUNNING the tasks still running past their mark time, every
-    /// tick until the worker stops: `status` then shows long tasks as
-    /// RUNNING, while a task that ends sooner is written once, final.
-    pub(super) async fn marker(self: Arc<Self>) {
-        let tick =
-            (self.running_after / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            let now = tokio::time::Instant::now();
-            let due: Vec<Mark> = self
-                .lock_in_flight()
-                .values_mut()
-                .filter(|task| task.mark.as_ref().is_some_and(|mark| mark.at <= now))
-                .filter_map(|task| task.mark.take())
-                .collect();
-            let due: Vec<NewTask> = due
-                .into_iter()
-                .filter_map(|mark| self.marked_row(mark))
-                .collect();
-            for rows in due.chunks(self.batch_size) {
-                let Some(marked) = self
-                    .retry_db("record running tasks", || self.store.mark_running(rows))
-                    .await
-                else {
-                    return;
-                };
-                match marked {
-                    Ok(marked) if marked.len() < rows.len() => {
-                        for row in rows.iter().filter(|row| !marked.contains(&row.uuid)) {
-                            tracing::info!(task.uuid = %row.uuid, attempt = row.attempts, "the task was started again elsewhere or is final; this attempt's outcome will not be recorded");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not record running tasks; they are recorded when they end")
-                    }
-                }
-            }
-        }
-    }
-
-    /// The RUNNING row of a task whose mark is due, from its record. (A
-    /// task retried in place runs a message of its own, but its row exists
-    /// by then, written PENDING with the retry, and the RUNNING upsert takes
-    /// no parameters or metadata from a row it updates.)
-    fn marked_row(&self, mark: Mark) -> Option<NewTask> {
-        let Decoded::Message(message) =
-            decode(mark.original.payload.as_deref(), self.producer.secretbox())
-        else {
-            return None;
-        };
-        let mut row = NewTask::new(message.uuid, message.entrypoint, TaskStatus::Running);
-        row.params = Value::Object(message.params);
-        row.metadata = Value::Object(message.metadata);
-        row.attempts = mark.attempts;
-        self.locate(&mut row, &mark.position, mark.enqueued_at);
-        row.started_at = Some(mark.started_at);
-        row.updated_at = mark.started_at;
-        Some(row)
-    }
-
     /// The RUNNING row of a task about to run.
     pub(super) fn running_row(&self, candidate: &Candidate, now: DateTime<Utc>) -> NewTask {
         let message = &candidate.message;
@@ -583,26 +460,4 @@ pub(super) fn duplicate_error(uuid: &str, state: &str, error: &str) -> String {
         "not recorded: uuid {uuid} belongs to an existing task ({state}), which this record \
          does not change; the record is not a valid message: {error}"
     )
-}
-
-/// What the starter keeps of a task it spawns, to end it should its run
-/// panic.
-struct Spawned {
-    uuid: String,
-    position: Position,
-    enqueued_at: Option<DateTime<Utc>>,
-    original: Arc<Original>,
-    lane: Option<Lane>,
-}
-
-impl Spawned {
-    fn of(task: &Ready) -> Self {
-        Self {
-            uuid: task.message.uuid.clone(),
-            position: task.position.clone(),
-            enqueued_at: task.enqueued_at,
-            original: Arc::clone(&task.original),
-            lane: task.lane.clone(),
-        }
-    }
 }
