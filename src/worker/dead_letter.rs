@@ -14,7 +14,9 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer as _;
 
 use super::offsets::Position;
-use super::{Original, Shared};
+use super::pipeline::Original;
+use super::settings::DeadLetters;
+use super::shared::Shared;
 use crate::dead_letter::{
     HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_OFFSET, HEADER_PARTITION,
     HEADER_PRODUCER_ERROR, HEADER_STORED, HEADER_STORED_ID, HEADER_TIMESTAMP, HEADER_TOPIC,
@@ -268,18 +270,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Where dead letters go.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum DeadLetters {
-    /// Not written anywhere (failures are only in Postgres and the logs).
-    Disabled,
-    /// `<topic>.dlq` for each consumed topic.
-    #[default]
-    Suffix,
-    /// One topic for all.
-    Topic(String),
 }
 
 fn headers(letter: &DeadLetter) -> Vec<(&'static str, String)> {

@@ -2,8 +2,22 @@
 //! attempt, and retries in place under an ordering. (`transactional.rs`
 //! runs the tasks whose writes commit with their state.)
 
+use super::decode::{Decoded, decode};
+use super::offsets::Position;
+use super::ordering::Ordering;
+use super::pipeline::{Candidate, Finished, Outcome, Ready};
+use super::shared::{Counters, Shared};
+use super::telemetry;
 use super::transactional::Transacted;
-use super::*;
+use crate::message::{ErrorKind, Message, TaskResult};
+use crate::store::{NewOutbox, NewTask, Retry, TaskStatus};
+use crate::task::TaskContext;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::sync::Arc;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 impl Shared {
     /// Runs a task and hands its outcome to the finisher. Under an ordering

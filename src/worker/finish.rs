@@ -1,7 +1,14 @@
 //! Stage 3, finish: writes final states in batches, then releases their
 //! offsets and lanes and hands failures to the dead-letter topic.
 
-use super::*;
+use super::dead_letter::DeadLetter;
+use super::pipeline::{Finished, Outcome};
+use super::shared::{Counters, Shared, failure_kind, unstorable};
+use super::telemetry;
+use crate::store::{FinishedOperation, NewTask, Retry, StoreError, TaskRow, TaskStatus};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 impl Shared {
     /// Stage 3: writes final states in batches, then releases their offsets.

@@ -16,8 +16,17 @@ use tokio::sync::watch;
 
 use super::holding::Hold;
 use super::scaling::{Backlog, Rate, desired_workers};
-use super::*;
+use super::shared::Shared;
+use super::shared::WorkerStats;
+use crate::registry::Registry;
+use crate::store::Store;
 use crate::store::{Beat, Control, EventRow, NewWorker, WorkerState};
+use rdkafka::consumer::Consumer;
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{self};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// How often the controls are read (and the lock file looked at).
 const CONTROL_POLL: Duration = Duration::from_secs(1);

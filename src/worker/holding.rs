@@ -13,8 +13,9 @@ use std::collections::BTreeSet;
 
 use tokio::sync::watch;
 
-use super::*;
+use super::pipeline::Candidate;
 use crate::store::Control;
+use std::collections::VecDeque;
 
 /// What the starter holds back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

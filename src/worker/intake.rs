@@ -2,7 +2,21 @@
 //! their offsets; keeps serving the consumer while the worker stops; rebuilds
 //! a consumer that hit a fatal error.
 
-use super::*;
+use super::context::KserContext;
+use super::decode;
+use super::pipeline::{
+    Original, REBUILD_DELAY_MAX, REBUILD_DELAY_MIN, Received, STALL_BEFORE_PAUSE,
+};
+use super::settings::record_cost;
+use super::shared::{Counters, Shared};
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::types::RDKafkaErrorCode;
+use std::collections::VecDeque;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 impl Shared {
     /// Stage 1: feeds the pipeline with records until shutdown, then keeps

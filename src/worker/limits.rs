@@ -12,8 +12,16 @@
 
 use futures::FutureExt as _;
 
-use super::*;
+use super::pipeline::{Candidate, Finished, Outcome};
+use super::shared::{Counters, Shared, unstorable};
 use crate::store::{Admission, LeaseRequest};
+use crate::store::{NewOutbox, StoreError, TaskStatus};
+use chrono::{DateTime, Utc};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// How often leases are renewed and expired ones swept.
 const LEASE_TICK: Duration = Duration::from_secs(1);

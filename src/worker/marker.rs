@@ -2,7 +2,12 @@
 //! `--running-after`, so `status` shows long tasks as RUNNING while a task
 //! that ends sooner is written once, final.
 
-use super::*;
+use super::decode::{Decoded, decode};
+use super::shared::{Mark, Shared};
+use crate::store::{NewTask, TaskStatus};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
 
 impl Shared {
     /// Writes RUNNING the tasks still running past their mark time, every

@@ -11,7 +11,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::decode::{Decoded, decode};
-use super::{Received, Shared};
+use super::pipeline::Received;
+use super::shared::Shared;
 use crate::dead_letter::refused_for_good;
 use crate::message::Message;
 use crate::operation::{Join, OnFailure, OperationContext, Recovery, Step, is_graph};

@@ -2,7 +2,17 @@
 //! caught where it runs): the task ends FAILED, its lane and offset move
 //! on, and the worker keeps running.
 
-use super::*;
+use super::decode::{Decoded, decode};
+use super::offsets::Position;
+use super::ordering::Lane;
+use super::pipeline::{Finished, Original, Outcome, Ready};
+use super::shared::Shared;
+use crate::message::{ErrorKind, TaskResult};
+use crate::store::{NewTask, TaskStatus};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 impl Shared {
     /// Records FAILED a task whose run panicked in kser's own code (user

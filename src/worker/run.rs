@@ -2,7 +2,33 @@
 //! shuts them down in order: stop fetching, finish the running tasks,
 //! publish what they queued, commit, leave the group.
 
-use super::*;
+use super::consumer::ConsumerSpec;
+use super::error::WorkerError;
+use super::offsets::OffsetTracker;
+use super::pipeline::{Finished, Received};
+use super::settings::DeadLetters;
+use super::settings::TopicPattern;
+use super::settings::WorkerConfig;
+use super::settings::buffer_budget;
+use super::shared::WorkerStats;
+use super::shared::{Counters, Shared};
+use super::{fleet, holding, http, metrics_topic, retention, schedules, topics};
+use crate::admin;
+use crate::producer::Producer;
+use crate::registry::Registry;
+use crate::store::Store;
+use rdkafka::consumer::{CommitMode, Consumer};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Consumes the configured topics and runs each message's task.
+pub struct Worker {
+    pub(crate) config: WorkerConfig,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Store,
+}
 
 impl Worker {
     /// A worker for `registry`'s tasks, recording state in `store`.
@@ -40,7 +66,7 @@ impl Worker {
         topics.dedup();
         // A port in use stops the worker before it joins anything.
         let listener = match config.http {
-            Some(address) => Some(telemetry::listen(address).await?),
+            Some(address) => Some(http::listen(address).await?),
             None => None,
         };
         if !topics.is_empty() {

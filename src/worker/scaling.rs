@@ -5,7 +5,10 @@
 
 use std::sync::atomic::AtomicI64;
 
-use super::*;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::atomic::{self};
+use std::time::Duration;
 
 /// What librdkafka's statistics (every 5 s) say of the worker's backlog:
 /// records behind on its assigned partitions, and how many partitions its

@@ -2,7 +2,17 @@
 //! settings that could not work), and the share of the byte budget each
 //! part of the pipeline gets.
 
-use super::*;
+use super::consumer::GroupProtocol;
+use super::error::WorkerError;
+use super::fleet;
+use super::fleet::FleetConfig;
+use super::http::HttpRoutes;
+use super::ordering::Ordering;
+use super::retention::Retention;
+use crate::admin::TopicLayout;
+use crate::config::KafkaConfig;
+use crate::retry::RetryPolicy;
+use std::time::Duration;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -240,6 +250,57 @@ impl WorkerConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DeadLetters {
+    /// Not written anywhere (failures are only in Postgres and the logs).
+    Disabled,
+    /// `<topic>.dlq` for each consumed topic.
+    #[default]
+    Suffix,
+    /// One topic for all.
+    Topic(String),
+}
+
+/// A regular expression that a topic's whole name must match.
+#[derive(Debug, Clone)]
+pub struct TopicPattern {
+    source: String,
+    regex: regex::Regex,
+}
+
+impl TopicPattern {
+    /// Compiles `pattern` (Rust `regex` syntax, matched against the whole
+    /// name: `jobs\..*` takes `jobs.a`, not `myjobs.a`).
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        if pattern.trim().is_empty() {
+            return Err("a topic pattern must not be empty".to_owned());
+        }
+        let regex = regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|err| format!("'{pattern}' is not a valid regular expression: {err}"))?;
+        Ok(Self {
+            source: pattern.to_owned(),
+            regex,
+        })
+    }
+
+    /// The pattern as given.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the pattern matches all of `topic`.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.regex.is_match(topic)
+    }
+}
+
+impl std::fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.source)
     }
 }
 

@@ -3,7 +3,28 @@
 //! helpers all stages use: waiting out the database (`retry_db`,
 //! `write_isolating`), storing offsets (`release`), and the counters.
 
-use super::*;
+use super::consumer::ConsumerSpec;
+use super::context::KserContext;
+use super::offsets::{OffsetTracker, Position};
+use super::ordering::Lane;
+use super::ordering::Ordering;
+use super::pipeline::Original;
+use super::settings::DeadLetters;
+use super::{metrics_topic, telemetry};
+use crate::message::{ErrorKind, TaskResult};
+use crate::producer::Producer;
+use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+use crate::store::{NewTask, Recovery, StartedTask, Store, StoreError, TaskStatus};
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{self, AtomicU64};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 
 /// What a worker did, counted since it started.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]

@@ -8,8 +8,23 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt as _;
 
 use super::panicked::Spawned;
+use super::{holding, ordering};
 
-use super::*;
+use super::dead_letter::DeadLetter;
+use super::decode::{Decoded, decode};
+use super::offsets::Position;
+use super::ordering::{Lane, Lanes};
+use super::pipeline::{Candidate, Finished, Outcome, Ready, Received};
+use super::shared::{Counters, InFlight, Mark, Shared, unstorable};
+use crate::message::{ErrorKind, TaskResult};
+use crate::store::{NewTask, StartedTask, TaskStatus};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, PoisonError};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 impl Shared {
     /// Stage 2: decodes batches, then starts their tasks in order and as

@@ -15,50 +15,12 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer as _;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeadLetters, Shared};
+use super::settings::{DeadLetters, TopicPattern};
+use super::shared::Shared;
 use crate::admin::{self, TopicLayout};
 
 /// How long one listing of the cluster's topics may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A regular expression that a topic's whole name must match.
-#[derive(Debug, Clone)]
-pub struct TopicPattern {
-    source: String,
-    regex: regex::Regex,
-}
-
-impl TopicPattern {
-    /// Compiles `pattern` (Rust `regex` syntax, matched against the whole
-    /// name: `jobs\..*` takes `jobs.a`, not `myjobs.a`).
-    pub fn new(pattern: &str) -> Result<Self, String> {
-        if pattern.trim().is_empty() {
-            return Err("a topic pattern must not be empty".to_owned());
-        }
-        let regex = regex::Regex::new(&format!("^(?:{pattern})$"))
-            .map_err(|err| format!("'{pattern}' is not a valid regular expression: {err}"))?;
-        Ok(Self {
-            source: pattern.to_owned(),
-            regex,
-        })
-    }
-
-    /// The pattern as given.
-    pub fn as_str(&self) -> &str {
-        &self.source
-    }
-
-    /// Whether the pattern matches all of `topic`.
-    pub fn matches(&self, topic: &str) -> bool {
-        self.regex.is_match(topic)
-    }
-}
-
-impl std::fmt::Display for TopicPattern {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.source)
-    }
-}
 
 /// Whether a worker never consumes `topic` through a pattern: a dead-letter
 /// topic (named `<topic>.dlq`, or the `--dlq-topic`), or one of Kafka's

@@ -2,7 +2,10 @@
 //! kser's own database, and its SUCCESS is written in that transaction,
 //! fenced by its attempt, so its writes and its final state commit together.
 
-use super::*;
+use super::pipeline::Ready;
+use super::shared::{Shared, unstorable};
+use crate::store::{FinishedOperation, NewOutbox, NewTask, Store, StoreError, TaskStatus};
+use std::time::Duration;
 
 impl Shared {
     /// Runs a transactional task in a transaction on kser's database that
