@@ -15,6 +15,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
+use super::minutes::Ended;
 use super::models::{
     NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow, TaskStatus,
 };
@@ -605,6 +606,7 @@ impl Store {
             if updated == 0 {
                 return Ok(None);
             }
+            super::minutes::count_ended(conn, &[Ended::from(&failed)]).await?;
             advance(conn, &failed).await
         })
         .await

@@ -180,11 +180,14 @@ pub(super) struct Done {
 /// What the dashboard shows.
 #[derive(Serialize, ToSchema)]
 pub(super) struct Dashboard {
-    /// Tasks and operations recorded within the last day, by state.
+    /// By state: tasks that ended SUCCESS or FAILED within the last day;
+    /// tasks in another state, and operations, recorded within the last
+    /// day.
     pub counts: Vec<StatusCount>,
     /// Tasks ended per minute over the last hour.
     pub throughput: Vec<MinuteCount>,
-    /// The entrypoints with the most failures within the last day.
+    /// The entrypoints with the most tasks that ended FAILED within the
+    /// last day.
     pub failures: Vec<EntrypointFailures>,
     /// The workers, with their lag and partitions.
     pub workers: Vec<WorkerRow>,

@@ -26,6 +26,7 @@ pub(super) async fn dashboard(State(console): State<Console>) -> PageResult {
             h1 { "Dashboard" }
             section {
                 h2 { "Last 24 hours" }
+                p.muted { "Tasks SUCCESS and FAILED: ended so within the last 24 hours. Other states, and operations: recorded within the last 24 hours and in that state now." }
                 table {
                     thead { tr { th { "" } @for s in statuses { th { (status_badge(s)) } } } }
                     tbody {
@@ -39,7 +40,7 @@ pub(super) async fn dashboard(State(console): State<Console>) -> PageResult {
                 (throughput_chart(&data.throughput))
             }
             section {
-                h2 { "Failures by entrypoint (24 h)" }
+                h2 { "Failures by entrypoint (tasks ended FAILED, 24 h)" }
                 @if data.failures.is_empty() {
                     p.muted { "No failures." }
                 } @else {
