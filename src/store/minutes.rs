@@ -3,10 +3,18 @@
 //! reads a few hundred summary rows instead of a day of `kser.tasks`.
 //!
 //! Every write of a final state counts the rows it wrote, and only those:
-//! `outcome_query` (the finisher's batched upsert) in the same statement,
-//! through [`count_sql`] over its `RETURNING` rows; the other, rarer writes
-//! in the same transaction through [`count_ended`]. A write fenced out
-//! returns no row and counts nothing; a retry (PENDING) is not an end.
+//! `complete_tasks` (the finisher's batched upsert, `outcome_query`) in the
+//! same statement, through [`count_sql`] over its `RETURNING` rows; the
+//! writes inside a transaction (steps, transactional tasks, rejected and
+//! undecodable messages) through [`count_ended`], last, just before their
+//! commit. A write fenced out returns no row and counts nothing; a retry
+//! (PENDING) is not an end.
+//!
+//! Every worker adds to the same rows (one per minute, entrypoint and
+//! state), so a writer holds their locks from its count to its commit: a
+//! statement of its own, or the end of a transaction, never while it does
+//! more work. Each writer locks them in key order, so two cannot deadlock
+//! over them.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;

@@ -217,7 +217,7 @@ impl Store {
         use diesel::query_dsl::methods::FilterDsl as _;
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let mut written = 0;
+            let mut written: Vec<Ended> = Vec::with_capacity(rows.len());
             for chunk in rows.chunks(INSERT_CHUNK) {
                 let ended: Vec<Ended> = diesel::insert_into(tasks::table)
                     .values(chunk)
@@ -234,10 +234,10 @@ impl Store {
                     .returning(ENDED)
                     .get_results(conn)
                     .await?;
-                count_ended(conn, &ended).await?;
-                written += ended.len();
+                written.extend(ended);
             }
-            Ok(written)
+            count_ended(conn, &written).await?;
+            Ok(written.len())
         })
         .await
     }
@@ -312,14 +312,14 @@ impl Store {
     }
 }
 
-/// The writes of [`Store::record_invalid`], each chunk counted into
-/// `kser.task_minutes` with it; returns the uuids written.
+/// The writes of [`Store::record_invalid`], counted into
+/// `kser.task_minutes` once they are all done; returns the uuids written.
 async fn record_invalid_in(
     conn: &mut diesel_async::AsyncPgConnection,
     rows: &[NewTask],
 ) -> Result<Vec<String>, StoreError> {
     use diesel::query_dsl::methods::FilterDsl as _;
-    let mut written: Vec<String> = Vec::with_capacity(rows.len());
+    let mut written: Vec<(String, Ended)> = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(INSERT_CHUNK) {
         let ended: Vec<(String, Ended)> = diesel::insert_into(tasks::table)
             .values(chunk)
@@ -338,11 +338,11 @@ async fn record_invalid_in(
             .returning((tasks::uuid, ENDED))
             .get_results(conn)
             .await?;
-        let (uuids, ended): (Vec<String>, Vec<Ended>) = ended.into_iter().unzip();
-        count_ended(conn, &ended).await?;
-        written.extend(uuids);
+        written.extend(ended);
     }
-    Ok(written)
+    let (uuids, ended): (Vec<String>, Vec<Ended>) = written.into_iter().unzip();
+    count_ended(conn, &ended).await?;
+    Ok(uuids)
 }
 
 /// The columns of a written row that `kser.task_minutes` counts.
@@ -361,8 +361,14 @@ const ENDED: (
 /// The upsert that records the outcome of attempts, one array per column;
 /// with `returning`, it returns the uuids it recorded. The row's status says
 /// which outcome: final (SUCCESS, FAILED), or PENDING for an attempt that
-/// will be retried at `next_attempt_at`. The same statement counts the
-/// final rows it wrote into `kser.task_minutes` (`minutes.rs`).
+/// will be retried at `next_attempt_at`.
+///
+/// Without `returning` (a statement of its own), it also counts the final
+/// rows it wrote into `kser.task_minutes` (`minutes.rs`). With `returning`
+/// (inside a transaction), the caller counts them with
+/// [`count_ended`](super::minutes::count_ended) at the end of that
+/// transaction, so the summary rows, which every worker's writes share,
+/// stay locked only until the commit that follows.
 ///
 /// Fenced by attempt (see [`Store::claim_tasks`]): an attempt is recorded
 /// only if no other attempt started since it was claimed, that is, the
@@ -375,7 +381,7 @@ pub(crate) fn outcome_query(
     use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
 
     let sql = format!(
-        "WITH written AS (INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, result, error, \
+        "{}INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, result, error, \
              attempts, worker, topic, kafka_partition, kafka_offset, enqueued_at, started_at, \
              finished_at, next_attempt_at, updated_at) \
          SELECT v.uuid, v.entrypoint, v.status, v.params, v.metadata, v.result, v.error, \
@@ -395,14 +401,19 @@ pub(crate) fn outcome_query(
              next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at \
          WHERE t.status IN ('PENDING', 'RUNNING') AND (t.attempts = excluded.attempts - 1 \
              OR (t.attempts = excluded.attempts AND t.status = 'RUNNING' \
-                 AND t.worker IS NOT DISTINCT FROM excluded.worker)) \
-             RETURNING t.uuid, t.entrypoint, t.status, t.error, t.finished_at), \
-         counted AS ({}) \
-         SELECT {} FROM written",
-        super::minutes::count_sql("written AS s"),
-        // Without `returning`, `execute` still answers how many were written:
-        // the count of the SELECT.
-        if returning { "uuid" } else { "1 AS written" }
+                 AND t.worker IS NOT DISTINCT FROM excluded.worker)){}",
+        if returning { "" } else { "WITH written AS (" },
+        if returning {
+            " RETURNING t.uuid".to_owned()
+        } else {
+            // `execute` still answers how many were written: the count of
+            // the SELECT.
+            format!(
+                " RETURNING t.entrypoint, t.status, t.error, t.finished_at), \
+                 counted AS ({}) SELECT 1 FROM written",
+                super::minutes::count_sql("written AS s")
+            )
+        }
     );
     diesel::sql_query(sql)
         .into_boxed()
