@@ -1,9 +1,10 @@
 //! The console's dashboard queries. What tasks ended, and their failures,
 //! are read from `kser.task_minutes` (at most a day of minutes per
 //! entrypoint, see `minutes.rs`), tasks in other states from the partial
-//! index on them, and operations from the last day's range of their
-//! `created_at` index: never the whole table, so the dashboard costs about
-//! the same with a million rows as with a thousand. `examples/console_plans.rs`
+//! index on them, and operations recorded within the last day (their
+//! `created_at` index, or a scan when most are that recent). No day of
+//! `kser.tasks` is read: the dashboard costs about the same with a million
+//! task rows as with a thousand. `examples/console_plans.rs`
 //! prints the plans of this SQL with a million tasks.
 
 use chrono::{DateTime, Utc};

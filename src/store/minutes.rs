@@ -46,12 +46,14 @@ impl From<&super::NewTask> for Ended {
 /// The summary upsert over `source`, a relation with the columns
 /// `entrypoint, status, error, finished_at` (a CTE's `RETURNING` rows, or
 /// arrays): one row per minute, entrypoint and final state, in key order so
-/// that concurrent writers lock them in the same order.
+/// that concurrent writers lock them in the same order. Only FAILED rows are
+/// sorted for their latest error (the sort costs, and SUCCESS has none).
 pub(crate) fn count_sql(source: &str) -> String {
     format!(
         "INSERT INTO kser.task_minutes AS m (minute, entrypoint, status, tasks, last_error, last_at) \
          SELECT date_trunc('minute', e.at), e.entrypoint, e.status, count(*), \
-             (array_agg(e.error ORDER BY e.at DESC))[1], max(e.at) \
+             (array_agg(e.error ORDER BY e.at DESC) FILTER (WHERE e.status = 'FAILED'))[1], \
+             max(e.at) \
          FROM (SELECT s.entrypoint, s.status, s.error, coalesce(s.finished_at, now()) AS at \
                FROM {source}) AS e \
          WHERE e.status IN ('SUCCESS', 'FAILED') \
