@@ -1,11 +1,11 @@
 //! The console's dashboard queries. What tasks ended, and their failures,
 //! are read from `kser.task_minutes` (at most a day of minutes per
 //! entrypoint, see `minutes.rs`), tasks in other states from the partial
-//! index on them, and operations recorded within the last day (their
-//! `created_at` index, or a scan when most are that recent). No day of
-//! `kser.tasks` is read: the dashboard costs about the same with a million
-//! task rows as with a thousand. `examples/console_plans.rs`
-//! prints the plans of this SQL with a million tasks.
+//! index `tasks_not_success_idx`, and operations recorded within the last
+//! day (their `created_at` index, or a scan when most are that recent). No
+//! day of `kser.tasks` is read: the dashboard costs about the same with a
+//! million task rows as with a thousand. `examples/console_plans.rs` prints
+//! the plans of this SQL with a million tasks.
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
@@ -19,7 +19,7 @@ const ENDED_BY_STATUS: &str = "SELECT 'task' AS kind, status, sum(tasks)::bigint
      FROM kser.task_minutes WHERE minute > now() - interval '1 day' GROUP BY status";
 
 /// Tasks recorded within the last day and in another state than SUCCESS or
-/// FAILED now: an index-only scan of `tasks_unfinished_idx`.
+/// FAILED now: an index-only scan of `tasks_not_success_idx`.
 const UNFINISHED_BY_STATUS: &str = "SELECT 'task', status, count(*) FROM kser.tasks \
      WHERE created_at > now() - interval '1 day' AND status NOT IN ('SUCCESS', 'FAILED') \
      GROUP BY status";
@@ -88,7 +88,7 @@ impl Store {
     /// Tasks and operations of the last day, by state: tasks that ended
     /// SUCCESS or FAILED within the last day (`kser.task_minutes`, a task
     /// that ended twice counts in both), tasks recorded within the last day
-    /// and now in another state (the partial index on them), and operations
+    /// and now in another state (`tasks_not_success_idx`), and operations
     /// recorded within the last day.
     pub async fn status_counts(&self) -> Result<Vec<StatusCount>, StoreError> {
         let mut conn = self.conn().await?;
