@@ -10,7 +10,9 @@
 //! DATABASE_URL=postgres://localhost/kser_plans cargo run --release --example console_plans
 //! ```
 //!
-//! It refuses a database that already holds tasks.
+//! It refuses a database that already holds tasks. `scripts/bench_console_writes`
+//! then measures, on the same database, what the indexes and the summary
+//! the console reads cost the finisher's writes.
 
 use std::time::Instant;
 

@@ -1,6 +1,7 @@
 //! `kser.task_minutes`: tasks that ended SUCCESS or FAILED, counted per
 //! minute, entrypoint and state as they end, so the console's dashboard
-//! reads a few hundred summary rows instead of a day of `kser.tasks`.
+//! reads at most a row per minute, entrypoint and state (about 21,000 for a
+//! day of 13 busy entrypoints) instead of a day of `kser.tasks`.
 //!
 //! Every write of a final state counts the rows it wrote, and only those:
 //! `complete_tasks` (the finisher's batched upsert, `outcome_query`) in the
