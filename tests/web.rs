@@ -415,6 +415,112 @@ async fn the_api_shows_and_steers_tasks_operations_and_workers() {
     worker.terminate(Duration::from_secs(30));
 }
 
+/// The dashboard's numbers, kept as tasks end (`kser.task_minutes`): each
+/// end counts once, in the batch that wrote it; a write fenced out (a
+/// redelivery of a final task, a stale attempt) and a retry count nothing;
+/// a message rejected before it ran counts as a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_counts_each_end_once() {
+    use chrono::Utc;
+    use kser::store::{NewTask, Store, TaskStatus};
+
+    let env = TestEnv::new();
+    let store = Store::connect(&env.database_url, 2).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let now = Utc::now();
+    let row = |uuid: &str, entrypoint: &str, status: TaskStatus, seconds_ago: i64| {
+        let mut row = NewTask::new(uuid.into(), entrypoint.into(), status);
+        row.attempts = 1;
+        row.worker = Some("worker-a".into());
+        row.started_at = Some(now - chrono::Duration::seconds(seconds_ago + 1));
+        if status.is_final() {
+            row.finished_at = Some(now - chrono::Duration::seconds(seconds_ago));
+        }
+        row
+    };
+    let mut batch: Vec<NewTask> = (1..=3)
+        .map(|i| row(&format!("dash-ok-{i}"), "dash.Ok", TaskStatus::Success, 0))
+        .collect();
+    for (uuid, error, ago) in [
+        ("dash-bad-1", "first boom", 20),
+        ("dash-bad-2", "latest boom", 1),
+    ] {
+        let mut failed = row(uuid, "dash.Bad", TaskStatus::Failed, ago);
+        failed.error = Some(error.into());
+        batch.push(failed);
+    }
+    let mut retry = row("dash-retry", "dash.Ok", TaskStatus::Pending, 0);
+    retry.next_attempt_at = Some(now + chrono::Duration::hours(1));
+    batch.push(retry);
+    assert_eq!(store.complete_tasks(&batch).await.expect("complete"), 6);
+    // A redelivery of the same outcomes: fenced out.
+    assert_eq!(store.complete_tasks(&batch[..5]).await.expect("again"), 0);
+    // A stale attempt: another worker owns attempt 2 now.
+    let mut newer = row("dash-late", "dash.Bad", TaskStatus::Running, 0);
+    newer.attempts = 2;
+    newer.worker = Some("worker-b".into());
+    assert_eq!(
+        store.mark_running(&[newer]).await.expect("mark"),
+        ["dash-late"]
+    );
+    let mut stale = row("dash-late", "dash.Bad", TaskStatus::Failed, 0);
+    stale.error = Some("the stale attempt".into());
+    assert_eq!(store.complete_tasks(&[stale]).await.expect("stale"), 0);
+    // Rejected before it started (an unknown entrypoint, say): a failure.
+    let mut rejected = row("dash-rejected", "dash.Bad", TaskStatus::Failed, 10);
+    rejected.attempts = 0;
+    rejected.error = Some("rejected".into());
+    assert_eq!(store.finish_tasks(&[rejected]).await.expect("finish"), 1);
+    let pending = NewTask::new("dash-pending".into(), "dash.Ok".into(), TaskStatus::Pending);
+    assert_eq!(
+        store
+            .record_pending(&[pending])
+            .await
+            .expect("pending")
+            .len(),
+        1
+    );
+
+    let port = free_port();
+    let mut worker = env.start_worker("showcase", &["--http", &format!("127.0.0.1:{port}")]);
+    worker.wait_assigned();
+    let api = Api::new(port);
+    api.wait_healthy().await;
+    let (code, dashboard) = api.get_json("/api/v1/dashboard").await;
+    assert_eq!(code, 200, "{dashboard}");
+    let count = |kind: &str, status: &str| {
+        dashboard["counts"]
+            .as_array()
+            .expect("counts")
+            .iter()
+            .filter(|c| c["kind"] == kind && c["status"] == status)
+            .map(|c| c["count"].as_i64().expect("count"))
+            .sum::<i64>()
+    };
+    let counted: Vec<i64> = ["SUCCESS", "FAILED", "PENDING", "RUNNING", "CANCELLED"]
+        .iter()
+        .map(|s| count("task", s))
+        .collect();
+    assert_eq!(counted, [3, 3, 2, 1, 0], "{dashboard}");
+    assert_eq!(
+        dashboard["failures"],
+        json!([{"entrypoint": "dash.Bad", "failed": 3, "last_error": "latest boom"}])
+    );
+    let ended = |field: &str| {
+        dashboard["throughput"]
+            .as_array()
+            .expect("throughput")
+            .iter()
+            .map(|m| m[field].as_i64().expect("n"))
+            .sum::<i64>()
+    };
+    assert_eq!((ended("succeeded"), ended("failed")), (3, 3), "{dashboard}");
+    let (code, page) = api.get("/").await;
+    assert_eq!(code, 200);
+    assert!(page.contains("latest boom"), "{page}");
+    worker.terminate(Duration::from_secs(30));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_guards_every_route_but_healthz() {
     let env = TestEnv::new();

@@ -13,6 +13,7 @@ mod console;
 mod dead_letters;
 mod events;
 mod graph;
+mod minutes;
 mod models;
 mod operations;
 mod pools;

@@ -15,6 +15,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
+use super::minutes::{Ended, count_ended};
 use super::models::{
     NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow, TaskStatus,
 };
@@ -177,6 +178,12 @@ impl Store {
                     finished.push(done);
                 }
             }
+            let ended: Vec<Ended> = rows
+                .iter()
+                .filter(|row| updated.iter().any(|u| u.uuid == row.uuid))
+                .map(Ended::from)
+                .collect();
+            count_ended(conn, &ended).await?;
             Ok(finished)
         })
         .await
@@ -199,7 +206,9 @@ impl Store {
         if updated.is_empty() {
             return Ok(None);
         }
-        Ok(Some(advance(conn, row).await?))
+        let finished = advance(conn, row).await?;
+        count_ended(conn, &[Ended::from(row)]).await?;
+        Ok(Some(finished))
     }
 
     /// One operation by uuid.
@@ -605,6 +614,7 @@ impl Store {
             if updated == 0 {
                 return Ok(None);
             }
+            count_ended(conn, &[Ended::from(&failed)]).await?;
             advance(conn, &failed).await
         })
         .await

@@ -17,6 +17,7 @@ const WORKER_TABLES: &[&str] = &[
     "kser.operations",
     "kser.outbox",
     "kser.task_attempts",
+    "kser.task_minutes",
     "kser.dead_letters",
     "kser.workers",
     "kser.controls",

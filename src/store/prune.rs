@@ -6,7 +6,9 @@
 //! - operations in a finished state, with all their steps and the steps'
 //!   attempts, but only when no step is RUNNING, no step changed since the
 //!   cutoff and no message of the operation waits in the outbox: a step of
-//!   a live operation is never removed, alone or with its operation.
+//!   a live operation is never removed, alone or with its operation;
+//! - the dashboard's counts of tasks that ended before the cutoff
+//!   (`kser.task_minutes`), in one statement, not in a dry run.
 //!
 //! What stays: anything PENDING (a retry waiting for its backoff, a delayed
 //! send) or RUNNING, steps outside their operation, and `kser.outbox`,
@@ -287,6 +289,13 @@ impl Store {
                     _ => break,
                 }
             }
+        }
+        if !request.dry_run {
+            // The dashboard's counts of the same past (`kser.task_minutes`).
+            diesel::sql_query("DELETE FROM kser.task_minutes WHERE minute < $1")
+                .bind::<Timestamptz, _>(cutoff)
+                .execute(&mut conn)
+                .await?;
         }
         if request.dead_letters {
             pruned.dead_letters =

@@ -82,6 +82,17 @@ pub mod kser {
     }
 
     diesel::table! {
+        kser.task_minutes (minute, entrypoint, status) {
+            minute -> Timestamptz,
+            entrypoint -> Text,
+            status -> Text,
+            tasks -> Int8,
+            last_error -> Nullable<Text>,
+            last_at -> Timestamptz,
+        }
+    }
+
+    diesel::table! {
         kser.tasks (uuid) {
             uuid -> Text,
             entrypoint -> Text,
@@ -118,6 +129,7 @@ pub mod kser {
         outbox,
         steps,
         task_attempts,
+        task_minutes,
         tasks,
     );
 }

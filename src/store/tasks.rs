@@ -8,8 +8,9 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 use diesel::upsert::excluded;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection as _, RunQueryDsl};
 
+use super::minutes::{Ended, count_ended};
 use super::schema::kser::tasks;
 use super::*;
 
@@ -215,24 +216,30 @@ impl Store {
         }
         use diesel::query_dsl::methods::FilterDsl as _;
         let mut conn = self.conn().await?;
-        let mut written = 0;
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            written += diesel::insert_into(tasks::table)
-                .values(chunk)
-                .on_conflict(tasks::uuid)
-                .do_update()
-                .set((
-                    tasks::status.eq(excluded(tasks::status)),
-                    tasks::result.eq(excluded(tasks::result)),
-                    tasks::error.eq(excluded(tasks::error)),
-                    tasks::finished_at.eq(excluded(tasks::finished_at)),
-                    tasks::updated_at.eq(excluded(tasks::updated_at)),
-                ))
-                .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
-                .execute(&mut conn)
-                .await?;
-        }
-        Ok(written)
+        conn.transaction(async |conn| {
+            let mut written: Vec<Ended> = Vec::with_capacity(rows.len());
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let ended: Vec<Ended> = diesel::insert_into(tasks::table)
+                    .values(chunk)
+                    .on_conflict(tasks::uuid)
+                    .do_update()
+                    .set((
+                        tasks::status.eq(excluded(tasks::status)),
+                        tasks::result.eq(excluded(tasks::result)),
+                        tasks::error.eq(excluded(tasks::error)),
+                        tasks::finished_at.eq(excluded(tasks::finished_at)),
+                        tasks::updated_at.eq(excluded(tasks::updated_at)),
+                    ))
+                    .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
+                    .returning(ENDED)
+                    .get_results(conn)
+                    .await?;
+                written.extend(ended);
+            }
+            count_ended(conn, &written).await?;
+            Ok(written.len())
+        })
+        .await
     }
 
     /// Records messages that could not be decoded, FAILED, where their uuid
@@ -247,29 +254,10 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        use diesel::query_dsl::methods::FilterDsl as _;
         let mut conn = self.conn().await?;
-        let mut written: Vec<String> = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let uuids: Vec<String> = diesel::insert_into(tasks::table)
-                .values(chunk)
-                .on_conflict(tasks::uuid)
-                .do_update()
-                .set((
-                    tasks::status.eq(excluded(tasks::status)),
-                    tasks::result.eq(excluded(tasks::result)),
-                    tasks::error.eq(excluded(tasks::error)),
-                    tasks::finished_at.eq(excluded(tasks::finished_at)),
-                    tasks::updated_at.eq(excluded(tasks::updated_at)),
-                ))
-                .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
-                .filter(tasks::attempts.eq(0))
-                .filter(tasks::operation_uuid.is_null())
-                .returning(tasks::uuid)
-                .get_results(&mut conn)
-                .await?;
-            written.extend(uuids);
-        }
+        let written = conn
+            .transaction(async |conn| record_invalid_in(conn, rows).await)
+            .await?;
         let left: Vec<&str> = rows
             .iter()
             .map(|r| r.uuid.as_str())
@@ -324,10 +312,63 @@ impl Store {
     }
 }
 
+/// The writes of [`Store::record_invalid`], counted into
+/// `kser.task_minutes` once they are all done; returns the uuids written.
+async fn record_invalid_in(
+    conn: &mut diesel_async::AsyncPgConnection,
+    rows: &[NewTask],
+) -> Result<Vec<String>, StoreError> {
+    use diesel::query_dsl::methods::FilterDsl as _;
+    let mut written: Vec<(String, Ended)> = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let ended: Vec<(String, Ended)> = diesel::insert_into(tasks::table)
+            .values(chunk)
+            .on_conflict(tasks::uuid)
+            .do_update()
+            .set((
+                tasks::status.eq(excluded(tasks::status)),
+                tasks::result.eq(excluded(tasks::result)),
+                tasks::error.eq(excluded(tasks::error)),
+                tasks::finished_at.eq(excluded(tasks::finished_at)),
+                tasks::updated_at.eq(excluded(tasks::updated_at)),
+            ))
+            .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
+            .filter(tasks::attempts.eq(0))
+            .filter(tasks::operation_uuid.is_null())
+            .returning((tasks::uuid, ENDED))
+            .get_results(conn)
+            .await?;
+        written.extend(ended);
+    }
+    let (uuids, ended): (Vec<String>, Vec<Ended>) = written.into_iter().unzip();
+    count_ended(conn, &ended).await?;
+    Ok(uuids)
+}
+
+/// The columns of a written row that `kser.task_minutes` counts.
+const ENDED: (
+    tasks::entrypoint,
+    tasks::status,
+    tasks::error,
+    tasks::finished_at,
+) = (
+    tasks::entrypoint,
+    tasks::status,
+    tasks::error,
+    tasks::finished_at,
+);
+
 /// The upsert that records the outcome of attempts, one array per column;
 /// with `returning`, it returns the uuids it recorded. The row's status says
 /// which outcome: final (SUCCESS, FAILED), or PENDING for an attempt that
 /// will be retried at `next_attempt_at`.
+///
+/// Without `returning` (a statement of its own), it also counts the final
+/// rows it wrote into `kser.task_minutes` (`minutes.rs`). With `returning`
+/// (inside a transaction), the caller counts them with
+/// [`count_ended`](super::minutes::count_ended) at the end of that
+/// transaction, so the summary rows, which every worker's writes share,
+/// stay locked only until the commit that follows.
 ///
 /// Fenced by attempt (see [`Store::claim_tasks`]): an attempt is recorded
 /// only if no other attempt started since it was claimed, that is, the
@@ -340,7 +381,7 @@ pub(crate) fn outcome_query(
     use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz};
 
     let sql = format!(
-        "INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, result, error, \
+        "{}INSERT INTO kser.tasks AS t (uuid, entrypoint, status, params, metadata, result, error, \
              attempts, worker, topic, kafka_partition, kafka_offset, enqueued_at, started_at, \
              finished_at, next_attempt_at, updated_at) \
          SELECT v.uuid, v.entrypoint, v.status, v.params, v.metadata, v.result, v.error, \
@@ -361,7 +402,18 @@ pub(crate) fn outcome_query(
          WHERE t.status IN ('PENDING', 'RUNNING') AND (t.attempts = excluded.attempts - 1 \
              OR (t.attempts = excluded.attempts AND t.status = 'RUNNING' \
                  AND t.worker IS NOT DISTINCT FROM excluded.worker)){}",
-        if returning { " RETURNING t.uuid" } else { "" }
+        if returning { "" } else { "WITH written AS (" },
+        if returning {
+            " RETURNING t.uuid".to_owned()
+        } else {
+            // `execute` still answers how many were written: the count of
+            // the SELECT.
+            format!(
+                " RETURNING t.entrypoint, t.status, t.error, t.finished_at), \
+                 counted AS ({}) SELECT 1 FROM written",
+                super::minutes::count_sql("written AS s")
+            )
+        }
     );
     diesel::sql_query(sql)
         .into_boxed()
