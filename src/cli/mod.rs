@@ -19,6 +19,7 @@ macro_rules! outln {
     }};
 }
 
+mod batch;
 pub(crate) mod dlq;
 pub(crate) mod fleet;
 mod logging;
