@@ -14,7 +14,9 @@ mod dead_letters;
 mod events;
 mod graph;
 mod models;
+mod operation_control;
 mod operations;
+mod outbox;
 mod pools;
 mod privileges;
 mod prune;
@@ -42,7 +44,8 @@ pub use models::{
     AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow,
     TaskStatus,
 };
-pub use operations::{OperationStart, RunningStep};
+pub use operation_control::RunningStep;
+pub use operations::OperationStart;
 #[doc(hidden)]
 pub use pools::{Admission, LeaseRequest, PoolRow, entrypoint_pool};
 pub use privileges::WORKER_PRIVILEGES;
