@@ -46,7 +46,7 @@ impl Store {
                 )));
             }
             if op.graph {
-                return super::graph::resume(conn, &op).await;
+                return super::graph::resume::resume(conn, &op).await;
             }
             let steps: Vec<TaskRow> = tasks::table
                 .filter(tasks::operation_uuid.eq(uuid))

@@ -277,7 +277,7 @@ pub(super) async fn advance(
     };
     let op = lock_operation(conn, op_uuid).await?;
     if op.graph {
-        return super::graph::advance(conn, op, step).await;
+        return super::graph::advance::advance(conn, op, step).await;
     }
     let succeeded = step.status == TaskStatus::Success.as_str();
     let cancelled = op.status == TaskStatus::Cancelled.as_str();
