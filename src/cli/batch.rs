@@ -184,7 +184,7 @@ pub(super) async fn send_batch(
     // bounded by message.timeout.ms), and say what was sent. A second
     // signal exits at once.
     let interrupted = CancellationToken::new();
-    let signals = tokio::spawn(super::forward_signals(interrupted.clone()));
+    let signals = tokio::spawn(super::signals::forward_signals(interrupted.clone()));
     // Why the rest of the input was left unread, if it was.
     let mut stopped: Option<String> = None;
     while !input_done && !over_cap && stopped.is_none() {

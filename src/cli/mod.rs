@@ -29,6 +29,7 @@ mod prune;
 mod schedule;
 pub(crate) mod send;
 mod serve;
+mod signals;
 pub(crate) mod values;
 mod watch;
 mod worker;
@@ -38,7 +39,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use crate::admin::TopicLayout;
 use crate::config::KafkaConfig;
@@ -434,35 +434,6 @@ async fn connect_sized(database_url: &Option<String>, connections: usize) -> any
         .as_deref()
         .context("no database configured: set DATABASE_URL or pass --database-url")?;
     Ok(Store::connect(url, connections).await?)
-}
-
-/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
-pub(super) async fn forward_signals(shutdown: CancellationToken) {
-    let mut signals = 0;
-    loop {
-        if wait_for_signal().await.is_err() {
-            return;
-        }
-        signals += 1;
-        if signals == 1 {
-            tracing::info!("shutdown requested; send the signal again to exit at once");
-            shutdown.cancel();
-        } else {
-            tracing::warn!("second signal; exiting without waiting for in-flight work");
-            std::process::exit(130);
-        }
-    }
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]

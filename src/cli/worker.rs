@@ -232,7 +232,7 @@ pub(super) async fn run(
         }));
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(forward_signals(shutdown.clone()));
+    tokio::spawn(super::signals::forward_signals(shutdown.clone()));
     Worker::new(config, registry, store).run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
