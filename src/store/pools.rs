@@ -20,6 +20,10 @@
 //! Only the units of live leases count, so a limit is exceeded by no run
 //! whose worker is alive; a worker cut off from Postgres for longer than
 //! the lease time may see its leases given away (as with any lease).
+//!
+//! One cohesive thing, kept in one file on purpose (~590 lines): acquiring,
+//! parking, waking and sweeping are one protocol over the same three tables
+//! and the same lock order, and each is only right read beside the others.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
