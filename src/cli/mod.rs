@@ -52,7 +52,7 @@ use crate::worker::{
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
     #[command(subcommand)]

@@ -6,7 +6,7 @@
 //! message whose task ends FAILED (steps of operations excepted: `resume`
 //! runs those again). The record's offset moves only once the dead-letter
 //! topic has acknowledged it, or, when the topic refuses it for good (see
-//! [`refused_for_good`]: too large for it, an invalid record, no right to
+//! `refused_for_good`: too large for it, an invalid record, no right to
 //! write there), once the original is kept in Postgres (`kser.dead_letters`)
 //! and a small record without payload, pointing at the row, is in the topic.
 //! `kser dlq list` shows both kinds; `kser dlq replay` sends chosen ones back
@@ -80,7 +80,7 @@ const REFUSED_FOR_GOOD: &[RDKafkaErrorCode] = &[
 /// topic, invalid, or the topic may not be written.
 ///
 /// Decided by librdkafka's error code; an error without one is transient.
-pub fn refused_for_good(err: &ProducerError) -> bool {
+pub(crate) fn refused_for_good(err: &ProducerError) -> bool {
     match err {
         ProducerError::Send {
             code: Some(code), ..
@@ -255,7 +255,7 @@ impl DeadLetterEntry {
 
     /// About how many bytes it holds: its key and payload, as bytes and as
     /// text.
-    pub fn held_bytes(&self) -> usize {
+    pub(crate) fn held_bytes(&self) -> usize {
         let len = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len);
         let text = |v: &Option<String>| v.as_ref().map_or(0, String::len);
         len(&self.raw_key) + len(&self.raw_payload) + text(&self.key) + text(&self.payload)

@@ -38,29 +38,30 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 pub use console::{EntrypointFailures, MinuteCount, StatusCount};
-pub use dead_letters::{KeptRecord, NewDeadLetter, StoredDeadLetter};
-pub use events::{Delivery, EventRow};
-pub use models::{
-    AttemptRow, NewOperation, NewOutbox, NewTask, OperationRow, OutboxRow, StepRow, TaskRow,
-    TaskStatus,
-};
+pub(crate) use dead_letters::NewDeadLetter;
+pub use dead_letters::StoredDeadLetter;
+pub use events::EventRow;
+pub use models::{AttemptRow, NewOperation, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
+pub(crate) use models::{NewOutbox, OutboxRow};
 pub use operation_control::RunningStep;
 pub use operations::OperationStart;
-#[doc(hidden)]
-pub use pools::{Admission, LeaseRequest, PoolRow, entrypoint_pool};
-pub use privileges::WORKER_PRIVILEGES;
+pub use pools::PoolRow;
+pub(crate) use pools::{Admission, LeaseRequest, entrypoint_pool};
+pub(crate) use privileges::WORKER_PRIVILEGES;
 pub use prune::prune_batch_statements;
 pub use prune::{DEFAULT_PRUNE_BATCH, PRUNE_LOCK, PruneRequest, Pruned};
-pub use recovery::{Recovery, client_recovery, guess_sqlstate, of_sqlstate};
-pub use retries::Retry;
-pub use schedules::{Fired, NewSchedule, ScheduleFiring, ScheduleRow};
+pub use recovery::Recovery;
+pub(crate) use retries::Retry;
+pub(crate) use schedules::ScheduleFiring;
+pub use schedules::{NewSchedule, ScheduleRow};
 pub use steps::{FinishedOperation, OPERATION_METADATA_KEY, Resumed};
 pub(crate) use tasks::outcome_query;
 pub use tasks::{StartedTask, TaskFilter};
-pub use workers::{Beat, BeatReply, Control, ControlAction, NewWorker, WorkerRow, WorkerState};
+pub(crate) use workers::{Beat, NewWorker};
+pub use workers::{Control, ControlAction, WorkerRow, WorkerState};
 
 /// The migrations in `migrations/`, compiled into the binary.
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+pub(crate) const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// The most bind parameters Postgres takes in one statement (the protocol
 /// counts them in 16 bits).
@@ -113,7 +114,7 @@ pub enum StoreError {
         total: usize,
     },
     /// The connected role lacks a privilege kser needs on its tables. A
-    /// worker's role needs them all; see [`Store::check_privileges`].
+    /// worker's role needs them all; see `Store::check_privileges`.
     #[error(
         "permission denied: the role '{role}' lacks {missing}; {WORKER_PRIVILEGES} (see README, \"Least privilege\")"
     )]
@@ -186,7 +187,7 @@ impl Store {
     }
 
     /// How many connections the pool holds at most.
-    pub fn max_connections(&self) -> usize {
+    pub(crate) fn max_connections(&self) -> usize {
         self.pool.status().max_size
     }
 
@@ -211,7 +212,7 @@ impl Store {
     /// there, the role may insert, the disk takes pages). Decides
     /// [`Recovery::Unclassified`] errors: if this succeeds, the statement
     /// that failed is at fault, not the database.
-    pub async fn probe_write(&self) -> Result<(), StoreError> {
+    pub(crate) async fn probe_write(&self) -> Result<(), StoreError> {
         use diesel_async::AsyncConnection as _;
 
         enum Probe {
@@ -342,7 +343,7 @@ impl Store {
 
     /// Messages waiting in the outbox, and the age of the oldest in seconds
     /// (0 when it is empty).
-    pub async fn outbox_backlog(&self) -> Result<(i64, f64), StoreError> {
+    pub(crate) async fn outbox_backlog(&self) -> Result<(i64, f64), StoreError> {
         #[derive(QueryableByName)]
         struct Backlog {
             #[diesel(sql_type = diesel::sql_types::BigInt)]

@@ -142,7 +142,7 @@ impl Store {
     /// the operation fails with that step's error. Only steps that were still
     /// unfinished move anything, so a duplicate completion does nothing.
     /// Returns the operations that finished.
-    pub async fn complete_steps(
+    pub(crate) async fn complete_steps(
         &self,
         rows: &[NewTask],
     ) -> Result<Vec<FinishedOperation>, StoreError> {

@@ -22,7 +22,7 @@ impl Store {
     /// Claims up to `limit` outbox messages for `lease`: no other relay
     /// takes them meanwhile, and if this one dies they are claimed again
     /// once the lease runs out.
-    pub async fn claim_outbox(
+    pub(crate) async fn claim_outbox(
         &self,
         limit: i64,
         lease: Duration,
@@ -42,7 +42,7 @@ impl Store {
     }
 
     /// Deletes published outbox messages.
-    pub async fn delete_outbox(&self, ids: &[i64]) -> Result<usize, StoreError> {
+    pub(crate) async fn delete_outbox(&self, ids: &[i64]) -> Result<usize, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -55,7 +55,10 @@ impl Store {
     /// Gives claimed messages back after a publish that may succeed later,
     /// each not before its own delay: a message the broker keeps refusing
     /// waits longer and longer, and never holds back the others.
-    pub async fn defer_outbox(&self, deferred: &[(i64, Duration)]) -> Result<usize, StoreError> {
+    pub(crate) async fn defer_outbox(
+        &self,
+        deferred: &[(i64, Duration)],
+    ) -> Result<usize, StoreError> {
         use diesel::sql_types::{Array, BigInt, Double};
 
         if deferred.is_empty() {

@@ -8,7 +8,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use super::*;
 
 /// What a worker's database role needs, as the errors say it.
-pub const WORKER_PRIVILEGES: &str = "a worker's role needs USAGE on schema kser, SELECT, INSERT, UPDATE, DELETE on every table of schema kser, USAGE on its sequences, and SELECT on public.__diesel_schema_migrations";
+pub(crate) const WORKER_PRIVILEGES: &str = "a worker's role needs USAGE on schema kser, SELECT, INSERT, UPDATE, DELETE on every table of schema kser, USAGE on its sequences, and SELECT on public.__diesel_schema_migrations";
 
 /// The tables of schema `kser` a worker reads and writes, and the
 /// privileges it needs on each.
@@ -43,7 +43,7 @@ impl Store {
     /// a role short of a grant stops it at once with one clear error instead
     /// of every write failing later. Asks Postgres (`has_*_privilege`), so
     /// it needs no right of its own and changes nothing.
-    pub async fn check_privileges(&self) -> Result<(), StoreError> {
+    pub(crate) async fn check_privileges(&self) -> Result<(), StoreError> {
         use diesel::sql_types::{Array, Text};
 
         #[derive(QueryableByName)]
