@@ -10,9 +10,32 @@ use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{DeadLetterEntry, DeadLetterError};
+use super::entry::DeadLetterEntry;
 use crate::config::{ClientRole, KafkaConfig};
-use crate::store::{Store, StoredDeadLetter};
+use crate::store::{Store, StoreError, StoredDeadLetter};
+
+/// Errors reading a dead-letter topic.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeadLetterError {
+    /// The broker could not be read.
+    #[error("could not read dead-letter topic '{topic}': {reason}")]
+    Read {
+        /// The dead-letter topic.
+        topic: String,
+        /// What librdkafka said.
+        reason: String,
+    },
+    /// The rows of `kser.dead_letters` could not be read.
+    #[error("could not read the dead letters kept in Postgres: {0}")]
+    Store(StoreError),
+}
+
+impl From<StoreError> for DeadLetterError {
+    fn from(err: StoreError) -> Self {
+        Self::Store(err)
+    }
+}
 
 /// How many dead letters are read, completed from Postgres and handed on
 /// at a time: what `dlq list` and `dlq replay` hold, whatever the size of
