@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod batch;
+mod connect;
 pub(crate) mod dlq;
 pub(crate) mod fleet;
 mod logging;
@@ -40,14 +41,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::admin::TopicLayout;
 use crate::config::KafkaConfig;
 use crate::registry::Registry;
-use crate::retry::RetryPolicy;
-use crate::store::{Store, StoreError, TaskFilter, TaskStatus};
-use crate::worker::{
-    DeadLetters, GroupProtocol, Ordering, Retention, TopicPattern, Worker, WorkerConfig,
-};
+use crate::store::{TaskFilter, TaskStatus};
+use connect::{connect, connect_sized};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
@@ -419,21 +416,6 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// A store for a command that reads or writes kser's tables: it must be
-/// migrated, else the error says to run `kser migrate`.
-async fn connect(database_url: &Option<String>) -> anyhow::Result<Store> {
-    let store = connect_sized(database_url, 8).await?;
-    store.check_migrated().await?;
-    Ok(store)
-}
-
-async fn connect_sized(database_url: &Option<String>, connections: usize) -> anyhow::Result<Store> {
-    let url = database_url
-        .as_deref()
-        .context("no database configured: set DATABASE_URL or pass --database-url")?;
-    Ok(Store::connect(url, connections).await?)
 }
 
 #[cfg(test)]
