@@ -11,8 +11,8 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
+use super::database::{Store, StoreError};
 use super::schema::kser::dead_letters;
-use super::{Store, StoreError};
 
 #[declare_sql_function]
 extern "SQL" {

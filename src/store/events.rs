@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Store, StoreError};
+use super::database::{Store, StoreError};
 
 /// An event as a worker reads it.
 #[derive(Debug, Clone, diesel::QueryableByName)]

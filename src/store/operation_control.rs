@@ -8,11 +8,11 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde_json::Value;
 
+use super::database::{Store, StoreError};
 use super::models::{TaskRow, TaskStatus};
 use super::operations::lock_operation;
 use super::schema::kser::{operations, outbox, tasks};
 use super::steps::{Resumed, empty_result, parse_result, pending_row, step_message};
-use super::{Store, StoreError};
 
 /// A step of a cancelled operation still running: it finishes.
 #[derive(Debug, Clone)]

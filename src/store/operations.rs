@@ -14,10 +14,11 @@ use chrono::Utc;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
+use super::database::{INSERT_CHUNK, Store, StoreError};
 use super::models::{NewOperation, NewOutbox, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
 use super::schema::kser::{operations, outbox, steps, tasks};
 use super::steps::{FinishedOperation, empty_result, parse_result, pending_row, step_message};
-use super::{INSERT_CHUNK, Store, StoreError, TaskFilter};
+use super::tasks::{TaskFilter, outcome_query};
 
 /// An operation to record: the row, its tasks and its first step message.
 /// A build that failed has a FAILED row and no tasks.
@@ -151,9 +152,7 @@ impl Store {
         }
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let updated = super::outcome_query(rows, true)
-                .load::<Completed>(conn)
-                .await?;
+            let updated = outcome_query(rows, true).load::<Completed>(conn).await?;
             let mut finished = Vec::new();
             for row in rows {
                 if updated.iter().any(|u| u.uuid == row.uuid)
@@ -178,9 +177,7 @@ impl Store {
         row: &NewTask,
     ) -> Result<Option<Option<FinishedOperation>>, StoreError> {
         let rows = std::slice::from_ref(row);
-        let updated = super::outcome_query(rows, true)
-            .load::<Completed>(conn)
-            .await?;
+        let updated = outcome_query(rows, true).load::<Completed>(conn).await?;
         if updated.is_empty() {
             return Ok(None);
         }

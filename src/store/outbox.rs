@@ -11,11 +11,11 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use serde_json::Value;
 
+use super::database::{Store, StoreError};
 use super::models::{OutboxRow, TaskRow, TaskStatus};
 use super::operations::advance;
 use super::schema::kser::{operations, outbox, tasks};
 use super::steps::{FinishedOperation, message_uuid, pending_row};
-use super::{Store, StoreError};
 use crate::message::{ErrorKind, TaskResult};
 
 impl Store {

@@ -33,8 +33,9 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Int4, Jsonb, Nullable, Text
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
+use super::database::{INSERT_CHUNK, Store, StoreError};
+use super::models::{NewOutbox, NewTask};
 use super::schema::kser::tasks;
-use super::{INSERT_CHUNK, NewOutbox, NewTask, Store, StoreError};
 
 /// The most waiters one transaction looks at when room frees up.
 const WAKE_BATCH: i64 = 1000;

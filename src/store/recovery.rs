@@ -27,7 +27,7 @@
 
 use diesel::result::{DatabaseErrorKind, Error};
 
-use super::StoreError;
+use super::database::StoreError;
 
 /// What retrying a failed write can achieve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,9 +5,10 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
+use super::database::{INSERT_CHUNK, Store, StoreError};
 use super::models::{AttemptRow, NewOutbox, NewTask, TaskRow};
 use super::schema::kser::{outbox, task_attempts, tasks};
-use super::{INSERT_CHUNK, Store, StoreError, outcome_query};
+use super::tasks::outcome_query;
 
 /// A failed attempt to retry: the task row as the attempt left it (its
 /// `next_attempt_at` says when the next one is due) and the message to send

@@ -10,8 +10,9 @@ use diesel::sql_types::{Bool, Jsonb, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::Serialize;
 
+use super::database::{Store, StoreError};
+use super::models::{NewOutbox, NewTask};
 use super::schema::kser::{outbox, tasks};
-use super::{NewOutbox, NewTask, Store, StoreError};
 
 /// The most schedules one worker fires in one transaction.
 const FIRE_BATCH: i64 = 100;

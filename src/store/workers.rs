@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Store, StoreError};
+use super::database::{Store, StoreError};
 
 /// Where a worker is in its life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -10,7 +10,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::compensation::{compensate, compensation_finished};
 use super::{Graph, cancel_waiting, finish, release};
-use crate::store::StoreError;
+use crate::store::database::StoreError;
 use crate::store::models::{NewTask, OperationRow, TaskStatus};
 use crate::store::schema::kser::operations;
 use crate::store::steps::{FinishedOperation, message_uuid};

@@ -7,7 +7,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Value, json};
 
 use super::{Graph, finish, graph_message, release};
-use crate::store::StoreError;
+use crate::store::database::StoreError;
 use crate::store::models::{NewOutbox, NewTask, OperationRow, StepRow, TaskStatus};
 use crate::store::schema::kser::{outbox, steps, tasks};
 use crate::store::steps::{FinishedOperation, OPERATION_METADATA_KEY, parse_result};

@@ -30,7 +30,7 @@ pub(super) mod advance;
 mod compensation;
 pub(super) mod resume;
 
-use super::StoreError;
+use super::database::StoreError;
 use super::models::{NewOutbox, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
 use super::schema::kser::{operations, outbox, steps, tasks};
 use super::steps::{FinishedOperation, empty_result, parse_result, pending_row, step_message};

@@ -8,7 +8,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
 use super::{Graph, release};
-use crate::store::StoreError;
+use crate::store::database::StoreError;
 use crate::store::models::{OperationRow, TaskStatus};
 use crate::store::schema::kser::{operations, tasks};
 use crate::store::steps::{Resumed, parse_result};
