@@ -134,7 +134,7 @@ impl KafkaConfig {
     /// Checks every property with librdkafka itself, so a name it does not
     /// know or a value it refuses is an error before any client is built.
     /// librdkafka's own message quotes the value; here secret values (see
-    /// [`is_secret`]) are masked in it.
+    /// `is_secret`) are masked in it.
     pub fn check(&self) -> Result<(), ConfigError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
@@ -220,7 +220,7 @@ impl fmt::Debug for KafkaConfig {
 /// stores, OAuth secrets and configurations, SASL JAAS settings, tokens.
 /// Their values are masked wherever kser prints a setting or a message
 /// that may quote one.
-pub fn is_secret(key: &str) -> bool {
+pub(crate) fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     [
         "password",

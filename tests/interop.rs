@@ -7,12 +7,9 @@ mod common;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::{TestEnv, WorkerProcess, example_path, text};
 use kser::{KafkaConfig, Producer};
-use rdkafka::Message as _;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::{Value, json};
 
 fn python(script: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
@@ -115,22 +112,8 @@ async fn a_message_from_our_cli_is_read_by_python_kser() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let uuid = text(&out.stdout).trim().to_owned();
 
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.brokers)
-        .set("group.id", format!("{}-reader", env.group))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .expect("consumer");
-    consumer
-        .subscribe(&[env.topic.as_str()])
-        .expect("subscribe");
-    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-        .await
-        .expect("a record within a minute")
-        .expect("a record");
-    assert_eq!(record.key(), Some(uuid.as_bytes()), "keyed by uuid");
-    let payload = record.payload().expect("a value").to_vec();
+    let (key, payload) = common::first_record(&env).await;
+    assert_eq!(key.as_deref(), Some(uuid.as_bytes()), "keyed by uuid");
 
     let read: Value =
         serde_json::from_str(&python(PYTHON_READ, &[], Some(&payload))).expect("JSON");
@@ -233,22 +216,8 @@ async fn an_encrypted_message_from_our_cli_is_read_by_python_kser_crypto() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let uuid = text(&out.stdout).trim().to_owned();
 
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.brokers)
-        .set("group.id", format!("{}-reader", env.group))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .expect("consumer");
-    consumer
-        .subscribe(&[env.topic.as_str()])
-        .expect("subscribe");
-    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-        .await
-        .expect("a record within a minute")
-        .expect("a record");
-    assert_eq!(record.key(), Some(uuid.as_bytes()), "keyed by uuid");
-    let payload = record.payload().expect("a value").to_vec();
+    let (key, payload) = common::first_record(&env).await;
+    assert_eq!(key.as_deref(), Some(uuid.as_bytes()), "keyed by uuid");
     assert!(
         !text(&payload).contains("to python"),
         "encrypted: {}",

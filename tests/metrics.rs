@@ -74,8 +74,16 @@ fn a_worker_serves_metrics_liveness_and_readiness() {
     // Postgres away: not ready, and says why; alive all along.
     let outage = std::thread::scope(|scope| {
         let outage = scope.spawn(|| env.database_outage(Duration::from_secs(6)));
-        std::thread::sleep(Duration::from_secs(1));
-        let ready = common::http_get(port, "/readyz").expect("readyz");
+        // Not ready as soon as the worker sees Postgres gone, within the outage.
+        let mut ready = (0, String::new());
+        common::wait_until(
+            "readyz to report the outage",
+            Duration::from_secs(5),
+            || {
+                ready = common::http_get(port, "/readyz").expect("readyz");
+                ready.0 != 200
+            },
+        );
         let alive = common::http_get(port, "/healthz").expect("healthz");
         outage.join().expect("outage");
         (ready, alive)

@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestEnv, text};
+use common::TestEnv;
 use kser::trace::TraceParent;
 
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -92,27 +92,9 @@ fn traced_tasks_are_exported_as_spans_with_kser_s_ids() {
     std::fs::write(&flag, "up").expect("flag");
     let metadata =
         serde_json::json!({ "traceparent": format!("00-{TRACE_ID}-b7ad6b7169203331-01") });
-    let params = serde_json::json!({ "flag": flag.to_str().expect("path") });
-    let out = env.example_cmd(
-        "showcase",
-        &[
-            "send",
-            "showcase.Pipeline",
-            "--params",
-            &params.to_string(),
-            "--metadata",
-            &metadata.to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let op = text(&out.stdout).trim().to_owned();
+    let op = env.send_pipeline(&flag, &metadata);
     assert_eq!(env.wait_final(&op)["status"], "SUCCESS");
-    let steps: Vec<String> = env.status(&op)["tasks"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|task| task["uuid"].as_str().expect("uuid").to_owned())
-        .collect();
+    let steps = env.step_uuids(&op);
     assert_eq!(steps.len(), 3);
     // Steps 2 and 3 were sent by the spans of steps 1 and 2: those spans'
     // ids are the parents their messages carry.

@@ -68,31 +68,13 @@ fn a_traceparent_flows_through_a_three_step_operation_and_its_retry() {
     let flag = env.dir.path().join("flag");
     let sent_parent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
     let metadata = serde_json::json!({ "traceparent": sent_parent, "tracestate": "k=v" });
-    let params = serde_json::json!({ "flag": flag.to_str().expect("path") });
-    let out = env.example_cmd(
-        "showcase",
-        &[
-            "send",
-            "showcase.Pipeline",
-            "--params",
-            &params.to_string(),
-            "--metadata",
-            &metadata.to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let op = text(&out.stdout).trim().to_owned();
+    let op = env.send_pipeline(&flag, &metadata);
     // The second step fails until the flag is up: one retry at least.
     worker.wait_for_log("will retry", 1, Duration::from_secs(60));
     std::fs::write(&flag, "up").expect("flag");
     assert_eq!(env.wait_final(&op)["status"], "SUCCESS");
 
-    let steps: Vec<String> = env.status(&op)["tasks"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|task| task["uuid"].as_str().expect("uuid").to_owned())
-        .collect();
+    let steps = env.step_uuids(&op);
     assert_eq!(steps.len(), 3);
     // Every message kser sent for the operation: three steps and a retry.
     let messages = common::read_topic(&env, &env.topic, 4, |record| {

@@ -19,6 +19,8 @@ macro_rules! outln {
     }};
 }
 
+mod batch;
+mod connect;
 pub(crate) mod dlq;
 pub(crate) mod fleet;
 mod logging;
@@ -28,6 +30,7 @@ mod prune;
 mod schedule;
 pub(crate) mod send;
 mod serve;
+mod signals;
 pub(crate) mod values;
 mod watch;
 mod worker;
@@ -37,21 +40,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
-use crate::admin::TopicLayout;
 use crate::config::KafkaConfig;
 use crate::registry::Registry;
-use crate::retry::RetryPolicy;
-use crate::store::{Store, StoreError, TaskFilter, TaskStatus};
-use crate::worker::{
-    DeadLetters, GroupProtocol, Ordering, Retention, TopicPattern, Worker, WorkerConfig,
-};
+use crate::store::{TaskFilter, TaskStatus};
+use connect::{connect, connect_sized};
 
 /// A Kafka-native task consumer with its state in Postgres.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
     #[command(subcommand)]
@@ -418,50 +416,6 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// A store for a command that reads or writes kser's tables: it must be
-/// migrated, else the error says to run `kser migrate`.
-async fn connect(database_url: &Option<String>) -> anyhow::Result<Store> {
-    let store = connect_sized(database_url, 8).await?;
-    store.check_migrated().await?;
-    Ok(store)
-}
-
-async fn connect_sized(database_url: &Option<String>, connections: usize) -> anyhow::Result<Store> {
-    let url = database_url
-        .as_deref()
-        .context("no database configured: set DATABASE_URL or pass --database-url")?;
-    Ok(Store::connect(url, connections).await?)
-}
-
-/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
-pub(super) async fn forward_signals(shutdown: CancellationToken) {
-    let mut signals = 0;
-    loop {
-        if wait_for_signal().await.is_err() {
-            return;
-        }
-        signals += 1;
-        if signals == 1 {
-            tracing::info!("shutdown requested; send the signal again to exit at once");
-            shutdown.cancel();
-        } else {
-            tracing::warn!("second signal; exiting without waiting for in-flight work");
-            std::process::exit(130);
-        }
-    }
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,10 @@
 //! value goes through [`printable`] on its way to the terminal: a record
 //! cannot move the cursor, retitle the window or hide text. `--json` output
 //! is escaped by serde instead.
+//!
+//! One cohesive thing, kept in one file on purpose (~500 lines): every text
+//! a person reads goes through here, so this one file is where escaping is
+//! checked.
 
 use std::fmt::Write as _;
 

@@ -43,7 +43,7 @@ pub(super) async fn serve(
     let address = listener.local_addr().unwrap_or(args.http);
     tracing::info!(address = %address, "serving the console at http://{address}/");
     let shutdown = CancellationToken::new();
-    tokio::spawn(super::forward_signals(shutdown.clone()));
+    tokio::spawn(super::signals::forward_signals(shutdown.clone()));
     axum::serve(listener, console.router())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

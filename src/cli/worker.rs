@@ -8,7 +8,18 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use super::*;
+use std::time::Duration;
+
+use super::connect::connect_sized;
+use super::{prune, values};
+use crate::admin::TopicLayout;
+use crate::config::KafkaConfig;
+use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+use crate::store::{Store, StoreError};
+use crate::worker::{
+    DeadLetters, GroupProtocol, Ordering, Retention, TopicPattern, Worker, WorkerConfig,
+};
 
 #[derive(Debug, Args)]
 pub(super) struct WorkerArgs {
@@ -232,7 +243,7 @@ pub(super) async fn run(
         }));
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(forward_signals(shutdown.clone()));
+    tokio::spawn(super::signals::forward_signals(shutdown.clone()));
     Worker::new(config, registry, store).run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

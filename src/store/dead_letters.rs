@@ -11,8 +11,8 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
+use super::database::{Store, StoreError};
 use super::schema::kser::dead_letters;
-use super::{Store, StoreError};
 
 #[declare_sql_function]
 extern "SQL" {
@@ -26,7 +26,7 @@ extern "SQL" {
 /// dead-letter topic refused it, and its bytes.
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
-pub struct NewDeadLetter {
+pub(crate) struct NewDeadLetter {
     /// The dead-letter topic that refused it.
     pub dlq_topic: String,
     /// The topic of the record that failed.
@@ -54,7 +54,7 @@ pub struct NewDeadLetter {
 }
 
 /// A kept dead letter as `dlq list` shows it: everything but the value,
-/// which may be large; [`Store::dead_letter_original`] reads that.
+/// which may be large; `Store::dead_letter_original` reads that.
 #[derive(Debug, Clone, Queryable, Selectable, Serialize)]
 #[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
 pub struct StoredDeadLetter {
@@ -92,7 +92,7 @@ pub struct StoredDeadLetter {
 /// The original bytes of a kept dead letter, to replay.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
-pub struct KeptRecord {
+pub(crate) struct KeptRecord {
     /// The record's key, as it was.
     pub key: Option<Vec<u8>>,
     /// The record's value, as it was.
@@ -102,7 +102,7 @@ pub struct KeptRecord {
 impl Store {
     /// Keeps a dead letter and returns its row id. The same record kept
     /// again (delivered twice) keeps its row, with the latest error.
-    pub async fn keep_dead_letter(&self, row: &NewDeadLetter) -> Result<i64, StoreError> {
+    pub(crate) async fn keep_dead_letter(&self, row: &NewDeadLetter) -> Result<i64, StoreError> {
         let mut conn = self.conn().await?;
         Ok(diesel::insert_into(dead_letters::table)
             .values(row)
@@ -163,7 +163,10 @@ impl Store {
 
     /// The original key and value of a kept dead letter, byte for byte;
     /// `None` if there is no row `id`.
-    pub async fn dead_letter_original(&self, id: i64) -> Result<Option<KeptRecord>, StoreError> {
+    pub(crate) async fn dead_letter_original(
+        &self,
+        id: i64,
+    ) -> Result<Option<KeptRecord>, StoreError> {
         let mut conn = self.conn().await?;
         Ok(dead_letters::table
             .find(id)

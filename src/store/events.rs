@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Store, StoreError};
+use super::database::{Store, StoreError};
 
 /// An event as a worker reads it.
 #[derive(Debug, Clone, diesel::QueryableByName)]
@@ -30,7 +30,7 @@ pub struct EventRow {
 
 /// A worker's handling of an event for one of its tasks.
 #[derive(Debug, Clone, Serialize, diesel::QueryableByName)]
-pub struct Delivery {
+pub(crate) struct Delivery {
     /// The worker that handled it.
     #[diesel(sql_type = Text)]
     pub worker_id: String,
@@ -77,7 +77,7 @@ impl Store {
 
     /// The id of the last event sent, 0 before the first: a worker starts
     /// reading after it.
-    pub async fn last_event_id(&self) -> Result<i64, StoreError> {
+    pub(crate) async fn last_event_id(&self) -> Result<i64, StoreError> {
         let mut conn = self.conn().await?;
         let row: Id = diesel::sql_query("SELECT coalesce(max(id), 0) AS id FROM kser.events")
             .get_result(&mut conn)
@@ -87,7 +87,7 @@ impl Store {
 
     /// The events for worker `worker_id` sent after event `after`, oldest
     /// first.
-    pub async fn events_after(
+    pub(crate) async fn events_after(
         &self,
         worker_id: &str,
         after: i64,
@@ -105,7 +105,7 @@ impl Store {
 
     /// Records that `worker_id` handled event `event_id` for each of
     /// `entrypoints`, with the error of each (`None`: it succeeded).
-    pub async fn record_deliveries(
+    pub(crate) async fn record_deliveries(
         &self,
         event_id: i64,
         worker_id: &str,
@@ -129,7 +129,7 @@ impl Store {
     }
 
     /// Who handled event `event_id` so far.
-    pub async fn deliveries(&self, event_id: i64) -> Result<Vec<Delivery>, StoreError> {
+    pub(crate) async fn deliveries(&self, event_id: i64) -> Result<Vec<Delivery>, StoreError> {
         let mut conn = self.conn().await?;
         Ok(diesel::sql_query(
             "SELECT worker_id, entrypoint, error, delivered_at FROM kser.event_deliveries \

@@ -294,7 +294,7 @@ pub struct NewOperation {
 /// A message waiting in `kser.outbox`.
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
-pub struct OutboxRow {
+pub(crate) struct OutboxRow {
     /// The row id, in insertion order.
     pub id: i64,
     /// The Kafka topic of its message.
@@ -308,7 +308,7 @@ pub struct OutboxRow {
 /// A message to publish once the transaction that writes it commits.
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
-pub struct NewOutbox {
+pub(crate) struct NewOutbox {
     /// The Kafka topic of its message.
     pub topic: String,
     /// The Kafka record key.

@@ -20,6 +20,10 @@
 //! Only the units of live leases count, so a limit is exceeded by no run
 //! whose worker is alive; a worker cut off from Postgres for longer than
 //! the lease time may see its leases given away (as with any lease).
+//!
+//! One cohesive thing, kept in one file on purpose (~590 lines): acquiring,
+//! parking, waking and sweeping are one protocol over the same three tables
+//! and the same lock order, and each is only right read beside the others.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -29,8 +33,9 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Int4, Jsonb, Nullable, Text
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
+use super::database::{INSERT_CHUNK, Store, StoreError};
+use super::models::{NewOutbox, NewTask};
 use super::schema::kser::tasks;
-use super::{INSERT_CHUNK, NewOutbox, NewTask, Store, StoreError};
 
 /// The most waiters one transaction looks at when room frees up.
 const WAKE_BATCH: i64 = 1000;
@@ -41,13 +46,13 @@ const WAKE_BATCH: i64 = 1000;
 const RESERVED_AT_LEAST: Duration = Duration::from_secs(300);
 
 /// The pool a task's `MAX_CONCURRENCY` is kept in.
-pub fn entrypoint_pool(entrypoint: &str) -> String {
+pub(crate) fn entrypoint_pool(entrypoint: &str) -> String {
     format!("entrypoint:{entrypoint}")
 }
 
 /// A task that must hold leases before it runs.
 #[derive(Debug, Clone)]
-pub struct LeaseRequest {
+pub(crate) struct LeaseRequest {
     /// The task.
     pub uuid: String,
     /// The pools it needs and how many units of each.
@@ -61,7 +66,7 @@ pub struct LeaseRequest {
 
 /// What [`Store::acquire`] decided for one task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// It holds its leases: run it.
     Granted,
     /// It waits in `kser.waiters` (or did already): its record is done with.
@@ -183,7 +188,10 @@ fn seconds(ttl: Duration) -> f64 {
 impl Store {
     /// Writes the pools a worker's registry declares, with their
     /// capacities: the worker started last sets a pool's capacity.
-    pub async fn declare_pools(&self, pools: &BTreeMap<String, i32>) -> Result<(), StoreError> {
+    pub(crate) async fn declare_pools(
+        &self,
+        pools: &BTreeMap<String, i32>,
+    ) -> Result<(), StoreError> {
         if pools.is_empty() {
             return Ok(());
         }
@@ -209,7 +217,7 @@ impl Store {
     /// partition) takes them over. A task that does not fit, or that would
     /// pass a task waiting for one of its pools, is parked: its PENDING row
     /// and its message are written to wait in `kser.waiters`.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         worker: &str,
         ttl: Duration,
@@ -318,7 +326,7 @@ impl Store {
     }
 
     /// Renews the leases of tasks running on `worker` for another `ttl`.
-    pub async fn renew_leases(
+    pub(crate) async fn renew_leases(
         &self,
         worker: &str,
         uuids: &[String],
@@ -343,7 +351,7 @@ impl Store {
     /// written, and wakes the waiters that fit in the room freed, reserving
     /// their leases for `ttl`. Returns how many were woken: their messages
     /// are in the outbox.
-    pub async fn release_leases(
+    pub(crate) async fn release_leases(
         &self,
         uuids: &[String],
         ttl: Duration,
@@ -368,7 +376,7 @@ impl Store {
     /// Drops expired leases (their workers died) and wakes the waiters that
     /// fit: run about every second by each worker that has limits. Returns
     /// how many were woken.
-    pub async fn sweep_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
+    pub(crate) async fn sweep_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
             if !any_waiter(conn).await? {

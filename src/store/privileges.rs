@@ -5,10 +5,7 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::*;
-
-/// What a worker's database role needs, as the errors say it.
-pub const WORKER_PRIVILEGES: &str = "a worker's role needs USAGE on schema kser, SELECT, INSERT, UPDATE, DELETE on every table of schema kser, USAGE on its sequences, and SELECT on public.__diesel_schema_migrations";
+use super::database::{Store, StoreError};
 
 /// The tables of schema `kser` a worker reads and writes, and the
 /// privileges it needs on each.
@@ -40,11 +37,11 @@ const WORKER_SEQUENCES: &[&str] = &[
 impl Store {
     /// Fails with [`StoreError::Privileges`], naming each one missing,
     /// unless the connected role has every privilege a worker needs on a
-    /// migrated schema ([`WORKER_PRIVILEGES`]). A worker checks at start, so
+    /// migrated schema (`WORKER_PRIVILEGES`). A worker checks at start, so
     /// a role short of a grant stops it at once with one clear error instead
     /// of every write failing later. Asks Postgres (`has_*_privilege`), so
     /// it needs no right of its own and changes nothing.
-    pub async fn check_privileges(&self) -> Result<(), StoreError> {
+    pub(crate) async fn check_privileges(&self) -> Result<(), StoreError> {
         use diesel::sql_types::{Array, Text};
 
         #[derive(QueryableByName)]

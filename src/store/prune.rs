@@ -31,7 +31,8 @@ use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
-use super::{CONNECT_TIMEOUT, Store, StoreError, TaskStatus};
+use super::database::{CONNECT_TIMEOUT, Store, StoreError};
+use super::models::TaskStatus;
 
 /// The advisory lock a pruning session holds, so that one worker of a fleet
 /// (or one `kser prune`) prunes at a time. (Migrations use 7365723.)

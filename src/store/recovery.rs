@@ -27,7 +27,7 @@
 
 use diesel::result::{DatabaseErrorKind, Error};
 
-use super::StoreError;
+use super::database::StoreError;
 
 /// What retrying a failed write can achieve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +43,9 @@ pub enum Recovery {
     /// A server error kser cannot place: its SQLSTATE is lost and its words
     /// are not ones kser knows (a server whose `lc_messages` is not English,
     /// a message from a trigger or an extension). Ask the database: if a
-    /// known-good write goes through ([`Store::probe_write`]), the statement
+    /// known-good write goes through (`Store::probe_write`), the statement
     /// is at fault (as [`Permanent`](Self::Permanent)); if not, the database
     /// is (as [`Transient`](Self::Transient)).
-    ///
-    /// [`Store::probe_write`]: super::Store::probe_write
     Unclassified,
 }
 
@@ -65,7 +63,7 @@ pub enum Recovery {
 /// now, statement timeout), 58 and XX (system and internal errors), and 42
 /// and 25: a missing table or privilege, or a read-only standby, is fixed by
 /// an operator, never by a row; recording rows FAILED for it would lose them.
-pub fn of_sqlstate(code: &str) -> Recovery {
+pub(crate) fn of_sqlstate(code: &str) -> Recovery {
     match code.get(..2) {
         Some("22" | "23" | "54" | "0A" | "P0") => Recovery::Permanent,
         _ => Recovery::Transient,
@@ -74,7 +72,7 @@ pub fn of_sqlstate(code: &str) -> Recovery {
 
 /// The SQLSTATE of a server error, reconstructed from its primary message
 /// (see the module docs for why): `None` for a message it does not know.
-pub fn guess_sqlstate(message: &str) -> Option<&'static str> {
+pub(crate) fn guess_sqlstate(message: &str) -> Option<&'static str> {
     const KNOWN: &[(&str, &str)] = &[
         // 22: data exception.
         ("unsupported Unicode escape sequence", "22P05"),
@@ -141,7 +139,7 @@ pub fn guess_sqlstate(message: &str) -> Option<&'static str> {
 /// kind) recovers. A statement the client cannot encode (more than 65,535
 /// bind parameters, a message over 1 GiB) or a value it cannot serialize
 /// fails again every time; a connection that broke may come back.
-pub fn client_recovery(message: &str) -> Recovery {
+pub(crate) fn client_recovery(message: &str) -> Recovery {
     const PERMANENT: &[&str] = &[
         // tokio-postgres `Kind::Encode`: the statement does not fit the
         // protocol (too many parameters, a message over 1 GiB).

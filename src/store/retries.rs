@@ -5,16 +5,17 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
+use super::database::{INSERT_CHUNK, Store, StoreError};
 use super::models::{AttemptRow, NewOutbox, NewTask, TaskRow};
 use super::schema::kser::{outbox, task_attempts, tasks};
-use super::{INSERT_CHUNK, Store, StoreError, outcome_query};
+use super::tasks::outcome_query;
 
 /// A failed attempt to retry: the task row as the attempt left it (its
 /// `next_attempt_at` says when the next one is due) and the message to send
 /// again then, if the retry goes through the outbox (without one, the worker
 /// retries in place, as it does to keep records in order).
 #[derive(Debug, Clone)]
-pub struct Retry {
+pub(crate) struct Retry {
     /// The task's row: PENDING, with its next attempt's due time.
     pub row: NewTask,
     /// The message that runs it again, through the outbox.
@@ -27,7 +28,7 @@ impl Store {
     /// `kser.task_attempts`, and the message waits in the outbox until due.
     /// Fenced like completions (see [`Store::claim_tasks`]): an attempt
     /// that is no longer the task's latest changes nothing. Returns how many were recorded.
-    pub async fn retry_tasks(&self, retries: &[Retry]) -> Result<usize, StoreError> {
+    pub(crate) async fn retry_tasks(&self, retries: &[Retry]) -> Result<usize, StoreError> {
         #[derive(QueryableByName)]
         struct Updated {
             #[diesel(sql_type = diesel::sql_types::Text)]
@@ -96,7 +97,7 @@ impl Store {
     /// Records messages to send later (`send --delay`): PENDING rows and
     /// outbox messages due at their `available_at`, in one transaction.
     /// Returns the uuids scheduled; one that already exists is left alone.
-    pub async fn schedule(
+    pub(crate) async fn schedule(
         &self,
         rows: &[NewTask],
         messages: &[NewOutbox],
@@ -139,7 +140,10 @@ impl Store {
     /// go back to PENDING (their attempt count goes on). Returns the rows as
     /// they were, for [`restore_after_replay`](Self::restore_after_replay)
     /// if their messages cannot be sent after all.
-    pub async fn reset_for_replay(&self, uuids: &[String]) -> Result<Vec<TaskRow>, StoreError> {
+    pub(crate) async fn reset_for_replay(
+        &self,
+        uuids: &[String],
+    ) -> Result<Vec<TaskRow>, StoreError> {
         use super::models::TaskStatus;
         if uuids.is_empty() {
             return Ok(Vec::new());
@@ -174,7 +178,7 @@ impl Store {
     /// Puts back rows [`reset_for_replay`](Self::reset_for_replay) changed
     /// whose messages could not be sent, unless a worker took them up since
     /// (they are PENDING no more). Returns how many were restored.
-    pub async fn restore_after_replay(&self, rows: &[TaskRow]) -> Result<usize, StoreError> {
+    pub(crate) async fn restore_after_replay(&self, rows: &[TaskRow]) -> Result<usize, StoreError> {
         use super::models::TaskStatus;
         let mut conn = self.conn().await?;
         let mut restored = 0;

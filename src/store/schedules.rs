@@ -10,8 +10,9 @@ use diesel::sql_types::{Bool, Jsonb, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::Serialize;
 
+use super::database::{Store, StoreError};
+use super::models::{NewOutbox, NewTask};
 use super::schema::kser::{outbox, tasks};
-use super::{NewOutbox, NewTask, Store, StoreError};
 
 /// The most schedules one worker fires in one transaction.
 const FIRE_BATCH: i64 = 100;
@@ -74,7 +75,7 @@ pub struct NewSchedule {
 /// tick, and the tick to wait for next. `next_at: None` pauses the schedule
 /// (its expression has no tick left).
 #[derive(Debug, Clone)]
-pub struct ScheduleFiring {
+pub(crate) struct ScheduleFiring {
     /// Each tick to fire: its PENDING task and the message that runs it.
     pub messages: Vec<(NewTask, NewOutbox)>,
     /// The tick to wait for next.
@@ -83,7 +84,7 @@ pub struct ScheduleFiring {
 
 /// A schedule fired by [`Store::fire_schedules`].
 #[derive(Debug, Clone)]
-pub struct Fired {
+pub(crate) struct Fired {
     /// The schedule's name.
     pub name: String,
     /// Uuids of the tasks recorded (a tick recorded before is left out).
@@ -184,7 +185,7 @@ impl Store {
     /// transaction: `plan` says what each writes. Rows another session is
     /// firing are skipped, not waited for. A task whose uuid exists already
     /// (the same tick fired before) is not recorded nor sent again.
-    pub async fn fire_schedules(
+    pub(crate) async fn fire_schedules(
         &self,
         plan: impl Fn(&ScheduleRow, DateTime<Utc>) -> ScheduleFiring + Sync,
     ) -> Result<Vec<Fired>, StoreError> {

@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Store, StoreError};
+use super::database::{Store, StoreError};
 
 /// Where a worker is in its life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,7 +60,7 @@ impl WorkerState {
 
 /// What a worker records of itself when it starts.
 #[derive(Debug, Clone)]
-pub struct NewWorker {
+pub(crate) struct NewWorker {
     /// The worker's id, `host:pid` unless given.
     pub id: String,
     /// The host it runs on.
@@ -81,7 +81,7 @@ pub struct NewWorker {
 
 /// What a heartbeat writes.
 #[derive(Debug, Clone)]
-pub struct Beat {
+pub(crate) struct Beat {
     /// Where it is in its life cycle ([`WorkerState`]).
     pub state: WorkerState,
     /// Entrypoints held back, `*` for all.
@@ -238,7 +238,7 @@ pub struct Control {
 
 /// What a heartbeat learns back.
 #[derive(Debug, Clone, diesel::QueryableByName)]
-pub struct BeatReply {
+pub(crate) struct BeatReply {
     /// Whether the worker's row was there (it registers again if not).
     #[diesel(sql_type = BigInt)]
     pub beat: i64,
@@ -267,7 +267,7 @@ const SHOWN_STATE: &str = "CASE WHEN state NOT IN ('STOPPED', 'LOST') \
 
 impl Store {
     /// Records a worker that starts (or starts again under the same id).
-    pub async fn register_worker(&self, worker: &NewWorker) -> Result<(), StoreError> {
+    pub(crate) async fn register_worker(&self, worker: &NewWorker) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         diesel::sql_query(
             "INSERT INTO kser.workers (id, host, pid, consumer_group, topics, entrypoints, \
@@ -295,7 +295,7 @@ impl Store {
     /// Writes a worker's heartbeat and marks LOST the other workers whose
     /// heartbeat is overdue, in one statement, which also reads what the
     /// other live workers of `group` said last (for the scaling hint).
-    pub async fn heartbeat(
+    pub(crate) async fn heartbeat(
         &self,
         id: &str,
         group: &str,
@@ -344,7 +344,7 @@ impl Store {
     }
 
     /// The controls that apply to worker `id`: its own and the fleet's.
-    pub async fn controls_for(&self, id: &str) -> Result<Vec<Control>, StoreError> {
+    pub(crate) async fn controls_for(&self, id: &str) -> Result<Vec<Control>, StoreError> {
         let mut conn = self.conn().await?;
         Ok(diesel::sql_query(
             "SELECT action, worker_id, entrypoint FROM kser.controls \
@@ -417,7 +417,11 @@ impl Store {
     }
 
     /// Records that a worker exited cleanly.
-    pub async fn worker_stopped(&self, id: &str, counters: &Value) -> Result<(), StoreError> {
+    pub(crate) async fn worker_stopped(
+        &self,
+        id: &str,
+        counters: &Value,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         diesel::sql_query(
             "UPDATE kser.workers SET state = 'STOPPED', heartbeat_at = now(), assigned = '{}', \

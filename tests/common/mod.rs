@@ -202,6 +202,36 @@ impl TestEnv {
 
     /// `kser send --batch -` with `input` (newline-delimited messages); the
     /// send must succeed.
+    /// Sends `showcase.Pipeline` (three steps; the second fails until
+    /// `flag` exists) with `metadata`, as a user would with the CLI; returns
+    /// the operation's uuid.
+    pub fn send_pipeline(&self, flag: &Path, metadata: &Value) -> String {
+        let params = serde_json::json!({ "flag": flag.to_str().expect("path") });
+        let out = self.example_cmd(
+            "showcase",
+            &[
+                "send",
+                "showcase.Pipeline",
+                "--params",
+                &params.to_string(),
+                "--metadata",
+                &metadata.to_string(),
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    }
+
+    /// The uuids of operation `op`'s steps, in order, as `status` shows them.
+    pub fn step_uuids(&self, op: &str) -> Vec<String> {
+        self.status(op)["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .map(|task| task["uuid"].as_str().expect("uuid").to_owned())
+            .collect()
+    }
+
     pub fn send_batch(&self, input: &str) {
         let out = self.run(
             Path::new(env!("CARGO_BIN_EXE_kser")),
@@ -544,4 +574,27 @@ pub fn read_topic(
         },
     );
     records.into_iter().filter(|r| wanted(r)).collect()
+}
+
+/// The first record of `env`'s topic, read from the start by a group of its
+/// own, within a minute: its key and value.
+pub async fn first_record(env: &TestEnv) -> (Option<Vec<u8>>, Vec<u8>) {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::Message as _;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}-reader", env.group))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[env.topic.as_str()])
+        .expect("subscribe");
+    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("a record within a minute")
+        .expect("a record");
+    let key = record.key().map(<[u8]>::to_vec);
+    (key, record.payload().expect("a value").to_vec())
 }
