@@ -12,7 +12,7 @@ use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
-use super::{Store, StoreError};
+use super::database::{Store, StoreError};
 
 /// Tasks that ended SUCCESS or FAILED within the last day (whole minutes).
 const ENDED_BY_STATUS: &str = "SELECT 'task' AS kind, status, sum(tasks)::bigint AS count \

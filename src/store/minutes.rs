@@ -22,7 +22,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::StoreError;
+use super::database::StoreError;
 
 /// A task row as a final-state write returned it: what the summary counts.
 #[derive(Debug, Clone, Queryable)]

@@ -10,9 +10,10 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection as _, RunQueryDsl};
 
+use super::database::{INSERT_CHUNK, Store, StoreError};
 use super::minutes::{Ended, count_ended};
+use super::models::{NewTask, TaskRow, TaskStatus};
 use super::schema::kser::tasks;
-use super::*;
 
 /// Which tasks `list` shows.
 #[derive(Debug, Clone, Default)]

@@ -15,8 +15,10 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use utoipa::{IntoParams, ToSchema};
 
-use super::api::{ended, timed_out};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Console, ErrorBody, json_response};
+use super::console::Console;
+use super::extract::{
+    ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody, ended, json_response, timed_out,
+};
 use crate::message::{JsonObject, Message};
 use crate::status::Waited;
 

@@ -9,7 +9,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::Done;
 use crate::dead_letter::DeadLetterEntry;
-use crate::web::{ApiError, ApiJson, ApiQuery, Console, ErrorBody};
+use crate::web::console::Console;
+use crate::web::extract::{ApiError, ApiJson, ApiQuery, ErrorBody};
 
 /// The most dead letters one listing reads.
 const MAX_DEAD_LETTERS: usize = 1000;

@@ -7,7 +7,8 @@ use utoipa::ToSchema;
 
 use super::Done;
 use crate::store::{Control, ControlAction, WorkerRow};
-use crate::web::{ApiError, ApiJson, Console, ErrorBody};
+use crate::web::console::Console;
+use crate::web::extract::{ApiError, ApiJson, ErrorBody};
 
 /// The fleet and the controls in force.
 #[derive(Serialize, ToSchema)]

@@ -13,16 +13,14 @@ mod runs;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::{ApiError, Console, ErrorBody, json_response};
-use crate::status::Status;
+use super::console::Console;
+use super::extract::{ApiError, ErrorBody};
 use crate::store::{
     AttemptRow, Control, EntrypointFailures, MinuteCount, OperationRow, StatusCount, TaskFilter,
     TaskRow, TaskStatus, WorkerRow,
@@ -115,8 +113,8 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/v1/workers/drain", post(fleet::drain_worker))
         .route("/api/v1/entrypoints", get(fleet::entrypoints))
         .route("/api/v1/dashboard", get(dashboard))
-        .route("/api/v1", any(super::api_not_found))
-        .route("/api/v1/{*rest}", any(super::api_not_found))
+        .route("/api/v1", any(super::extract::api_not_found))
+        .route("/api/v1/{*rest}", any(super::extract::api_not_found))
 }
 
 async fn openapi() -> Response {
@@ -208,26 +206,4 @@ pub(super) async fn dashboard_data(console: &Console) -> Result<Dashboard, ApiEr
 #[utoipa::path(get, path = "/api/v1/dashboard", responses((status = 200, body = Dashboard)))]
 async fn dashboard(State(console): State<Console>) -> Result<Response, ApiError> {
     Ok(axum::Json(dashboard_data(&console).await?).into_response())
-}
-
-/// The answer to a wait: the status object, 200 on SUCCESS, 422 on FAILED
-/// or CANCELLED.
-pub(super) fn ended(status: &Status) -> Response {
-    let code = match status.outcome() {
-        Some(TaskStatus::Success) => StatusCode::OK,
-        _ => StatusCode::UNPROCESSABLE_ENTITY,
-    };
-    json_response(code, status.to_json())
-}
-
-/// The answer to a wait that timed out: 504 with what was last seen.
-pub(super) fn timed_out(uuid: &str, last: Option<&Status>) -> Response {
-    let mut body = last.map_or_else(
-        || json!({"uuid": uuid, "status": TaskStatus::Pending.as_str()}),
-        Status::to_json,
-    );
-    body["error"] = Value::from(format!(
-        "{uuid} did not end in time; it goes on: GET /api/v1/tasks/{uuid} or /api/v1/operations/{uuid}"
-    ));
-    json_response(StatusCode::GATEWAY_TIMEOUT, body)
 }

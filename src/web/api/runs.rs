@@ -11,7 +11,8 @@ use utoipa::ToSchema;
 use super::{Done, ListQuery};
 use crate::message::Message;
 use crate::store::{AttemptRow, OperationRow, TaskRow};
-use crate::web::{ApiError, ApiPath, ApiQuery, Console, ErrorBody};
+use crate::web::console::Console;
+use crate::web::extract::{ApiError, ApiPath, ApiQuery, ErrorBody};
 
 /// A task with its earlier failed attempts.
 #[derive(Serialize, ToSchema)]

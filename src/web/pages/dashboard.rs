@@ -8,8 +8,8 @@ use maud::{Markup, html};
 use super::fleet::workers_table;
 use super::{PageResult, encode, layout, status_badge};
 use crate::store::{MinuteCount, WorkerRow};
-use crate::web::Console;
 use crate::web::api::dashboard_data;
+use crate::web::console::Console;
 
 pub(super) async fn dashboard(State(console): State<Console>) -> PageResult {
     let data = dashboard_data(&console).await?;

@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 use super::{PageError, PageResult, back, encode, field, form_fields, layout, notice};
 use crate::web::api::{DeadLetterQuery, ReplayRequest, read_dead_letters, replay};
-use crate::web::{ApiQuery, Console};
+use crate::web::console::Console;
+use crate::web::extract::ApiQuery;
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct DeadLetterForm {

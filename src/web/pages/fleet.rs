@@ -15,7 +15,8 @@ use super::{
 };
 use crate::store::WorkerRow;
 use crate::web::api::{ControlRequest, FleetAction, steer};
-use crate::web::{ApiError, ApiQuery, Console};
+use crate::web::console::Console;
+use crate::web::extract::{ApiError, ApiQuery};
 
 pub(super) async fn workers(
     State(console): State<Console>,

@@ -22,7 +22,9 @@ use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ApiError, ApiQuery, Console, login_cookie, same_secret};
+use super::auth::{login_cookie, same_secret};
+use super::console::Console;
+use super::extract::{ApiError, ApiQuery};
 use dashboard::dashboard;
 use dead_letters::{dead_letters, replay_action};
 use fleet::{control_action, entrypoints, send_action, workers};

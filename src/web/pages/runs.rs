@@ -13,7 +13,8 @@ use super::{
 };
 use crate::store::{OperationRow, TaskRow};
 use crate::web::api::{ListQuery, cancel, resume, retry};
-use crate::web::{ApiError, ApiPath, ApiQuery, Console};
+use crate::web::console::Console;
+use crate::web::extract::{ApiError, ApiPath, ApiQuery};
 
 /// A listing's filters, as the form sends them.
 #[derive(Debug, Default, Deserialize)]
