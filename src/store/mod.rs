@@ -32,7 +32,6 @@ mod workers;
 
 pub use console::{EntrypointFailures, MinuteCount, StatusCount};
 pub use database::{Store, StoreError};
-// `tasks.rs` takes it from here (`use super::*`).
 pub(crate) use database::WORKER_PRIVILEGES;
 pub(crate) use dead_letters::NewDeadLetter;
 pub use dead_letters::StoredDeadLetter;
