@@ -65,14 +65,18 @@ impl Api {
     }
 
     async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let response = self
+        // The server answers an oversized body without reading it and then
+        // closes the connection: a body that large goes on a connection of
+        // its own, or the next request could be sent on the closed one.
+        let oversized = body.len() > 1 << 20;
+        let mut request = self
             .client
             .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("POST");
+            .header("content-type", "application/json");
+        if oversized {
+            request = request.header("connection", "close");
+        }
+        let response = request.body(body).send().await.expect("POST");
         let code = response.status().as_u16();
         let body = response.text().await.expect("body");
         (

@@ -31,8 +31,8 @@ mod tasks;
 mod workers;
 
 pub use console::{EntrypointFailures, MinuteCount, StatusCount};
-pub use database::{Store, StoreError};
 pub(crate) use database::WORKER_PRIVILEGES;
+pub use database::{Store, StoreError};
 pub(crate) use dead_letters::NewDeadLetter;
 pub use dead_letters::StoredDeadLetter;
 pub use events::EventRow;

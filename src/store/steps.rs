@@ -1,6 +1,6 @@
 //! What list and graph operations share: the message that runs a step
 //! (`step_message`), merged results, and the types their transactions
-//! return. `operations.rs` and `graph.rs` both use it; neither imports the
+//! return. `operations.rs` and `graph/` both use it; neither imports the
 //! other's helpers.
 
 use serde_json::Value;
