@@ -22,19 +22,24 @@ CREATE INDEX tasks_not_success_idx ON kser.tasks (created_at, status)
 -- statement (or transaction) as the final states themselves, from the rows
 -- that statement wrote: a write fenced out counts nothing, a retry (PENDING)
 -- is not an end. A task that ends twice (FAILED, then SUCCESS after a
--- resume) counts once in each.
+-- resume) counts once in each. A writer holds the rows it adds to until it
+-- commits, so each count goes to one of 8 shards, picked by the writer's
+-- backend: concurrent transactions (transactional tasks, several workers)
+-- seldom wait for each other; readers sum the shards.
 CREATE TABLE kser.task_minutes (
     minute      timestamptz NOT NULL,
     entrypoint  text NOT NULL,
     status      text NOT NULL CHECK (status IN ('SUCCESS', 'FAILED')),
+    shard       smallint NOT NULL,
     tasks       bigint NOT NULL,
     last_error  text,
     last_at     timestamptz NOT NULL,
-    PRIMARY KEY (minute, entrypoint, status)
+    PRIMARY KEY (minute, entrypoint, status, shard)
 );
 
 COMMENT ON TABLE kser.task_minutes IS 'Tasks that ended SUCCESS or FAILED, per minute and entrypoint: the console''s dashboard.';
 COMMENT ON COLUMN kser.task_minutes.minute IS 'The minute they ended in (finished_at truncated).';
+COMMENT ON COLUMN kser.task_minutes.shard IS 'Which of 8 rows of the minute, entrypoint and state the count went to (the writer''s backend pid mod 8): sum over it.';
 COMMENT ON COLUMN kser.task_minutes.tasks IS 'How many ended so in that minute.';
 COMMENT ON COLUMN kser.task_minutes.last_error IS 'The error of the latest FAILED one; NULL for SUCCESS.';
 COMMENT ON COLUMN kser.task_minutes.last_at IS 'When the latest of them ended.';

@@ -11,11 +11,15 @@
 //! commit. A write fenced out returns no row and counts nothing; a retry
 //! (PENDING) is not an end.
 //!
-//! Every worker adds to the same rows (one per minute, entrypoint and
-//! state), so a writer holds their locks from its count to its commit: a
+//! A writer holds the rows it adds to from its count to its commit: a
 //! statement of its own, or the end of a transaction, never while it does
-//! more work. Each writer locks them in key order, so two cannot deadlock
-//! over them.
+//! more work. So that concurrent writers (transactional tasks, each in a
+//! transaction of its own; several workers) seldom wait for each other,
+//! each count goes to one of [`SHARDS`] rows of its minute, entrypoint and
+//! state, picked by the writer's backend (`pg_backend_pid()`); readers sum
+//! them. Unsharded, every transactional task waited for the commit of the
+//! one before it: 1,239 tasks/s instead of about 2,500. Each writer locks
+//! its rows in key order, so two cannot deadlock over them.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -23,6 +27,9 @@ use diesel::sql_types::{Array, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::database::StoreError;
+
+/// How many rows share the count of one minute, entrypoint and state.
+pub(crate) const SHARDS: i32 = 8;
 
 /// A task row as a final-state write returned it: what the summary counts.
 #[derive(Debug, Clone, Queryable)]
@@ -51,15 +58,17 @@ impl From<&super::NewTask> for Ended {
 /// sorted for their latest error (the sort costs, and SUCCESS has none).
 pub(crate) fn count_sql(source: &str) -> String {
     format!(
-        "INSERT INTO kser.task_minutes AS m (minute, entrypoint, status, tasks, last_error, last_at) \
-         SELECT date_trunc('minute', e.at), e.entrypoint, e.status, count(*), \
+        "INSERT INTO kser.task_minutes AS m (minute, entrypoint, status, shard, tasks, last_error, \
+             last_at) \
+         SELECT date_trunc('minute', e.at), e.entrypoint, e.status, \
+             (pg_backend_pid() % {SHARDS})::int2, count(*), \
              (array_agg(e.error ORDER BY e.at DESC) FILTER (WHERE e.status = 'FAILED'))[1], \
              max(e.at) \
          FROM (SELECT s.entrypoint, s.status, s.error, coalesce(s.finished_at, now()) AS at \
                FROM {source}) AS e \
          WHERE e.status IN ('SUCCESS', 'FAILED') \
          GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
-         ON CONFLICT (minute, entrypoint, status) DO UPDATE SET tasks = m.tasks + excluded.tasks, \
+         ON CONFLICT (minute, entrypoint, status, shard) DO UPDATE SET tasks = m.tasks + excluded.tasks, \
              last_error = CASE WHEN excluded.last_at >= m.last_at \
                  THEN excluded.last_error ELSE m.last_error END, \
              last_at = greatest(m.last_at, excluded.last_at)"

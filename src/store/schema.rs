@@ -82,10 +82,11 @@ pub mod kser {
     }
 
     diesel::table! {
-        kser.task_minutes (minute, entrypoint, status) {
+        kser.task_minutes (minute, entrypoint, status, shard) {
             minute -> Timestamptz,
             entrypoint -> Text,
             status -> Text,
+            shard -> Int2,
             tasks -> Int8,
             last_error -> Nullable<Text>,
             last_at -> Timestamptz,
