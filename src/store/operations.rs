@@ -18,7 +18,9 @@ use super::database::{INSERT_CHUNK, Store, StoreError};
 use super::minutes::{Ended, count_ended};
 use super::models::{NewOperation, NewOutbox, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
 use super::schema::kser::{operations, outbox, steps, tasks};
-use super::steps::{FinishedOperation, empty_result, parse_result, pending_row, step_message};
+use super::steps::{
+    FinishedOperation, empty_result, end_operation, parse_result, pending_row, step_message,
+};
 use super::tasks::{TaskFilter, outcome_query};
 
 /// An operation to record: the row, its tasks and its first step message.
@@ -300,11 +302,11 @@ pub(super) async fn advance(
         None => empty_result(op_uuid),
     };
     merged.merge(&parse_result(step.result.as_ref()));
-    let now = Utc::now();
-    let merged_value = serde_json::to_value(&merged).ok();
     // Not the last step: keep the merged result; queue the next step
     // unless the operation was cancelled.
     if (cancelled || succeeded) && position + 1 < op.steps {
+        let now = Utc::now();
+        let merged_value = serde_json::to_value(&merged).ok();
         if !cancelled {
             let next: TaskRow = tasks::table
                 .filter(tasks::operation_uuid.eq(op_uuid))
@@ -345,20 +347,5 @@ pub(super) async fn advance(
         );
         (TaskStatus::Failed, Some(error))
     };
-    diesel::update(operations::table.find(op_uuid))
-        .set((
-            operations::status.eq(status.as_str()),
-            operations::result.eq(merged_value),
-            operations::error.eq(error),
-            operations::finished_at.eq(Some(now)),
-            operations::updated_at.eq(now),
-        ))
-        .execute(conn)
-        .await?;
-    Ok(Some(FinishedOperation {
-        uuid: op.uuid,
-        entrypoint: op.entrypoint,
-        metadata: op.metadata.as_object().cloned().unwrap_or_default(),
-        result: merged,
-    }))
+    Ok(Some(end_operation(conn, &op, status, merged, error).await?))
 }

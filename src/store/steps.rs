@@ -3,9 +3,14 @@
 //! return. `operations.rs` and `graph/` both use it; neither imports the
 //! other's helpers.
 
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
-use super::models::{NewOutbox, NewTask, TaskRow, TaskStatus};
+use super::database::StoreError;
+use super::models::{NewOutbox, NewTask, OperationRow, TaskRow, TaskStatus};
+use super::schema::kser::operations;
 use crate::message::{JsonObject, Message, TaskResult};
 use crate::trace::TaskTrace;
 
@@ -23,6 +28,35 @@ pub struct FinishedOperation {
     pub metadata: JsonObject,
     /// Its result: the merged results of its steps.
     pub result: TaskResult,
+}
+
+/// Ends operation `op` with `status`, its steps' `merged` result and
+/// `error`, and says so for its finish hook. Called inside the transaction
+/// that holds the operation's row.
+pub(super) async fn end_operation(
+    conn: &mut AsyncPgConnection,
+    op: &OperationRow,
+    status: TaskStatus,
+    merged: TaskResult,
+    error: Option<String>,
+) -> Result<FinishedOperation, StoreError> {
+    let now = Utc::now();
+    diesel::update(operations::table.find(&op.uuid))
+        .set((
+            operations::status.eq(status.as_str()),
+            operations::result.eq(serde_json::to_value(&merged).ok()),
+            operations::error.eq(error),
+            operations::finished_at.eq(Some(now)),
+            operations::updated_at.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(FinishedOperation {
+        uuid: op.uuid.clone(),
+        entrypoint: op.entrypoint.clone(),
+        metadata: op.metadata.as_object().cloned().unwrap_or_default(),
+        result: merged,
+    })
 }
 
 /// Where `resume` restarted an operation.

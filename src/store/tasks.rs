@@ -15,6 +15,21 @@ use super::minutes::{Ended, count_ended};
 use super::models::{NewTask, TaskRow, TaskStatus};
 use super::schema::kser::tasks;
 
+/// What an upsert of a final state sets on a row that exists: the outcome
+/// columns, from the row it brings (`finish_tasks`, `record_invalid`). A
+/// macro: diesel's `Excluded` type cannot be named outside diesel.
+macro_rules! final_columns {
+    () => {
+        (
+            tasks::status.eq(excluded(tasks::status)),
+            tasks::result.eq(excluded(tasks::result)),
+            tasks::error.eq(excluded(tasks::error)),
+            tasks::finished_at.eq(excluded(tasks::finished_at)),
+            tasks::updated_at.eq(excluded(tasks::updated_at)),
+        )
+    };
+}
+
 /// Which tasks `list` shows.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
@@ -224,13 +239,7 @@ impl Store {
                     .values(chunk)
                     .on_conflict(tasks::uuid)
                     .do_update()
-                    .set((
-                        tasks::status.eq(excluded(tasks::status)),
-                        tasks::result.eq(excluded(tasks::result)),
-                        tasks::error.eq(excluded(tasks::error)),
-                        tasks::finished_at.eq(excluded(tasks::finished_at)),
-                        tasks::updated_at.eq(excluded(tasks::updated_at)),
-                    ))
+                    .set(final_columns!())
                     .filter(tasks::status.eq_any(TaskStatus::UNFINISHED))
                     .returning(ENDED)
                     .get_results(conn)
@@ -326,13 +335,7 @@ async fn record_invalid_in(
             .values(chunk)
             .on_conflict(tasks::uuid)
             .do_update()
-            .set((
-                tasks::status.eq(excluded(tasks::status)),
-                tasks::result.eq(excluded(tasks::result)),
-                tasks::error.eq(excluded(tasks::error)),
-                tasks::finished_at.eq(excluded(tasks::finished_at)),
-                tasks::updated_at.eq(excluded(tasks::updated_at)),
-            ))
+            .set(final_columns!())
             .filter(tasks::status.eq(TaskStatus::Pending.as_str()))
             .filter(tasks::attempts.eq(0))
             .filter(tasks::operation_uuid.is_null())

@@ -83,13 +83,7 @@ async fn release_dependents(
     graph: &mut Graph,
     me: usize,
 ) -> Result<(), StoreError> {
-    let name = graph.nodes[me].1.name.clone();
-    let dependents: Vec<usize> = graph
-        .forward()
-        .filter(|i| graph.status(*i) == TaskStatus::Waiting.as_str())
-        .filter(|i| graph.nodes[*i].1.after.contains(&name))
-        .collect();
-    for index in dependents {
+    for index in graph.waiting_on(me) {
         if graph.ready(index) {
             let forwarded = graph.forwarded(&op.uuid, index);
             release(conn, op, graph, index, forwarded.as_ref()).await?;
@@ -108,12 +102,7 @@ async fn cancel_unreachable(
     let mut work = vec![failed];
     while let Some(gone) = work.pop() {
         let name = graph.nodes[gone].1.name.clone();
-        let dependents: Vec<usize> = graph
-            .forward()
-            .filter(|i| graph.status(*i) == TaskStatus::Waiting.as_str())
-            .filter(|i| graph.nodes[*i].1.after.contains(&name))
-            .collect();
-        for index in dependents {
+        for index in graph.waiting_on(gone) {
             let step = &graph.nodes[index].1;
             let deps: Vec<usize> = step.after.iter().filter_map(|n| graph.named(n)).collect();
             let unreachable = !step.join_any

@@ -32,8 +32,10 @@ pub(super) mod resume;
 
 use super::database::StoreError;
 use super::models::{NewOutbox, NewTask, OperationRow, StepRow, TaskRow, TaskStatus};
-use super::schema::kser::{operations, outbox, steps, tasks};
-use super::steps::{FinishedOperation, empty_result, parse_result, pending_row, step_message};
+use super::schema::kser::{outbox, steps, tasks};
+use super::steps::{
+    FinishedOperation, empty_result, end_operation, parse_result, pending_row, step_message,
+};
 use crate::message::TaskResult;
 
 /// A graph operation's tasks with their place in the graph, in position
@@ -73,6 +75,15 @@ impl Graph {
 
     fn named(&self, name: &str) -> Option<usize> {
         self.forward().find(|i| self.nodes[*i].1.name == name)
+    }
+
+    /// The WAITING steps that name step `index` in their `after`.
+    fn waiting_on(&self, index: usize) -> Vec<usize> {
+        let name = &self.nodes[index].1.name;
+        self.forward()
+            .filter(|i| self.status(*i) == TaskStatus::Waiting.as_str())
+            .filter(|i| self.nodes[*i].1.after.contains(name))
+            .collect()
     }
 
     /// Whether the steps after `index` may count on it.
@@ -249,21 +260,5 @@ async fn finish(
     error: Option<String>,
 ) -> Result<Option<FinishedOperation>, StoreError> {
     let merged = graph.merged(&op.uuid, status != TaskStatus::Success);
-    let now = Utc::now();
-    diesel::update(operations::table.find(&op.uuid))
-        .set((
-            operations::status.eq(status.as_str()),
-            operations::result.eq(serde_json::to_value(&merged).ok()),
-            operations::error.eq(error),
-            operations::finished_at.eq(Some(now)),
-            operations::updated_at.eq(now),
-        ))
-        .execute(conn)
-        .await?;
-    Ok(Some(FinishedOperation {
-        uuid: op.uuid.clone(),
-        entrypoint: op.entrypoint.clone(),
-        metadata: op.metadata.as_object().cloned().unwrap_or_default(),
-        result: merged,
-    }))
+    Ok(Some(end_operation(conn, op, status, merged, error).await?))
 }
