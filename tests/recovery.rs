@@ -117,6 +117,9 @@ fn sigterm_finishes_running_tasks_and_leaves_queued_ones_to_the_next_owner() {
     );
     let log = worker.log();
     assert!(log.contains("abandoned: 4"), "{log}");
+    // Closed, not left to the broker's session timeout: the next owner
+    // gets the partitions at once.
+    assert!(log.contains("left the consumer group"), "{log}");
 
     // The offsets of finished work were committed: a new worker receives
     // only the four that never ran, and runs each once.
@@ -245,6 +248,10 @@ fn repeated_sigkills_at_random_moments_lose_nothing_and_double_nothing() {
 
 #[test]
 fn rebalances_under_load_double_nothing() {
+    use rand::{Rng, SeedableRng};
+
+    let seed = common::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = TestEnv::new();
     env.kser(&["migrate"]);
     let mut first = env.start_worker("showcase", &["--partitions", "6", "--concurrency", "8"]);
@@ -263,7 +270,13 @@ fn rebalances_under_load_double_nothing() {
     let mut second = env.start_worker("showcase", &["--concurrency", "8"]);
     second.wait_assigned();
     first.wait_for_log("partitions revoked", 1, Duration::from_secs(60));
+    // At a random moment of the rebalance or after it.
+    let ms = rng.random_range(0..1500);
+    std::thread::sleep(Duration::from_millis(ms));
+    println!("first worker stopped {ms} ms after its revoke");
     assert!(first.terminate(Duration::from_secs(60)).success());
+    let log = first.log();
+    assert!(log.contains("left the consumer group"), "{log}");
 
     env.wait_count(
         "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
@@ -287,6 +300,50 @@ fn rebalances_under_load_double_nothing() {
             >= 2,
         "both workers ran tasks"
     );
+}
+
+#[test]
+fn records_waiting_in_a_partition_kept_through_a_rebalance_still_run() {
+    // Eight keys, each a lane: the first record of each runs for seconds
+    // and the others of its key wait behind it in the worker's pipeline.
+    // When a second worker joins, the first one's partitions are all
+    // revoked and some are given back at once, so it fetches again records
+    // it still holds. They must run without another rebalance.
+    let env = TestEnv::new();
+    env.kser(&["migrate"]);
+    let mut first = env.start_worker("showcase", &["--partitions", "4", "--concurrency", "8"]);
+    first.wait_assigned();
+    let input: String = (0..80)
+        .map(|i| {
+            let ms = if i < 8 { 4000 } else { 50 };
+            format!(
+                "{{\"entrypoint\": \"showcase.Sleep\", \"params\": {{\"ms\": {ms}}}, \"key\": \"k{}\"}}\n",
+                i % 8
+            )
+        })
+        .collect();
+    env.send_batch(&input);
+    // Marked RUNNING after a second: the waiting records are in the pipeline.
+    common::wait_until(
+        "the first of each key to run",
+        Duration::from_secs(60),
+        || count(&env, "status = 'RUNNING'") == 8,
+    );
+    let mut second = env.start_worker("showcase", &["--concurrency", "8"]);
+    second.wait_assigned();
+    first.wait_for_log("partitions assigned", 2, Duration::from_secs(60));
+    env.wait_count(
+        "SELECT count(*) FROM kser.tasks WHERE status = 'SUCCESS'",
+        80,
+        Duration::from_secs(90),
+    );
+    let log = first.log();
+    assert!(
+        log.contains("duplicate of a message in flight"),
+        "the first worker fetched again records it held: {log}"
+    );
+    // Only the long ones of partitions now the second worker's ran twice.
+    assert_eq!(count(&env, "attempts > 1 AND params->>'ms' = '50'"), 0);
 }
 
 #[test]

@@ -20,6 +20,7 @@ use crate::store::Store;
 use rdkafka::consumer::{CommitMode, Consumer};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -251,7 +252,7 @@ impl Worker {
         reporter.abort();
         marker.abort();
         watch_stop.cancel();
-        if let Some(watcher) = watcher {
+        if let Some(watcher) = &watcher {
             // A listing in progress is not waited for.
             watcher.abort();
         }
@@ -288,21 +289,62 @@ impl Worker {
         }
         stop_polling.cancel();
         let _ = intake.await;
-        let consumer = shared.consumer();
-        if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
+        if let Err(err) = shared.consumer().commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %err, "final commit");
         }
-        // Leave the group now (the revoke commits once more); dropping the
-        // consumer closes it.
-        consumer.unsubscribe();
-        drop(consumer);
         http_stop.cancel();
         if let Some(http) = http {
             let _ = http.await;
         }
         fleet.abort();
+        // Each holds the worker's state: awaited, so it is let go.
+        let _ = tokio::join!(fleet, reporter, marker);
+        if let Some(watcher) = watcher {
+            let _ = watcher.await;
+        }
         shared.stopped(&config.worker_id, &stats).await;
+        leave_group(shared).await;
         tracing::info!(?stats, "worker stopped");
         Ok(stats)
+    }
+}
+
+/// How long a stopping worker waits to leave its group: for the parts that
+/// still hold its state to let go, then for the consumer to close.
+const LEAVE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Closes the consumer, which leaves the group at once (after a last
+/// revoke, which commits): its partitions go to the other members now, not
+/// when the broker's session timeout gives up on this one. The consumer
+/// closes when the last holder of the worker's state lets go; a part that
+/// has not after [`LEAVE_WITHIN`], or a close that takes longer (the broker
+/// is away), is left behind, and the session timeout does the rest.
+async fn leave_group(shared: Arc<Shared>) {
+    let deadline = tokio::time::Instant::now() + LEAVE_WITHIN;
+    let mut shared = shared;
+    let owned = loop {
+        match Arc::try_unwrap(shared) {
+            Ok(owned) => break owned,
+            Err(held) if tokio::time::Instant::now() >= deadline => {
+                held.consumer().unsubscribe();
+                tracing::warn!(
+                    "the worker's state is still held elsewhere; left the consumer group without closing the consumer"
+                );
+                return;
+            }
+            Err(held) => {
+                shared = held;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // Closing a consumer blocks (it serves the revoke, then waits for the
+    // broker); keep it off the runtime.
+    let close = tokio::task::spawn_blocking(move || drop(owned));
+    match tokio::time::timeout_at(deadline, close).await {
+        Ok(_) => tracing::info!("left the consumer group"),
+        Err(_) => tracing::warn!(
+            "the consumer did not close in time; the group notices when the session times out"
+        ),
     }
 }

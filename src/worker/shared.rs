@@ -290,6 +290,18 @@ impl Shared {
         }
     }
 
+    /// Takes out of a task's copies one received under its partition's
+    /// current assignment, if any: it stands in for a record whose
+    /// partition was revoked and given back meanwhile. Locks `in_flight`,
+    /// then `tracker` (nothing takes them the other way round).
+    pub(super) fn take_current_copy(&self, uuid: &str) -> Option<Position> {
+        let mut in_flight = self.lock_in_flight();
+        let copies = &mut in_flight.get_mut(uuid)?.copies;
+        let tracker = self.tracker.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = copies.iter().position(|copy| tracker.is_current(copy))?;
+        Some(copies.swap_remove(current))
+    }
+
     pub(super) fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
         self.in_flight
             .lock()

@@ -110,13 +110,21 @@ impl Shared {
                 }
             }
             let mut group = Vec::with_capacity(permits.len());
-            for candidate in ready.drain(..permits.len()) {
+            for mut candidate in ready.drain(..permits.len()) {
                 if self.is_current(&candidate.position) {
                     group.push(candidate);
                     continue;
                 }
-                // Its partition was revoked: whoever owns it now reads it
-                // (and the copies of it) again.
+                // Its partition was revoked. Given back to this worker at
+                // once (an eager rebalance revokes everything), the record
+                // was fetched again and waits among the copies: that copy
+                // runs in its place, or nothing would run it.
+                if let Some(position) = self.take_current_copy(&candidate.message.uuid) {
+                    candidate.position = position;
+                    group.push(candidate);
+                    continue;
+                }
+                // Whoever owns it now reads it (and the copies of it) again.
                 self.forget_in_flight(&candidate.message.uuid, false);
                 if let Some(lane) = candidate.lane {
                     // The lane's next record (dropped in turn) may be of a
@@ -186,26 +194,37 @@ impl Shared {
         let mut operations = Vec::new();
         let mut dead = Vec::new();
         let mut seen = HashSet::new();
+        let mut operation_copies = Vec::new();
         for received in batch {
             match decode(
                 received.original.payload.as_deref(),
                 self.producer.secretbox(),
             ) {
                 Decoded::Message(message) => {
-                    if !seen.insert(message.uuid.clone()) {
-                        tracing::info!(task.uuid = %message.uuid, "duplicate in one batch; skipped");
-                        Counters::add(&self.counters.skipped, 1);
-                        release.push(received.position);
-                        continue;
-                    }
+                    // A task read earlier, in this batch or before: its
+                    // offset moves when that copy ends. (The earlier copy
+                    // may be of a partition revoked since, and this one
+                    // fetched again: then this one runs in its place.)
                     if let Some(task) = self.lock_in_flight().get_mut(&message.uuid) {
-                        // Its offset moves when the running copy ends.
                         tracing::info!(task.uuid = %message.uuid, "duplicate of a message in flight; skipped");
                         Counters::add(&self.counters.skipped, 1);
                         task.copies.push(received.position);
                         continue;
                     }
-                    if self.registry.is_operation(&message.entrypoint) {
+                    let operation = self.registry.is_operation(&message.entrypoint);
+                    if !seen.insert(message.uuid.clone()) {
+                        tracing::info!(task.uuid = %message.uuid, "duplicate in one batch; skipped");
+                        Counters::add(&self.counters.skipped, 1);
+                        // An operation's copy moves once the operation is
+                        // recorded; an invalid message's, at once.
+                        if operation {
+                            operation_copies.push(received.position);
+                        } else {
+                            release.push(received.position);
+                        }
+                        continue;
+                    }
+                    if operation {
                         operations.push((received, message));
                         continue;
                     }
@@ -298,6 +317,7 @@ impl Shared {
             self.abandon(candidates);
             return Vec::new();
         }
+        self.release(&operation_copies);
         candidates
     }
 

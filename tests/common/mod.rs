@@ -263,6 +263,31 @@ impl TestEnv {
         self.admin_sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
     }
 
+    /// The last lines of each worker log this test wrote, for a test that
+    /// timed out: what the workers saw is usually why.
+    pub fn worker_log_tails(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("worker-") && name.ends_with(".log"))
+        });
+        logs.sort();
+        let mut out = String::new();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            out.push_str(&format!(
+                "\n--- last lines of {} ---\n{tail}",
+                log.display()
+            ));
+        }
+        out
+    }
+
     /// Waits until `query` (a count) returns `expected`.
     pub fn wait_count(&self, query: &str, expected: i64, timeout: Duration) {
         let start = Instant::now();
@@ -274,8 +299,9 @@ impl TestEnv {
             assert!(
                 start.elapsed() < timeout,
                 "timed out after {timeout:?} waiting for `{query}` to reach {expected} \
-                 (last: {}){}",
+                 (last: {}){}{}",
                 seen.trim(),
+                self.worker_log_tails(),
                 broker_log_tail()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -285,6 +311,14 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("KSER_TEST_KEEP").is_some() {
+            // KSER_TEST_KEEP=1 keeps a failed test's database and logs to look at.
+            if let Ok(dir) = tempfile::tempdir() {
+                let kept = std::mem::replace(&mut self.dir, dir).keep();
+                eprintln!("kept {} and database {}", kept.display(), self.database);
+            }
+            return;
+        }
         let _ = Command::new("psql")
             .args([
                 &self.admin_url,
