@@ -22,6 +22,7 @@
 //! scripts/bench                 # starts Apache Kafka and Postgres if needed, 100000 tasks
 //! scripts/bench --memory        # only the memory run: a 1,000,000-record backlog
 //! scripts/bench --operations    # only the operation runs (N/10 operations in the backlog)
+//! scripts/bench --throughput 5  # only the --ordering none rate, 5 runs and their median
 //! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- 100000
 //! KSER_BROKERS=... DATABASE_URL=... cargo run --release --example bench -- --memory 1000000
 //! ```
@@ -184,6 +185,11 @@ struct Args {
     /// the step latency and the fan-out/fan-in latency.
     #[arg(long, conflicts_with_all = ["memory", "steps"])]
     operations: bool,
+    /// Only the `--ordering none` rate, this many runs (each on a backlog
+    /// of its own), and their median: rates vary from run to run, so a
+    /// change to the hot path is judged on several.
+    #[arg(long, value_name = "RUNS", conflicts_with_all = ["memory", "steps", "operations"])]
+    throughput: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -292,6 +298,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         Ok(())
     } else if args.operations {
         operation_runs(&mut bench, args.count, None).await
+    } else if let Some(runs) = args.throughput {
+        throughput_runs(&mut bench, args.count, runs).await
     } else {
         full_run(&mut bench, args.count).await
     }
@@ -437,6 +445,27 @@ async fn full_run(bench: &mut Bench, count: usize) -> anyhow::Result<()> {
     }
 
     operation_runs(bench, count, Some(operations)).await
+}
+
+/// The `--ordering none` run `runs` times, and the median rate.
+async fn throughput_runs(bench: &mut Bench, count: usize, runs: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(count >= 2, "the benchmark needs at least 2 tasks");
+    println!("  {count} no-op tasks per run, {runs} runs");
+    let mut rates = Vec::with_capacity(runs);
+    for run in 1..=runs.max(1) {
+        let topic = bench.topic(&format!("none{run}"));
+        produce(&bench.kafka, &topic, count, Noop::ENTRYPOINT).await?;
+        let result = bench.run_worker(&topic, count, "none", 256, &[]).await?;
+        print_worker_run(&format!("worker --ordering none, run {run}"), &result);
+        rates.push(result.rate);
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "  median of {} runs: {:.0} tasks/s",
+        rates.len(),
+        rates[rates.len() / 2]
+    );
+    Ok(())
 }
 
 /// Produces the backlog of the operation throughput run: `count /
