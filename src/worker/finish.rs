@@ -10,11 +10,37 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// How many batches of outcomes are written at once, each on a connection
+/// of its own. One Postgres backend runs one statement on one core: with a
+/// single writer, the final writes of a fast worker queue behind each other
+/// while the machine has cores to spare.
+const WRITERS: usize = 2;
+
 impl Shared {
-    /// Stage 3: writes final states in batches, then releases their offsets.
-    pub(super) async fn finisher(self: Arc<Self>, mut finish_rx: mpsc::Receiver<Finished>) {
+    /// Stage 3: writes final states in batches, [`WRITERS`] at a time,
+    /// then releases their offsets. Each writer takes what has arrived
+    /// (up to `batch_size`) when it is free.
+    pub(super) async fn finisher(self: Arc<Self>, finish_rx: mpsc::Receiver<Finished>) {
+        let finish_rx = tokio::sync::Mutex::new(finish_rx);
+        futures::future::join_all((0..WRITERS).map(|_| self.write_batches(&finish_rx))).await;
+    }
+
+    /// One writer of the finisher: batches until the channel closes (or
+    /// the shutdown deadline passes).
+    async fn write_batches(
+        self: &Arc<Self>,
+        finish_rx: &tokio::sync::Mutex<mpsc::Receiver<Finished>>,
+    ) {
         let mut batch = Vec::with_capacity(self.batch_size);
-        while finish_rx.recv_many(&mut batch, self.batch_size).await > 0 {
+        loop {
+            let received = finish_rx
+                .lock()
+                .await
+                .recv_many(&mut batch, self.batch_size)
+                .await;
+            if received == 0 {
+                return;
+            }
             let mut seen = HashSet::new();
             let mut by_kind: [(Outcome, Vec<NewTask>); 3] = [
                 (Outcome::Ran, Vec::new()),
@@ -72,6 +98,11 @@ impl Shared {
                     rows.push(row);
                 }
             }
+            // Operations are locked in one order by every writer: two
+            // batches finishing steps of the same operations never deadlock.
+            by_kind[1]
+                .1
+                .sort_by(|a, b| a.operation_uuid.cmp(&b.operation_uuid));
             let mut finished_operations = Vec::new();
             for (kind, rows) in &by_kind {
                 let Some(finished) = self.write_finished(rows, *kind).await else {
