@@ -315,7 +315,9 @@ fn records_waiting_in_a_partition_kept_through_a_rebalance_still_run() {
     first.wait_assigned();
     let input: String = (0..80)
         .map(|i| {
-            let ms = if i < 8 { 4000 } else { 50 };
+            // Long enough for the second worker to start and join while
+            // they run, on a slow machine too.
+            let ms = if i < 8 { 8000 } else { 50 };
             format!(
                 "{{\"entrypoint\": \"showcase.Sleep\", \"params\": {{\"ms\": {ms}}}, \"key\": \"k{}\"}}\n",
                 i % 8
