@@ -96,7 +96,7 @@ enum Kind {
 pub struct EntrypointInfo {
     /// The name messages use.
     pub name: &'static str,
-    /// `task`, `transactional` or `operation`.
+    /// `task`, `transactional task` or `operation`.
     pub kind: &'static str,
     /// The one line it describes itself with.
     pub description: &'static str,
@@ -107,6 +107,28 @@ pub struct EntrypointInfo {
     pub max_concurrency: Option<u32>,
     /// The resource pools each run holds units of ([`Task::ACQUIRES`]).
     pub acquires: BTreeMap<&'static str, u32>,
+}
+
+/// What a task of either kind says of itself, with its parameters' schema
+/// and limits, and the check of its parameters run before it is queued.
+fn described<P: serde::de::DeserializeOwned + schemars::JsonSchema>(
+    name: &'static str,
+    kind: &'static str,
+    description: &'static str,
+    max_concurrency: Option<u32>,
+    acquires: &[(&'static str, u32)],
+) -> (Validator, EntrypointInfo) {
+    let validate: Validator =
+        Arc::new(move |params| deserialize_params::<P>(name, params.clone()).map(drop));
+    let info = EntrypointInfo {
+        name,
+        kind,
+        description,
+        params_schema: schemars::schema_for!(P).to_value(),
+        max_concurrency,
+        acquires: acquires.iter().copied().collect(),
+    };
+    (validate, info)
 }
 
 /// Errors from building or using a [`Registry`].
@@ -160,17 +182,13 @@ impl Registry {
                 Box::pin(async move { execute(&*task, ctx, params).await })
             })
         };
-        let validate: Validator = Arc::new(|params| {
-            deserialize_params::<T::Params>(T::ENTRYPOINT, params.clone()).map(drop)
-        });
-        let info = EntrypointInfo {
-            name: T::ENTRYPOINT,
-            kind: "task",
-            description: T::DESCRIPTION,
-            params_schema: schemars::schema_for!(T::Params).to_value(),
-            max_concurrency: T::MAX_CONCURRENCY,
-            acquires: T::ACQUIRES.iter().copied().collect(),
-        };
+        let (validate, info) = described::<T::Params>(
+            T::ENTRYPOINT,
+            "task",
+            T::DESCRIPTION,
+            T::MAX_CONCURRENCY,
+            T::ACQUIRES,
+        );
         self.limit(T::ENTRYPOINT, T::MAX_CONCURRENCY, T::ACQUIRES)?;
         if !T::EVENTS.is_empty() {
             let handler: EventHandler = Arc::new(move |event| {
@@ -210,17 +228,13 @@ impl Registry {
                     .unwrap_or_else(|err| err.into_result())
             })
         });
-        let validate: Validator = Arc::new(|params| {
-            deserialize_params::<T::Params>(T::ENTRYPOINT, params.clone()).map(drop)
-        });
-        let info = EntrypointInfo {
-            name: T::ENTRYPOINT,
-            kind: "transactional task",
-            description: T::DESCRIPTION,
-            params_schema: schemars::schema_for!(T::Params).to_value(),
-            max_concurrency: T::MAX_CONCURRENCY,
-            acquires: T::ACQUIRES.iter().copied().collect(),
-        };
+        let (validate, info) = described::<T::Params>(
+            T::ENTRYPOINT,
+            "transactional task",
+            T::DESCRIPTION,
+            T::MAX_CONCURRENCY,
+            T::ACQUIRES,
+        );
         self.limit(T::ENTRYPOINT, T::MAX_CONCURRENCY, T::ACQUIRES)?;
         let kind = Kind::Transactional { handler, validate };
         self.entries
