@@ -226,9 +226,11 @@ pub(super) async fn run(
         ..RetryPolicy::NONE
     };
     config.validate()?;
-    // The pipeline's batched writes need a few connections; each
-    // running transactional task holds one more.
-    let store = connect_sized(database_url, 8 + config.concurrency.clamp(1, 32)).await?;
+    // The pipeline's batched writes need a few connections, the fleet's
+    // beats, leases and schedules three more; each running transactional
+    // task holds one more.
+    let pool = crate::worker::PIPELINE_CONNECTIONS + 3 + config.concurrency.clamp(1, 32);
+    let store = connect_sized(database_url, pool).await?;
     prepare_schema(&store, args.no_migrate).await?;
     if config.http.is_some() {
         let topic = config

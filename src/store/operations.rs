@@ -156,19 +156,23 @@ impl Store {
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
             let updated = outcome_query(rows, true).load::<Completed>(conn).await?;
+            let written: HashSet<&str> = updated.iter().map(|u| u.uuid.as_str()).collect();
+            let mut rows: Vec<&NewTask> = rows
+                .iter()
+                .filter(|row| written.contains(row.uuid.as_str()))
+                .collect();
+            // Operations are locked in one order (by uuid) by every writer:
+            // two batches finishing steps of the same operations never
+            // deadlock. The sort is stable: steps of one operation keep
+            // their order.
+            rows.sort_by(|a, b| a.operation_uuid.cmp(&b.operation_uuid));
             let mut finished = Vec::new();
-            for row in rows {
-                if updated.iter().any(|u| u.uuid == row.uuid)
-                    && let Some(done) = advance(conn, row).await?
-                {
+            for row in &rows {
+                if let Some(done) = advance(conn, row).await? {
                     finished.push(done);
                 }
             }
-            let ended: Vec<Ended> = rows
-                .iter()
-                .filter(|row| updated.iter().any(|u| u.uuid == row.uuid))
-                .map(Ended::from)
-                .collect();
+            let ended: Vec<Ended> = rows.iter().map(|row| Ended::from(*row)).collect();
             count_ended(conn, &ended).await?;
             Ok(finished)
         })

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 /// of its own. One Postgres backend runs one statement on one core: with a
 /// single writer, the final writes of a fast worker queue behind each other
 /// while the machine has cores to spare.
-const WRITERS: usize = 2;
+pub(super) const WRITERS: usize = 2;
 
 impl Shared {
     /// Stage 3: writes final states in batches, [`WRITERS`] at a time,
@@ -98,11 +98,6 @@ impl Shared {
                     rows.push(row);
                 }
             }
-            // Operations are locked in one order by every writer: two
-            // batches finishing steps of the same operations never deadlock.
-            by_kind[1]
-                .1
-                .sort_by(|a, b| a.operation_uuid.cmp(&b.operation_uuid));
             let mut finished_operations = Vec::new();
             for (kind, rows) in &by_kind {
                 let Some(finished) = self.write_finished(rows, *kind).await else {

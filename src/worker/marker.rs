@@ -4,8 +4,8 @@
 
 use super::decode::{Decoded, decode};
 use super::shared::{Mark, Shared};
-use crate::store::{NewTask, TaskStatus};
-use serde_json::Value;
+use super::start::Running;
+use crate::store::NewTask;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,13 +63,12 @@ impl Shared {
         else {
             return None;
         };
-        let mut row = NewTask::new(message.uuid, message.entrypoint, TaskStatus::Running);
-        row.params = Value::Object(message.params);
-        row.metadata = Value::Object(message.metadata);
-        row.attempts = mark.attempts;
-        self.locate(&mut row, &mark.position, mark.enqueued_at);
-        row.started_at = Some(mark.started_at);
-        row.updated_at = mark.started_at;
-        Some(row)
+        let running = Running {
+            position: &mark.position,
+            enqueued_at: mark.enqueued_at,
+            attempts: mark.attempts,
+            started_at: mark.started_at,
+        };
+        Some(self.running_row_of(message, &running))
     }
 }

@@ -64,6 +64,7 @@ pub use fleet::{FleetConfig, pause_lock_file};
 pub use http::HttpRoutes;
 pub use ordering::Ordering;
 pub use retention::{DEFAULT_RETENTION_EVERY, Retention};
+pub(crate) use run::PIPELINE_CONNECTIONS;
 pub use run::Worker;
 pub(crate) use settings::BufferBudget;
 pub use settings::DeadLetters;

@@ -12,7 +12,7 @@ use super::settings::WorkerConfig;
 use super::settings::buffer_budget;
 use super::shared::WorkerStats;
 use super::shared::{Counters, Shared};
-use super::{fleet, holding, http, metrics_topic, retention, schedules, topics};
+use super::{finish, fleet, holding, http, metrics_topic, retention, schedules, topics};
 use crate::admin;
 use crate::producer::Producer;
 use crate::registry::Registry;
@@ -112,7 +112,13 @@ impl Worker {
             None => (None, None),
         };
         let (lane_done, lane_done_rx) = mpsc::unbounded_channel();
-        let transaction_slots = self.store.max_connections().saturating_sub(4).max(1);
+        // The pipeline's own writes keep some of the pool: the finisher's
+        // writers, the starter's claims, the marker and the relay.
+        let transaction_slots = self
+            .store
+            .max_connections()
+            .saturating_sub(PIPELINE_CONNECTIONS)
+            .max(1);
         let shared = Arc::new(Shared {
             transactions: Semaphore::new(transaction_slots),
             ordering: config.ordering,
@@ -308,6 +314,11 @@ impl Worker {
         Ok(stats)
     }
 }
+
+/// The connections the pipeline's own writes use at once: the finisher's
+/// writers, the starter's claim, the marker and the relay. The rest of the
+/// pool goes to transactional tasks, each holding one while it runs.
+pub(crate) const PIPELINE_CONNECTIONS: usize = finish::WRITERS + 3;
 
 /// How long a stopping worker waits to leave its group: for the parts that
 /// still hold its state to let go, then for the consumer to close.

@@ -16,7 +16,7 @@ use super::offsets::Position;
 use super::ordering::{Lane, Lanes};
 use super::pipeline::{Candidate, Finished, Outcome, Ready, Received};
 use super::shared::{Counters, InFlight, Mark, Shared, unstorable};
-use crate::message::{ErrorKind, TaskResult};
+use crate::message::{ErrorKind, Message, TaskResult};
 use crate::store::{NewTask, StartedTask, TaskStatus};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -211,8 +211,15 @@ impl Shared {
                         task.copies.push(received.position);
                         continue;
                     }
+                    // A task's first copy is in flight from here on, so
+                    // `seen` only needs operations' and invalid records'.
                     let operation = self.registry.is_operation(&message.entrypoint);
-                    if !seen.insert(message.uuid.clone()) {
+                    let duplicate = if operation {
+                        !seen.insert(message.uuid.clone())
+                    } else {
+                        seen.contains(&message.uuid)
+                    };
+                    if duplicate {
                         tracing::info!(task.uuid = %message.uuid, "duplicate in one batch; skipped");
                         Counters::add(&self.counters.skipped, 1);
                         // An operation's copy moves once the operation is
@@ -453,18 +460,25 @@ impl Shared {
 
     /// The RUNNING row of a task about to run.
     pub(super) fn running_row(&self, candidate: &Candidate, now: DateTime<Utc>) -> NewTask {
-        let message = &candidate.message;
-        let mut row = NewTask::new(
-            message.uuid.clone(),
-            message.entrypoint.clone(),
-            TaskStatus::Running,
-        );
-        row.params = Value::Object(message.params.clone());
-        row.metadata = Value::Object(message.metadata.clone());
-        row.attempts = 1;
-        self.locate(&mut row, &candidate.position, candidate.enqueued_at);
-        row.started_at = Some(now);
-        row.updated_at = now;
+        let running = Running {
+            position: &candidate.position,
+            enqueued_at: candidate.enqueued_at,
+            attempts: 1,
+            started_at: now,
+        };
+        self.running_row_of(candidate.message.clone(), &running)
+    }
+
+    /// The RUNNING row of `message`'s task, running as `running` says:
+    /// what a task about to run and a task running long are written as.
+    pub(super) fn running_row_of(&self, message: Message, running: &Running<'_>) -> NewTask {
+        let mut row = NewTask::new(message.uuid, message.entrypoint, TaskStatus::Running);
+        row.params = Value::Object(message.params);
+        row.metadata = Value::Object(message.metadata);
+        row.attempts = running.attempts;
+        self.locate(&mut row, running.position, running.enqueued_at);
+        row.started_at = Some(running.started_at);
+        row.updated_at = running.started_at;
         row
     }
 
@@ -495,4 +509,13 @@ pub(super) fn duplicate_error(uuid: &str, state: &str, error: &str) -> String {
         "not recorded: uuid {uuid} belongs to an existing task ({state}), which this record \
          does not change; the record is not a valid message: {error}"
     )
+}
+
+/// Where and since when a task runs, and its attempt: what its RUNNING row
+/// says besides its message.
+pub(super) struct Running<'a> {
+    pub(super) position: &'a Position,
+    pub(super) enqueued_at: Option<DateTime<Utc>>,
+    pub(super) attempts: i32,
+    pub(super) started_at: DateTime<Utc>,
 }
