@@ -180,6 +180,9 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
     let second = store.claim_tasks(&uuids).await.expect("claim again");
     assert_eq!(first["fenced"].attempts, 1);
     assert_eq!(second["fenced"].attempts, 1);
+    // Neither found a row: each would record its outcome with a plain
+    // insert, which must fall back to the fenced upsert.
+    assert!(!first["fenced"].stored && !second["fenced"].stored);
     let attempt = |worker: &str, status: TaskStatus| {
         let mut row = NewTask::new("fenced".into(), "showcase.Echo".into(), status);
         row.attempts = 1;
@@ -208,7 +211,7 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
     zombie.error = Some("the zombie's outcome".into());
     assert_eq!(
         store
-            .complete_tasks(std::slice::from_ref(&zombie))
+            .complete_new_tasks(std::slice::from_ref(&zombie))
             .await
             .expect("complete"),
         0
@@ -216,20 +219,17 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
     let done = attempt("worker-b", TaskStatus::Success);
     assert_eq!(
         store
-            .complete_tasks(std::slice::from_ref(&done))
+            .complete_new_tasks(std::slice::from_ref(&done))
             .await
             .expect("complete"),
         1
     );
     // Final: it is not claimed again, nor recorded again.
     assert!(store.claim_tasks(&uuids).await.expect("claim").is_empty());
-    assert_eq!(
-        store
-            .complete_tasks(std::slice::from_ref(&done))
-            .await
-            .expect("complete"),
-        0
-    );
+    let again = std::slice::from_ref(&done);
+    assert_eq!(store.complete_tasks(again).await.expect("complete"), 0);
+    assert_eq!(store.complete_new_tasks(again).await.expect("complete"), 0);
     let task = store.task("fenced").await.expect("task").expect("row");
     assert_eq!(task.status, "SUCCESS");
+    assert_eq!(task.worker.as_deref(), Some("worker-b"));
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::result::DatabaseErrorKind;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
@@ -125,7 +127,15 @@ impl Store {
     /// Connects to `url` and checks that one connection can be made, so a
     /// wrong URL or a stopped server fails here with a clear message.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+        // A connection is checked when it is used, not with a query of
+        // its own each time it leaves the pool (diesel-async's default, a
+        // round trip per checkout): one Postgres closed is dropped when
+        // taken (`is_broken`), and a statement failing on one that broke
+        // meanwhile is retried like any lost connection (`recovery`).
+        let mut config = ManagerConfig::default();
+        config.recycling_method = RecyclingMethod::Fast;
+        let manager =
+            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .build()

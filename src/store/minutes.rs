@@ -88,22 +88,25 @@ pub(crate) async fn count_ended(
         return Ok(());
     }
     let column = |f: fn(&Ended) -> Option<&str>| ended.iter().map(f).collect::<Vec<_>>();
-    diesel::sql_query(count_sql(
-        "unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) \
-             AS s(entrypoint, status, error, finished_at)",
-    ))
-    .bind::<Array<Text>, _>(
-        ended
-            .iter()
-            .map(|e| e.entrypoint.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind::<Array<Text>, _>(ended.iter().map(|e| e.status.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Text>>, _>(column(|e| e.error.as_deref()))
-    .bind::<Array<Nullable<Timestamptz>>, _>(
-        ended.iter().map(|e| e.finished_at).collect::<Vec<_>>(),
-    )
-    .execute(conn)
-    .await?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        count_sql(
+            "unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) \
+                 AS s(entrypoint, status, error, finished_at)",
+        )
+    });
+    super::prepared::Prepared::new(SQL.as_str())
+        .bind::<Array<Text>, _>(
+            ended
+                .iter()
+                .map(|e| e.entrypoint.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Text>, _>(ended.iter().map(|e| e.status.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(column(|e| e.error.as_deref()))
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            ended.iter().map(|e| e.finished_at).collect::<Vec<_>>(),
+        )
+        .execute(conn)
+        .await?;
     Ok(())
 }

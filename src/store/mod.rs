@@ -1,6 +1,7 @@
 //! Postgres persistence: [`Store`] (a pool of connections), its errors and
 //! the migrations are in `database.rs`; the task queries are in `tasks.rs`, the privilege check in
-//! `privileges.rs`, and each other concern in a file of its own
+//! `privileges.rs`, statements prepared once per connection in `prepared.rs`,
+//! and each other concern in a file of its own
 //! (operations, graphs, retries, dead letters, workers, pools, schedules,
 //! prune, the console's aggregates).
 //!
@@ -20,6 +21,7 @@ mod operation_control;
 mod operations;
 mod outbox;
 mod pools;
+mod prepared;
 mod privileges;
 mod prune;
 mod recovery;

@@ -62,6 +62,7 @@ impl Shared {
             let original = Arc::clone(&task.original);
             let lane = task.lane.clone();
             let enqueued_at = task.enqueued_at;
+            let stored = task.started.stored;
             let (mut row, resend) = if self.registry.is_transactional(&task.message.entrypoint) {
                 match Box::pin(self.execute_transactional(task)).await {
                     Transacted::Ran(row, resend) => (row, resend),
@@ -104,7 +105,7 @@ impl Shared {
             }
             let kind = match &resend {
                 Some(_) if self.ordering == Ordering::None => Outcome::Retry,
-                None => Outcome::of_run(&row),
+                None => Outcome::of_attempt(&row, stored),
                 Some(again) => {
                     // Nothing runs during the backoff: free the slot.
                     drop(permit.take());

@@ -42,8 +42,9 @@ impl Shared {
                 return;
             }
             let mut seen = HashSet::new();
-            let mut by_kind: [(Outcome, Vec<NewTask>); 3] = [
+            let mut by_kind: [(Outcome, Vec<NewTask>); 4] = [
                 (Outcome::Ran, Vec::new()),
+                (Outcome::RanNew, Vec::new()),
                 (Outcome::Step, Vec::new()),
                 (Outcome::Rejected, Vec::new()),
             ];
@@ -108,7 +109,10 @@ impl Shared {
             let Some(duplicates) = self.write_invalid(&invalid).await else {
                 return;
             };
-            if !by_kind[1].1.is_empty() {
+            if by_kind
+                .iter()
+                .any(|(kind, rows)| *kind == Outcome::Step && !rows.is_empty())
+            {
                 self.relay_wakeup.notify_one();
             }
             for operation in finished_operations {
@@ -117,9 +121,11 @@ impl Shared {
             // FAILED messages go to the dead-letter topic, and their offsets
             // move only once it has them (steps excepted: `resume` runs those
             // again). The other offsets of the batch move now.
-            let dead: Vec<DeadLetter> = [&by_kind[0].1, &by_kind[2].1, &invalid]
-                .into_iter()
-                .flatten()
+            let dead: Vec<DeadLetter> = by_kind
+                .iter()
+                .filter(|(kind, _)| *kind != Outcome::Step)
+                .flat_map(|(_, rows)| rows)
+                .chain(&invalid)
                 .filter(|row| row.status == TaskStatus::Failed.as_str())
                 .filter_map(|row| {
                     let (position, original) = originals.get(&row.uuid)?;
@@ -322,6 +328,7 @@ impl Shared {
             // overwrites a newer attempt started elsewhere meanwhile.
             let kind = match kind {
                 Outcome::Step | Outcome::Ran => kind,
+                Outcome::RanNew => Outcome::Ran,
                 _ => Outcome::Rejected,
             };
             match self
@@ -349,6 +356,11 @@ impl Shared {
     ) -> Result<Vec<FinishedOperation>, StoreError> {
         match kind {
             Outcome::Ran => self.store.complete_tasks(rows).await.map(|_| Vec::new()),
+            Outcome::RanNew => self
+                .store
+                .complete_new_tasks(rows)
+                .await
+                .map(|_| Vec::new()),
             Outcome::Step => self.store.complete_steps(rows).await,
             Outcome::Rejected | Outcome::Retry => {
                 self.store.finish_tasks(rows).await.map(|_| Vec::new())

@@ -60,9 +60,15 @@ pub(super) struct Finished {
 /// How a final state is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outcome {
-    /// A standalone task that ran: its RUNNING row exists, only the outcome
-    /// columns are written.
+    /// A standalone task that ran: its row is upserted whole, fenced by
+    /// attempt.
     Ran,
+    /// A standalone task that ran, of which Postgres had no row when it was
+    /// claimed: inserted, or upserted like [`Outcome::Ran`] if a row
+    /// appeared meanwhile ([`Store::complete_new_tasks`]).
+    ///
+    /// [`Store::complete_new_tasks`]: crate::store::Store::complete_new_tasks
+    RanNew,
     /// A step of an operation that ran: written with the follow-up (next
     /// step or end of the operation) in one transaction.
     Step,
@@ -90,6 +96,15 @@ impl Outcome {
             Self::Step
         } else {
             Self::Ran
+        }
+    }
+
+    /// [`of_run`](Self::of_run) for an attempt whose claim found a row of
+    /// the task in Postgres (`stored`) or none (then it is inserted).
+    pub(super) fn of_attempt(row: &NewTask, stored: bool) -> Self {
+        match Self::of_run(row) {
+            Self::Ran if !stored => Self::RanNew,
+            kind => kind,
         }
     }
 }

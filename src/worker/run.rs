@@ -12,7 +12,7 @@ use super::settings::WorkerConfig;
 use super::settings::buffer_budget;
 use super::shared::WorkerStats;
 use super::shared::{Counters, Shared};
-use super::{finish, fleet, holding, http, metrics_topic, retention, schedules, topics};
+use super::{finish, fleet, holding, http, metrics_topic, retention, schedules, start, topics};
 use crate::admin;
 use crate::producer::Producer;
 use crate::registry::Registry;
@@ -112,8 +112,8 @@ impl Worker {
             None => (None, None),
         };
         let (lane_done, lane_done_rx) = mpsc::unbounded_channel();
-        // The pipeline's own writes keep some of the pool: the finisher's
-        // writers, the starter's claims, the marker and the relay.
+        // The pipeline's own writes keep some of the pool
+        // (`PIPELINE_CONNECTIONS`).
         let transaction_slots = self
             .store
             .max_connections()
@@ -316,9 +316,9 @@ impl Worker {
 }
 
 /// The connections the pipeline's own writes use at once: the finisher's
-/// writers, the starter's claim, the marker and the relay. The rest of the
+/// writers, the starter's claims, the marker and the relay. The rest of the
 /// pool goes to transactional tasks, each holding one while it runs.
-pub(crate) const PIPELINE_CONNECTIONS: usize = finish::WRITERS + 3;
+pub(crate) const PIPELINE_CONNECTIONS: usize = finish::WRITERS + start::CLAIMS + 2;
 
 /// How long a stopping worker waits to leave its group: for the parts that
 /// still hold its state to let go, then for the consumer to close.
