@@ -171,9 +171,10 @@ impl Worker {
             shutdown: shutdown.clone(),
         }));
 
-        let capacity = shared.batch_size * 2;
-        let (intake_tx, intake_rx) = mpsc::channel::<Received>(capacity);
-        let (finish_tx, finish_rx) = mpsc::channel::<Finished>(capacity);
+        let (intake_tx, intake_rx) = mpsc::channel::<Received>(shared.batch_size * 2);
+        // Room for a few writes of outcomes: a task that finds it full keeps
+        // its slot until the finisher takes its outcome.
+        let (finish_tx, finish_rx) = mpsc::channel::<Finished>(shared.batch_size);
         let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
 
         let finisher = tokio::spawn(Arc::clone(&shared).finisher(finish_rx));
