@@ -5,6 +5,7 @@
 use super::decode::{Decoded, decode};
 use super::offsets::Position;
 use super::ordering::Ordering;
+use super::panicked::Spawned;
 use super::pipeline::{Candidate, Finished, Outcome, Ready};
 use super::shared::{Counters, Shared};
 use super::telemetry;
@@ -13,7 +14,9 @@ use crate::message::{ErrorKind, Message, TaskResult};
 use crate::store::{NewOutbox, NewTask, Retry, TaskStatus};
 use crate::task::TaskContext;
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use serde_json::Value;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +26,8 @@ impl Shared {
     /// Runs a task and hands its outcome to the finisher. Under an ordering
     /// a failed attempt is retried here, in place, after its backoff: the
     /// records behind it in its lane wait, and its offset stays uncommitted.
-    /// (Without one, retries go through the outbox and block nothing.)
+    /// (Without one, retries go through the outbox and block nothing.) If
+    /// kser itself panics while running it, the task ends FAILED.
     pub(super) async fn run_task(
         self: Arc<Self>,
         task: Ready,
@@ -32,18 +36,21 @@ impl Shared {
         finish_tx: mpsc::Sender<Finished>,
         shutdown: CancellationToken,
     ) {
+        let spawned = Spawned::of(&task);
         let uuid = task.message.uuid.clone();
-        match self
-            .run_attempts(task, permit, semaphore, finish_tx, shutdown)
-            .await
-        {
+        let attempts = self.run_attempts(task, permit, semaphore, finish_tx.clone(), shutdown);
+        match AssertUnwindSafe(attempts).catch_unwind().await {
             // The finisher forgets it once its state is written.
-            Handed::ToFinisher => {}
+            Ok(Handed::ToFinisher) => {}
             // Final, or a newer attempt runs elsewhere: the copies that came
             // meanwhile are done with too.
-            Handed::Done => self.forget_in_flight(&uuid, true),
+            Ok(Handed::Done) => self.forget_in_flight(&uuid, true),
             // Stopping: the copies will be delivered again.
-            Handed::Abandoned => self.forget_in_flight(&uuid, false),
+            Ok(Handed::Abandoned) => self.forget_in_flight(&uuid, false),
+            Err(panic) => {
+                let panic = crate::registry::panic_text(panic.as_ref());
+                self.task_panicked(spawned, &panic, &finish_tx).await;
+            }
         }
     }
 

@@ -3,11 +3,6 @@
 //! slot in one read before they run. (`marker.rs` writes RUNNING the tasks
 //! that run long; `panicked.rs` ends a task whose run panicked in kser.)
 
-use std::panic::AssertUnwindSafe;
-
-use futures::FutureExt as _;
-
-use super::panicked::Spawned;
 use super::{holding, ordering};
 
 use super::dead_letter::DeadLetter;
@@ -158,7 +153,7 @@ impl Shared {
                 let started = shared.start_group(group, &finish_tx).await;
                 drop(claim);
                 for (task, permit) in started.into_iter().zip(permits) {
-                    tracker.spawn(Arc::clone(&shared).run_spawned(
+                    tracker.spawn(Arc::clone(&shared).run_task(
                         task,
                         permit,
                         Arc::clone(&semaphore),
@@ -170,25 +165,6 @@ impl Shared {
         }
         running.close();
         running.wait().await;
-    }
-
-    /// Runs a task that got its slot and its claim, and ends it FAILED if
-    /// kser itself panics while running it.
-    async fn run_spawned(
-        self: Arc<Self>,
-        task: Ready,
-        permit: tokio::sync::OwnedSemaphorePermit,
-        semaphore: Arc<Semaphore>,
-        finish_tx: mpsc::Sender<Finished>,
-        shutdown: CancellationToken,
-    ) {
-        let spawned = Spawned::of(&task);
-        let run = Arc::clone(&self).run_task(task, permit, semaphore, finish_tx.clone(), shutdown);
-        let panic = match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(()) => return,
-            Err(panic) => crate::registry::panic_text(panic.as_ref()),
-        };
-        self.task_panicked(spawned, &panic, &finish_tx).await;
     }
 
     /// Drops candidates that will not start here (the worker is stopping):
