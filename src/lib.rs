@@ -64,6 +64,8 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+#[cfg(feature = "jemalloc")]
+mod allocator;
 pub mod cli;
 pub mod config;
 pub mod crypto;

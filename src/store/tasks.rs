@@ -50,25 +50,20 @@ pub struct TaskFilter {
 }
 
 /// A task the worker may run, as [`Store::claim_tasks`] read it.
-#[derive(Debug, Clone, QueryableByName)]
+#[derive(Debug, Clone)]
 pub struct StartedTask {
     /// The task's uuid.
-    #[diesel(sql_type = diesel::sql_types::Text)]
     pub uuid: String,
     /// The attempt about to start: 1 for the first, more after
     /// redeliveries, retries and resumes.
-    #[diesel(sql_type = diesel::sql_types::Int4)]
     pub attempts: i32,
     /// The operation the task is a step of, if any.
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     pub operation_uuid: Option<String>,
     /// Its place in that operation, from 0.
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Int4>)]
     pub position: Option<i32>,
     /// Whether Postgres had a row of the task when it was claimed. A task
     /// without one (a message no `send` recorded, on its first attempt) is
     /// recorded with a plain insert ([`Store::complete_new_tasks`]).
-    #[diesel(sql_type = diesel::sql_types::Bool)]
     pub stored: bool,
 }
 
@@ -148,24 +143,64 @@ impl Store {
         &self,
         uuids: &[String],
     ) -> Result<HashMap<String, StartedTask>, StoreError> {
-        use diesel::sql_types::{Array, Text};
+        use diesel::sql_types::{Array, Int4, Nullable, Text};
+
+        /// A row the claim found.
+        #[derive(QueryableByName)]
+        struct Stored {
+            #[diesel(sql_type = Text)]
+            uuid: String,
+            #[diesel(sql_type = Int4)]
+            attempts: i32,
+            #[diesel(sql_type = Nullable<Text>)]
+            operation_uuid: Option<String>,
+            #[diesel(sql_type = Nullable<Int4>)]
+            position: Option<i32>,
+            #[diesel(sql_type = Text)]
+            status: String,
+        }
 
         if uuids.is_empty() {
             return Ok(HashMap::new());
         }
-        // Planned each time, not prepared: a plan cached while the table
-        // was nearly empty (a new database) scans it whole and would stay
-        // in use as it grows.
+        // Only the rows that exist: a message Postgres has no row of starts
+        // its first attempt. One index scan of the primary key, and a plan
+        // cheaper to make than a join with the uuids: planned each time,
+        // not prepared, since a plan cached while the table was nearly
+        // empty (a new database) could scan it whole, or scan another of
+        // its indexes, and would stay in use as it grows.
         let query = diesel::sql_query(
-            "SELECT u.uuid, coalesce(t.attempts, 0) + 1 AS attempts, t.operation_uuid, t.position, \
-                 t.uuid IS NOT NULL AS stored \
-             FROM unnest($1::text[]) AS u(uuid) LEFT JOIN kser.tasks AS t ON t.uuid = u.uuid \
-             WHERE t.uuid IS NULL OR t.status IN ('PENDING', 'RUNNING')",
+            "SELECT uuid, attempts, operation_uuid, position, status FROM kser.tasks \
+             WHERE uuid = ANY($1::text[])",
         )
         .bind::<Array<Text>, _>(uuids);
         let mut conn = self.conn().await?;
-        let started: Vec<StartedTask> = query.load(&mut conn).await?;
-        Ok(started.into_iter().map(|s| (s.uuid.clone(), s)).collect())
+        let stored: Vec<Stored> = query.load(&mut conn).await?;
+        drop(conn);
+        let stored: HashMap<&str, &Stored> = stored.iter().map(|s| (s.uuid.as_str(), s)).collect();
+        let mut started = HashMap::with_capacity(uuids.len());
+        for uuid in uuids {
+            let task = match stored.get(uuid.as_str()) {
+                None => StartedTask {
+                    uuid: uuid.clone(),
+                    attempts: 1,
+                    operation_uuid: None,
+                    position: None,
+                    stored: false,
+                },
+                Some(row) if TaskStatus::UNFINISHED.contains(&row.status.as_str()) => StartedTask {
+                    uuid: uuid.clone(),
+                    attempts: row.attempts + 1,
+                    operation_uuid: row.operation_uuid.clone(),
+                    position: row.position,
+                    stored: true,
+                },
+                // Final already: it must not run again.
+                Some(_) => continue,
+            };
+            started.insert(uuid.clone(), task);
+        }
+        Ok(started)
     }
 
     /// Records tasks that have been running for a while as RUNNING, so
