@@ -233,3 +233,43 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
     assert_eq!(task.status, "SUCCESS");
     assert_eq!(task.worker.as_deref(), Some("worker-b"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_numbers_attempts_and_leaves_out_final_tasks() {
+    use kser::store::{NewTask, Store, TaskStatus};
+
+    let env = TestEnv::new();
+    let store = Store::connect(&env.database_url, 2).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let row = |uuid: &str, status: TaskStatus| {
+        let mut row = NewTask::new(uuid.into(), "showcase.Echo".into(), status);
+        row.attempts = 1;
+        row.worker = Some("worker-a".into());
+        row.started_at = Some(Utc::now());
+        if status.is_final() {
+            row.finished_at = Some(Utc::now());
+        }
+        row
+    };
+    store
+        .mark_running(&[row("running", TaskStatus::Running)])
+        .await
+        .expect("mark");
+    store
+        .complete_new_tasks(&[row("final", TaskStatus::Success)])
+        .await
+        .expect("complete");
+    // A batch may hold a uuid twice (a duplicate send): a final task is
+    // left out each time, never taken for one Postgres has no row of.
+    let uuids = ["new", "running", "final", "final", "new"].map(String::from);
+    let claimed = store.claim_tasks(&uuids).await.expect("claim");
+    let mut names: Vec<&str> = claimed.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["new", "running"]);
+    assert_eq!(claimed["new"].attempts, 1);
+    assert!(!claimed["new"].stored);
+    assert_eq!(claimed["new"].operation_uuid, None);
+    // The RUNNING row's attempt was 1: this is the second.
+    assert_eq!(claimed["running"].attempts, 2);
+    assert!(claimed["running"].stored);
+}
