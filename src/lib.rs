@@ -58,8 +58,9 @@
 //!
 //! Internal (not part of the API): the web console (`web`), cron
 //! arithmetic (`schedule`), secret redaction (`redact`), error reports
-//! (`report`), and the engines the command line and the console share
-//! (`publish`, `replay`, `fleet`). `ARCHITECTURE.md` maps them.
+//! (`report`), the engines the command line and the console share
+//! (`publish`, `replay`, `fleet`), and with the feature `jemalloc`, the
+//! binary's global allocator (`allocator`). `ARCHITECTURE.md` maps them.
 
 #![warn(missing_docs)]
 

@@ -236,6 +236,7 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_numbers_attempts_and_leaves_out_final_tasks() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
     use kser::store::{NewTask, Store, TaskStatus};
 
     let env = TestEnv::new();
@@ -256,20 +257,54 @@ async fn a_claim_numbers_attempts_and_leaves_out_final_tasks() {
         .await
         .expect("mark");
     store
-        .complete_new_tasks(&[row("final", TaskStatus::Success)])
+        .complete_new_tasks(&[
+            row("final", TaskStatus::Success),
+            row("failed", TaskStatus::Failed),
+        ])
         .await
         .expect("complete");
+    // Sent, not run yet: a PENDING row at attempt 0.
+    let mut sent = NewTask::new("sent".into(), "showcase.Echo".into(), TaskStatus::Pending);
+    sent.topic = Some("topic".into());
+    store.record_pending(&[sent]).await.expect("record");
+    // The second step of an operation, waiting for its turn.
+    let mut conn = AsyncPgConnection::establish(&env.database_url)
+        .await
+        .expect("connect");
+    conn.batch_execute(
+        "INSERT INTO kser.operations (uuid, entrypoint, steps) VALUES ('op', 'showcase.Op', 2); \
+         INSERT INTO kser.tasks (uuid, entrypoint, operation_uuid, position) \
+             VALUES ('step', 'showcase.Echo', 'op', 1)",
+    )
+    .await
+    .expect("insert a step");
     // A batch may hold a uuid twice (a duplicate send): a final task is
     // left out each time, never taken for one Postgres has no row of.
-    let uuids = ["new", "running", "final", "final", "new"].map(String::from);
+    let uuids = [
+        "new", "running", "final", "sent", "failed", "final", "step", "new",
+    ]
+    .map(String::from);
     let claimed = store.claim_tasks(&uuids).await.expect("claim");
     let mut names: Vec<&str> = claimed.keys().map(String::as_str).collect();
     names.sort_unstable();
-    assert_eq!(names, ["new", "running"]);
+    assert_eq!(names, ["new", "running", "sent", "step"]);
     assert_eq!(claimed["new"].attempts, 1);
     assert!(!claimed["new"].stored);
     assert_eq!(claimed["new"].operation_uuid, None);
     // The RUNNING row's attempt was 1: this is the second.
     assert_eq!(claimed["running"].attempts, 2);
     assert!(claimed["running"].stored);
+    // Postgres has the sent one's row, though no attempt ran yet.
+    assert_eq!(claimed["sent"].attempts, 1);
+    assert!(claimed["sent"].stored);
+    let step = &claimed["step"];
+    assert_eq!(
+        (
+            step.attempts,
+            step.stored,
+            step.operation_uuid.as_deref(),
+            step.position
+        ),
+        (1, true, Some("op"), Some(1))
+    );
 }
