@@ -37,16 +37,15 @@ impl Shared {
         shutdown: CancellationToken,
     ) {
         let spawned = Spawned::of(&task);
-        let uuid = task.message.uuid.clone();
         let attempts = self.run_attempts(task, permit, semaphore, finish_tx.clone(), shutdown);
         match AssertUnwindSafe(attempts).catch_unwind().await {
             // The finisher forgets it once its state is written.
             Ok(Handed::ToFinisher) => {}
             // Final, or a newer attempt runs elsewhere: the copies that came
             // meanwhile are done with too.
-            Ok(Handed::Done) => self.forget_in_flight(&uuid, true),
+            Ok(Handed::Done) => self.forget_in_flight(spawned.uuid(), true),
             // Stopping: the copies will be delivered again.
-            Ok(Handed::Abandoned) => self.forget_in_flight(&uuid, false),
+            Ok(Handed::Abandoned) => self.forget_in_flight(spawned.uuid(), false),
             Err(panic) => {
                 let panic = crate::registry::panic_text(panic.as_ref());
                 self.task_panicked(spawned, &panic, &finish_tx).await;

@@ -78,7 +78,7 @@ impl Shared {
     }
 }
 
-/// What the starter keeps of a task it spawns, to end it should its run
+/// What `run_task` keeps of a task it runs, to end it should its run
 /// panic.
 pub(super) struct Spawned {
     uuid: String,
@@ -89,6 +89,11 @@ pub(super) struct Spawned {
 }
 
 impl Spawned {
+    /// The uuid of the task's message.
+    pub(super) fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
     pub(super) fn of(task: &Ready) -> Self {
         Self {
             uuid: task.message.uuid.clone(),
